@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from accounts.roles import VIEWER_GROUP
+
+
+class Command(BaseCommand):
+    help = "Load the device catalog and demo data, and create the demo staff and viewer logins."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--skip-catalog", action="store_true")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not options["skip_catalog"]:
+            call_command("load_catalog", stdout=self.stdout)
+        with transaction.atomic():
+            Group.objects.get_or_create(name=VIEWER_GROUP)
+            staff_password = self._demo_password("demo_staff_password")
+            viewer_password = self._demo_password("demo_viewer_password")
+            self._ensure_user("demo", staff_password, staff=True)
+            self._ensure_user("viewer", viewer_password, staff=False)
+        self.stdout.write(f"demo staff login:  demo / {staff_password}")
+        self.stdout.write(f"demo viewer login: viewer / {viewer_password}")
+
+    def _demo_password(self, filename: str) -> str:
+        # Kept in ./var so the printed login stays valid across restarts of the embedded setup.
+        path = settings.VAR_DIR / filename
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(9))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def _ensure_user(self, username: str, password: str, *, staff: bool) -> None:
+        user_model = get_user_model()
+        user = user_model.objects.filter(username=username).first() or user_model(username=username)
+        user.is_staff = staff
+        user.is_superuser = staff
+        user.set_password(password)
+        user.save()
+        if not staff:
+            user.groups.add(Group.objects.get(name=VIEWER_GROUP))

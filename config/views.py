@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from django.core.cache import cache
+from django.db import connection
+from django.http import HttpRequest, JsonResponse
+
+
+def health(request: HttpRequest) -> JsonResponse:
+    """Liveness for load balancers and the README's smoke check: database and cache reachable."""
+    checks: dict[str, str] = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as exc:  # report, never raise: this endpoint must answer
+        checks["database"] = f"error: {exc.__class__.__name__}"
+    try:
+        cache.set("edgefit:health", "1", 5)
+        checks["cache"] = "ok" if cache.get("edgefit:health") == "1" else "error: value not read back"
+    except Exception as exc:
+        checks["cache"] = f"error: {exc.__class__.__name__}"
+    healthy = all(v == "ok" for v in checks.values())
+    return JsonResponse(
+        {"status": "ok" if healthy else "degraded", "checks": checks}, status=200 if healthy else 503
+    )

@@ -1,0 +1,1 @@
+"""Base models, variants, measurements, planning runs and releases live here."""

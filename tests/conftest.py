@@ -1,0 +1,117 @@
+"""Shared fixtures: the fixed cast of people (staff, viewer, outsider), API clients, services.
+
+Service rule: outside CI a test that needs PostgreSQL / Redis / Chromium skips with a message
+naming what is missing; with CI=true the same absence fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from urllib.parse import urlparse
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def need(condition: bool, what: str) -> None:
+    """Skip (locally) or fail (CI) when a real service the test needs is not there."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required service missing in CI: {what}")
+    pytest.skip(f"needs {what}")
+
+
+def reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or default_port), timeout=1
+        ):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def require_postgres() -> str:
+    url = os.environ.get("DATABASE_URL", "")
+    need(url.startswith(("postgres://", "postgresql://")), "DATABASE_URL pointing at PostgreSQL")
+    need(reachable(url, 5432), f"PostgreSQL reachable at {urlparse(url).hostname}")
+    return url
+
+
+@pytest.fixture
+def require_redis() -> str:
+    url = os.environ.get("REDIS_URL", "")
+    need(url.startswith("redis://"), "REDIS_URL pointing at Redis")
+    need(reachable(url, 6379), f"Redis reachable at {urlparse(url).hostname}")
+    return url
+
+
+@pytest.fixture
+def chromium_path() -> str:
+    path = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
+    need(os.path.exists(path), "Debian's chromium (apt-get install chromium)")
+    return path
+
+
+@pytest.fixture
+def make_user(db: None, django_user_model: type) -> Callable[..., object]:
+    from django.contrib.auth.models import Group
+
+    def make(username: str, *, role: str) -> object:
+        user = django_user_model.objects.create_user(username=username, password="pw-" + username)
+        if role == "staff":
+            user.is_staff = True
+            user.save()
+        elif role == "viewer":
+            user.groups.add(Group.objects.get_or_create(name="viewer")[0])
+        return user
+
+    return make
+
+
+@pytest.fixture
+def staff(make_user: Callable[..., object]) -> object:
+    return make_user("stella", role="staff")
+
+
+@pytest.fixture
+def viewer(make_user: Callable[..., object]) -> object:
+    return make_user("victor", role="viewer")
+
+
+@pytest.fixture
+def outsider(make_user: Callable[..., object]) -> object:
+    return make_user("oscar", role="none")
+
+
+@pytest.fixture
+def api_as() -> Callable[[object | None], object]:
+    from rest_framework.test import APIClient
+
+    def client_for(user: object | None) -> APIClient:
+        client = APIClient()
+        if user is not None:
+            client.force_authenticate(user)
+        return client
+
+    return client_for
+
+
+@pytest.fixture
+def catalog(db: None) -> None:
+    from devices.catalog import load_catalog
+
+    load_catalog()
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: object) -> None:
+    # PBKDF2's deliberate slowness costs seconds per test user and protects nothing here.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # type: ignore[attr-defined]

@@ -1,0 +1,127 @@
+"""REST CRUD of device profiles: validation per field, nothing written on bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from devices.models import DeviceProfile
+from tests.devices.factories import GIB, profile_payload
+
+URL = "/api/v1/devices/profiles/"
+pytestmark = pytest.mark.django_db
+
+
+def test_staff_creates_a_profile_and_reads_it_back(api_as, staff):
+    response = api_as(staff).post(URL, profile_payload(), format="json")
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert body["slug"] == "test-phone-x"
+    assert body["origin"] == "manual"
+    assert body["ram_total_gib"] == pytest.approx(8.0)
+    detail = api_as(staff).get(f"{URL}{body['id']}/").json()
+    assert detail["sources"]["bandwidth_gbs"] == "https://example.com/acme-a1"
+
+
+def test_a_profile_converts_to_the_planner_device_spec(api_as, staff):
+    api_as(staff).post(URL, profile_payload(), format="json")
+    spec = DeviceProfile.objects.get().to_device_spec()
+    assert spec.ram_budget_bytes == 2 * GIB
+    assert spec.weight_formats == ("fp32", "fp16", "int8", "int4")
+    assert spec.int4_tops is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "fragment"),
+    [
+        ({"ram_total_bytes": -1}, "ram_total_bytes", "greater than or equal to 1"),
+        ({"ram_total_bytes": 0}, "ram_total_bytes", "greater than or equal to 1"),
+        ({"ram_total_bytes": 10 * 1024**5}, "ram_total_bytes", "at most"),
+        ({"ram_budget_bytes": 9 * GIB}, "ram_budget_bytes", "must not exceed ram_total_bytes"),
+        ({"weight_formats": ["fp32", "int5"]}, "weight_formats", "unknown format(s) int5"),
+        ({"activation_formats": []}, "activation_formats", "non-empty list"),
+        ({"bandwidth_gbs": "fast"}, "bandwidth_gbs", "valid number"),
+        ({"ram_total_bytes": "eight"}, "ram_total_bytes", "valid"),
+        ({"bandwidth_gbs": -5}, "bandwidth_gbs", "greater than 0"),
+        ({"fleet_share": 1.5}, "fleet_share", "fraction between 0 and 1"),
+        ({"int4_tops": 70.0, "weight_formats": ["fp32"]}, "int4_tops", "int4 is not among weight_formats"),
+        ({"sources": {"bandwidth_gbs": "a blog said so"}}, "sources", "http(s) URL"),
+        ({"kind": "toaster"}, "kind", "not a valid choice"),
+        ({"colour": "blue"}, "colour", "unknown field"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_field_and_writes_nothing(api_as, staff, overrides, field, fragment):
+    response = api_as(staff).post(URL, profile_payload(**overrides), format="json")
+    assert response.status_code == 400
+    errors = response.json()["errors"]
+    assert field in errors, errors
+    assert any(fragment in message for message in errors[field]), errors[field]
+    assert DeviceProfile.objects.count() == 0
+
+
+def test_missing_required_fields_are_each_named(api_as, staff):
+    response = api_as(staff).post(URL, {"name": "Bare"}, format="json")
+    assert response.status_code == 400
+    errors = response.json()["errors"]
+    for field in (
+        "vendor",
+        "ram_total_bytes",
+        "ram_budget_bytes",
+        "bandwidth_gbs",
+        "weight_formats",
+        "sources",
+    ):
+        assert field in errors
+    assert DeviceProfile.objects.count() == 0
+
+
+def test_every_number_needs_a_source(api_as, staff):
+    payload = profile_payload()
+    del payload["sources"]["int8_tops"]
+    response = api_as(staff).post(URL, payload, format="json")
+    assert response.status_code == 400
+    assert "int8_tops is set but has no source" in response.json()["errors"]["sources"]
+
+
+def test_a_patch_is_judged_against_the_whole_profile(api_as, staff):
+    created = api_as(staff).post(URL, profile_payload(), format="json").json()
+    response = api_as(staff).patch(f"{URL}{created['id']}/", {"ram_total_bytes": GIB}, format="json")
+    assert response.status_code == 400
+    assert "ram_budget_bytes" in response.json()["errors"]
+    assert DeviceProfile.objects.get().ram_total_bytes == 8 * GIB
+    ok = api_as(staff).patch(f"{URL}{created['id']}/", {"bandwidth_gbs": 60}, format="json")
+    assert ok.status_code == 200
+    assert DeviceProfile.objects.get().bandwidth_gbs == 60
+
+
+def test_staff_deletes_a_profile(api_as, staff):
+    created = api_as(staff).post(URL, profile_payload(), format="json").json()
+    assert api_as(staff).delete(f"{URL}{created['id']}/").status_code == 204
+    assert not DeviceProfile.objects.exists()
+
+
+def test_list_filters_orders_and_paginates(api_as, viewer, catalog):
+    client = api_as(viewer)
+    apple = client.get(URL, {"vendor": "apple"}).json()
+    assert apple["count"] == 2
+    assert {p["soc"] for p in apple["results"]} == {"A17 Pro", "A18 Pro"}
+
+    int8_only = client.get(URL, {"weight_format": "int4"}).json()["results"]
+    assert all("int4" in p["weight_formats"] for p in int8_only)
+    assert "Google Coral Dev Board (Edge TPU, 1 GB)" not in {p["name"] for p in int8_only}
+
+    by_bandwidth = client.get(URL, {"ordering": "-bandwidth_gbs", "page_size": 3}).json()
+    widths = [p["bandwidth_gbs"] for p in by_bandwidth["results"]]
+    assert widths == sorted(widths, reverse=True) and len(widths) == 3
+    assert by_bandwidth["next"] is not None
+
+    boards = client.get(URL, {"kind": "board", "ram_total_bytes__lte": 8 * GIB}).json()
+    assert {p["kind"] for p in boards["results"]} == {"board"}
+
+    searched = client.get(URL, {"search": "Orin"}).json()
+    assert [p["name"] for p in searched["results"]] == ["NVIDIA Jetson Orin Nano 8GB"]
+
+
+def test_an_unknown_filter_value_is_a_400_naming_the_filter(api_as, viewer, catalog):
+    response = api_as(viewer).get(URL, {"weight_format": "int5"})
+    assert response.status_code == 400
+    assert "weight_format" in response.json()["errors"]

@@ -1,0 +1,94 @@
+"""A real Celery worker process against the test database and the real broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def database_url_for_tests() -> str:
+    """The URL of the database pytest-django created (test_…), for processes we start."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    auth = s["USER"] or ""
+    if s.get("PASSWORD"):
+        auth += f":{s['PASSWORD']}"
+    host = f"{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}"
+    return f"postgres://{auth}@{host}/{s['NAME']}"
+
+
+class WorkerProcess:
+    """`celery worker` in its own process, consuming a queue private to this test."""
+
+    def __init__(self, queue: str, env: dict[str, str], log: Path) -> None:
+        self.queue = queue
+        self.log = log
+        self._handle = log.open("w")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "config",
+                "worker",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "1",
+                "--queues",
+                queue,
+                "--hostname",
+                f"{queue}@%h",
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._handle.close()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_worker(
+    require_postgres: str, require_redis: str, transactional_db: None, tmp_path: Path
+) -> Iterator[object]:
+    started: list[WorkerProcess] = []
+
+    def start(queue: str | None = None) -> WorkerProcess:
+        queue = queue or f"edgefit-test-{uuid.uuid4().hex[:8]}"
+        env = dict(os.environ, DATABASE_URL=database_url_for_tests(), DB_CONN_MAX_AGE="0")
+        worker = WorkerProcess(queue, env, tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
