@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -98,6 +99,7 @@ def up(host: str, port: int) -> None:
             env=env,
         ),
     ]
+    _wait_until_serving(f"http://{host}:{port}/health/", workers)
     print(f"\nEdgeFit is running at http://{host}:{port}/  (ready after {time.monotonic() - started:.0f} s)")
     print(
         "Log in with the demo staff login printed above. Ctrl-C stops the web server and the worker.\n",
@@ -116,6 +118,19 @@ def up(host: str, port: int) -> None:
             p.wait(timeout=30)
     failed = [p for p in workers if p.returncode not in (0, -signal.SIGTERM)]
     sys.exit(1 if failed else 0)
+
+
+def _wait_until_serving(url: str, processes: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in processes):
+            sys.exit("a server process exited during start-up; see its output above")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    sys.exit(f"the web server did not answer {url} within {timeout:.0f} s")
 
 
 def test(pytest_args: list[str]) -> None:
