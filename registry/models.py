@@ -1,1 +1,131 @@
-"""Base models, variants, measurements, planning runs and releases live here."""
+"""Base models, their variants, and what was measured or predicted about each variant.
+
+Numbers carry their provenance: `Variant.metrics_source` says whether accuracy figures were
+measured by running the model or estimated by the sensitivity proxy; `Measurement` rows are
+stopwatch / bytes-written facts with the host and date; `Prediction` rows are cost-model
+outputs and always say so (with the cost model version).
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils.text import slugify
+
+from devices.models import DeviceProfile
+
+
+class BaseModel(models.Model):
+    class Kind(models.TextChoices):
+        RUNNABLE = "runnable", "runnable (weights + evaluation set)"
+        SPEC_ONLY = "spec_only", "spec only (planned from its config, no weights)"
+
+    name = models.CharField(max_length=120, unique=True)
+    slug = models.SlugField(max_length=140, unique=True, editable=False)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.RUNNABLE)
+    adapter = models.CharField(
+        max_length=60, blank=True, help_text="engine adapter that runs it, e.g. 'minilm'"
+    )
+    version = models.PositiveIntegerField(default=1)
+    description = models.TextField(blank=True)
+    spec = models.JSONField(help_text="planner ModelSpec: tensors, shapes, MACs per token, exit points")
+    weights_sha256 = models.CharField(max_length=64, blank=True)
+    eval_dataset = models.CharField(max_length=200, blank=True)
+    eval_dataset_sha256 = models.CharField(max_length=64, blank=True)
+    fp32_metrics = models.JSONField(default=dict, blank=True, help_text="measured on the held-out split")
+    sensitivity = models.JSONField(null=True, blank=True, help_text="per-tensor, per-precision fidelity loss")
+    tags = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        self.slug = slugify(self.name)[:140] or "model"
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class Variant(models.Model):
+    class Source(models.TextChoices):
+        MEASURED = "measured", "measured (model run on the evaluation set)"
+        ESTIMATED = "estimated", "estimated (sensitivity proxy)"
+
+    base_model = models.ForeignKey(BaseModel, on_delete=models.CASCADE, related_name="variants")
+    name = models.CharField(max_length=160)
+    plan = models.JSONField(help_text="planner Plan: a scheme per tensor and the exit threshold")
+    plan_hash = models.CharField(max_length=32)
+    weight_bytes = models.PositiveBigIntegerField(help_text="packed weight payload bytes (as written)")
+    metrics = models.JSONField(default=dict, help_text="accuracy, agreement, KL, cosine, mean layers …")
+    metrics_source = models.CharField(max_length=16, choices=Source.choices)
+    provenance = models.CharField(max_length=300, help_text="who/what produced the metrics, where and when")
+    tags = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["base_model", "-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["base_model", "plan_hash"], name="one_variant_per_plan")
+        ]
+        indexes = [models.Index(fields=["base_model", "weight_bytes"])]
+
+    def __str__(self) -> str:
+        return f"{self.base_model.name} · {self.name}"
+
+
+class Measurement(models.Model):
+    """A fact measured by running a variant: on the EdgeFit host or reported by a device."""
+
+    class Kind(models.TextChoices):
+        HOST = "host", "host benchmark"
+        DEVICE = "device", "device report"
+
+    variant = models.ForeignKey(Variant, on_delete=models.CASCADE, related_name="measurements")
+    device_profile = models.ForeignKey(
+        DeviceProfile, null=True, blank=True, on_delete=models.SET_NULL, related_name="measurements"
+    )
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    host = models.CharField(max_length=200, help_text="machine that ran it")
+    batch_size = models.PositiveIntegerField()
+    seq_len = models.PositiveIntegerField(null=True, blank=True)
+    latency_p50_s = models.FloatField()
+    latency_p90_s = models.FloatField()
+    peak_memory_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    accuracy = models.FloatField(null=True, blank=True)
+    runtime = models.JSONField(default=dict, blank=True, help_text="kernels per tensor, threads, versions")
+    measured_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-measured_at"]
+
+    def __str__(self) -> str:
+        p50_ms = self.latency_p50_s * 1000
+        return f"{self.variant_id} on {self.host}: p50 {p50_ms:.2f} ms (batch {self.batch_size})"
+
+
+class Prediction(models.Model):
+    """A cost-model output for a variant on a device profile. Always a prediction."""
+
+    variant = models.ForeignKey(Variant, on_delete=models.CASCADE, related_name="predictions")
+    device_profile = models.ForeignKey(DeviceProfile, on_delete=models.CASCADE, related_name="predictions")
+    batch_size = models.PositiveIntegerField(default=1)
+    latency_s = models.FloatField()
+    memory_bytes = models.PositiveBigIntegerField()
+    cost_model_version = models.CharField(max_length=40)
+    calibrated = models.BooleanField(
+        default=False, help_text="cost model fitted to this profile's measurements"
+    )
+    predicted_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["variant", "device_profile", "batch_size"],
+                name="one_prediction_per_variant_device_batch",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"predicted {self.latency_s * 1000:.2f} ms for {self.variant_id} on {self.device_profile_id}"
