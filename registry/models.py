@@ -129,3 +129,66 @@ class Prediction(models.Model):
 
     def __str__(self) -> str:
         return f"predicted {self.latency_s * 1000:.2f} ms for {self.variant_id} on {self.device_profile_id}"
+
+
+class PlanningRun(models.Model):
+    """A fleet planning run: one model, several device profiles, a policy and a budget.
+
+    Status moves queued → running → done / failed / cancelled, and only through
+    `registry.planning` (a worker claims a queued run with a conditional update, so a run never
+    executes twice at once).  Progress fields are written by the worker while it runs.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class Sampler(models.TextChoices):
+        NSGA2 = "nsga2", "NSGA-II (Optuna)"
+        TPE = "tpe", "multi-objective TPE (Optuna)"
+        RANDOM = "random", "random (baseline)"
+
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="planning_runs")
+    device_profiles = models.ManyToManyField(DeviceProfile, related_name="planning_runs")
+    policy = models.JSONField(help_text="recommendation policy and constraints (see planner.recommend)")
+    trials_per_device = models.PositiveIntegerField()
+    real_eval_budget = models.PositiveIntegerField(help_text="real model evaluations the run may spend")
+    sampler = models.CharField(max_length=12, choices=Sampler.choices, default=Sampler.NSGA2)
+    seed = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    cancel_requested = models.BooleanField(default=False)
+    trials_done = models.PositiveIntegerField(default=0)
+    trials_planned = models.PositiveIntegerField(default=0)
+    real_evaluations = models.PositiveIntegerField(default=0)
+    progress = models.JSONField(default=dict, blank=True, help_text="best per device, hypervolume over time")
+    result = models.JSONField(default=dict, blank=True, help_text="per-device fronts and recommendations")
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="planning_runs"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="times a worker picked the run up")
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} of {self.base_model_id} ({self.status})"
+
+    @property
+    def study_prefix(self) -> str:
+        """Optuna studies of this run are named `<prefix><device id>`; resumed by that name."""
+        return f"edgefit-run-{self.pk}-device-"
+
+    @property
+    def finished(self) -> bool:
+        return self.status in {self.Status.DONE, self.Status.FAILED, self.Status.CANCELLED}
+
+    @property
+    def progress_fraction(self) -> float:
+        return min(1.0, self.trials_done / self.trials_planned) if self.trials_planned else 0.0

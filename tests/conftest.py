@@ -112,6 +112,10 @@ def catalog(db: None) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _fast_password_hashing(settings: object) -> None:
+def _fast_password_hashing(request: pytest.FixtureRequest) -> None:
     # PBKDF2's deliberate slowness costs seconds per test user and protects nothing here.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # type: ignore[attr-defined]
+    # (Engine tests may run without pytest-django: `-p no:django`.)
+    if not request.config.pluginmanager.hasplugin("django"):
+        return
+    settings = request.getfixturevalue("settings")
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
