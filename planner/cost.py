@@ -1,0 +1,732 @@
+"""Roofline cost model: predicted latency and memory of a Plan on a DeviceSpec, and its calibration.
+
+Every op (a quantizable tensor's matmul or lookup, a block's attention, a block's elementwise
+work: norms, GELU, residuals — memory traffic only) costs
+
+    t = max(bytes / (bandwidth · mem_efficiency), 2·MACs / (peak[p] · compute_efficiency[p]))
+        + per_tensor_overhead_s
+
+where p is the precision the device computes that op in.  A weight precision the device lacks
+(not in `weight_formats`, or no peak) falls back along int2 → int3 → int4 → int8 → fp16 → fp32:
+the weight stays packed in memory (bytes are the packed bytes) but is dequantized and computed
+at the first precision the device has (a narrower integer grid embeds losslessly in a wider one).
+Early exit weights each block by the probability of reaching it.  Everything returned here is a
+prediction and says so (`predicted=True`, `cost_model_version`).
+
+Calibration (`fit`) turns measurements into per-device CostParams.  Because
+1/efficiency and the overheads enter linearly once each op's binding roof (memory or compute) is
+known, the fit alternates: classify every op under the current parameters, solve a non-negative
+least-squares problem in θ = (1/mem_eff, 1/compute_eff[p]…, per-tensor overhead, fixed
+overhead) weighted for relative error, and repeat until the classification is stable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from planner.quant.packing import packed_nbytes, plan_nbytes
+from planner.specs import DeviceSpec, ModelSpec, Plan, PlanError, TensorSpec
+
+__all__ = [
+    "COMPUTE_PRECISIONS",
+    "COST_MODEL_VERSION",
+    "CostParams",
+    "CostPrediction",
+    "FitReport",
+    "FitResult",
+    "Observation",
+    "OpCost",
+    "activation_precision",
+    "compute_precision",
+    "fit",
+    "nnls",
+    "predict",
+    "reach_probabilities",
+]
+
+COST_MODEL_VERSION = "roofline-1"
+#: Precisions a device can compute in (DeviceSpec has peaks for exactly these).
+COMPUTE_PRECISIONS: tuple[str, ...] = ("int4", "int8", "fp16", "fp32")
+_FALLBACK_CHAIN: tuple[str, ...] = ("int2", "int3", "int4", "int8", "fp16", "fp32")
+_ACT_BYTES: dict[str, float] = {"int4": 0.5, "int8": 1.0, "fp16": 2.0, "fp32": 4.0}
+_PARAMS_TYPE = "CostParams"
+_MAX_EFFICIENCY = 1e3
+_PARAMS_VERSION = 1
+
+
+def _default_compute_efficiency() -> dict[str, float]:
+    # Sustained fractions of spec-sheet peaks commonly seen for small-batch transformer GEMMs.
+    return {"int4": 0.3, "int8": 0.4, "fp16": 0.4, "fp32": 0.5}
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """Per-device calibration of the roofline model (defaults: an uncalibrated device).
+
+    Efficiencies are fractions of the DeviceSpec's bandwidth / peaks (may exceed 1 after a fit
+    if the spec sheet is pessimistic); overheads are seconds; `runtime_overhead_bytes` is memory
+    the runtime itself needs besides weights and activations.
+    """
+
+    mem_efficiency: float = 0.6
+    compute_efficiency: Mapping[str, float] = field(default_factory=_default_compute_efficiency)
+    per_tensor_overhead_s: float = 5e-6
+    fixed_overhead_s: float = 2e-4
+    runtime_overhead_bytes: int = 32 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        effs = dict(_default_compute_efficiency())
+        effs.update(self.compute_efficiency)
+        unknown = set(effs) - set(COMPUTE_PRECISIONS)
+        if unknown:
+            raise PlanError(f"compute_efficiency: unknown precision(s) {', '.join(sorted(unknown))}")
+        object.__setattr__(self, "compute_efficiency", effs)
+        for key, value in [("mem_efficiency", self.mem_efficiency)] + [
+            (f"compute_efficiency[{p}]", v) for p, v in effs.items()
+        ]:
+            if not (math.isfinite(value) and value > 0):
+                raise PlanError(f"{key} must be a positive finite number, got {value!r}")
+        for key, value in (
+            ("per_tensor_overhead_s", self.per_tensor_overhead_s),
+            ("fixed_overhead_s", self.fixed_overhead_s),
+            ("runtime_overhead_bytes", float(self.runtime_overhead_bytes)),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise PlanError(f"{key} must be a non-negative finite number, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "_type": _PARAMS_TYPE,
+            "_version": _PARAMS_VERSION,
+            "_data": {
+                "mem_efficiency": self.mem_efficiency,
+                "compute_efficiency": dict(self.compute_efficiency),
+                "per_tensor_overhead_s": self.per_tensor_overhead_s,
+                "fixed_overhead_s": self.fixed_overhead_s,
+                "runtime_overhead_bytes": self.runtime_overhead_bytes,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CostParams:
+        if data.get("_type") != _PARAMS_TYPE or data.get("_version") != _PARAMS_VERSION:
+            raise PlanError(
+                f"not a {_PARAMS_TYPE} v{_PARAMS_VERSION} dict: "
+                f"{data.get('_type')!r} v{data.get('_version')!r}"
+            )
+        body = dict(data["_data"])
+        unknown = set(body) - {
+            "mem_efficiency",
+            "compute_efficiency",
+            "per_tensor_overhead_s",
+            "fixed_overhead_s",
+            "runtime_overhead_bytes",
+        }
+        if unknown:
+            raise PlanError(f"unknown CostParams field(s): {', '.join(sorted(unknown))}")
+        return cls(
+            mem_efficiency=float(body.get("mem_efficiency", 0.6)),
+            compute_efficiency={str(k): float(v) for k, v in (body.get("compute_efficiency") or {}).items()},
+            per_tensor_overhead_s=float(body.get("per_tensor_overhead_s", 5e-6)),
+            fixed_overhead_s=float(body.get("fixed_overhead_s", 2e-4)),
+            runtime_overhead_bytes=int(body.get("runtime_overhead_bytes", 32 * 1024 * 1024)),
+        )
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One op's predicted cost.  `weight` is the probability the op runs (early exit)."""
+
+    name: str
+    kind: Literal["linear", "embedding", "attention", "elementwise"]
+    block: int
+    weight: float
+    bytes_read: float
+    macs: float
+    weight_precision: str
+    compute_precision: str
+    fallback: bool
+    memory_s: float
+    compute_s: float
+    seconds: float
+    bound: Literal["memory", "compute"]
+
+
+@dataclass(frozen=True)
+class CostPrediction:
+    """Predicted latency (expected, seconds) and peak memory (bytes) of a plan on a device."""
+
+    device: str
+    model: str
+    plan_hash: str
+    batch: int
+    seq_len: int
+    latency_s: float
+    full_depth_latency_s: float
+    memory_bytes: int
+    weight_bytes: int
+    activation_bytes: int
+    dequant_buffer_bytes: int
+    runtime_overhead_bytes: int
+    fits_memory_budget: bool
+    reach_probability: tuple[float, ...]
+    ops: tuple[OpCost, ...]
+    fallbacks: tuple[str, ...]
+    predicted: bool = True
+    cost_model_version: str = COST_MODEL_VERSION
+
+    def to_dict(self, include_ops: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "device": self.device,
+            "model": self.model,
+            "plan_hash": self.plan_hash,
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "latency_s": self.latency_s,
+            "full_depth_latency_s": self.full_depth_latency_s,
+            "memory_bytes": self.memory_bytes,
+            "weight_bytes": self.weight_bytes,
+            "activation_bytes": self.activation_bytes,
+            "dequant_buffer_bytes": self.dequant_buffer_bytes,
+            "runtime_overhead_bytes": self.runtime_overhead_bytes,
+            "fits_memory_budget": self.fits_memory_budget,
+            "reach_probability": list(self.reach_probability),
+            "fallbacks": list(self.fallbacks),
+            "predicted": self.predicted,
+            "cost_model_version": self.cost_model_version,
+        }
+        if include_ops:
+            out["ops"] = [op.__dict__.copy() for op in self.ops]
+        return out
+
+
+def _peak_ops(device: DeviceSpec, precision: str) -> float | None:
+    peak = {
+        "fp32": device.fp32_tflops,
+        "fp16": device.fp16_tflops,
+        "int8": device.int8_tops,
+        "int4": device.int4_tops,
+    }.get(precision)
+    return None if peak is None or peak <= 0 else float(peak) * 1e12
+
+
+def compute_precision(weight_precision: str, device: DeviceSpec) -> str:
+    """The precision `device` computes a `weight_precision` tensor in.
+
+    Native when the device lists the format and has a peak for it; otherwise the first wider
+    precision along int2 → int3 → int4 → int8 → fp16 → fp32 that it has (listed as a weight or
+    activation format, with a peak); fp32 weights on a device without fp32 run in fp16.
+    """
+    if weight_precision not in _FALLBACK_CHAIN:
+        raise PlanError(f"unknown weight precision {weight_precision!r}")
+    if weight_precision in device.weight_formats and _peak_ops(device, weight_precision):
+        return weight_precision
+    formats = set(device.weight_formats) | set(device.activation_formats)
+    start = _FALLBACK_CHAIN.index(weight_precision)
+    for p in _FALLBACK_CHAIN[start + 1 :]:
+        if p in formats and _peak_ops(device, p):
+            return p
+    if _peak_ops(device, "fp32"):
+        return "fp32"
+    if _peak_ops(device, "fp16"):
+        return "fp16"
+    raise PlanError(
+        f"device {device.name!r} has no compute precision able to run {weight_precision} weights "
+        f"(no peak for {weight_precision} or any wider format)"
+    )
+
+
+def activation_precision(device: DeviceSpec) -> str:
+    """The precision of activations and attention matmuls: fp16 if the device takes it, else fp32."""
+    if "fp16" in device.activation_formats and _peak_ops(device, "fp16"):
+        return "fp16"
+    if _peak_ops(device, "fp32"):
+        return "fp32"
+    if _peak_ops(device, "fp16"):
+        return "fp16"
+    raise PlanError(f"device {device.name!r} has no fp16 or fp32 peak for activations")
+
+
+def reach_probabilities(spec: ModelSpec, plan: Plan, exit_probs: Sequence[float] | None) -> tuple[float, ...]:
+    """P(block k runs) for k = 0..n_blocks-1.
+
+    `exit_probs[i]` is the probability of stopping after block `spec.exit_points[i]` (sorted);
+    it must be non-negative and sum to 1.  A plan without an exit threshold runs every block.
+    """
+    n = spec.n_blocks
+    if plan.exit_threshold is None or exit_probs is None:
+        return tuple(1.0 for _ in range(n))
+    points = sorted(spec.exit_points)
+    probs = [float(p) for p in exit_probs]
+    if len(probs) != len(points):
+        raise PlanError(
+            f"exit_probs has {len(probs)} entries, model {spec.name!r} has {len(points)} exit points"
+        )
+    if any(p < 0 or not math.isfinite(p) for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+        raise PlanError(f"exit_probs must be non-negative and sum to 1, got {probs}")
+    reach = []
+    for k in range(n):
+        gone = sum(p for e, p in zip(points, probs, strict=True) if e < k)
+        reach.append(max(0.0, 1.0 - gone))
+    return tuple(reach)
+
+
+@dataclass(frozen=True)
+class _Op:
+    name: str
+    kind: Literal["linear", "embedding", "attention", "elementwise"]
+    block: int
+    weight: float
+    bytes_read: float
+    macs: float
+    weight_precision: str
+    compute_precision: str
+    fallback: bool
+    memory_s0: float  # at 100 % memory efficiency
+    compute_s0: float  # at 100 % compute efficiency
+
+
+def _ops(
+    spec: ModelSpec,
+    plan: Plan,
+    device: DeviceSpec,
+    batch: int,
+    seq_len: int,
+    reach: Sequence[float],
+) -> list[_Op]:
+    bw = device.bandwidth_gbs * 1e9
+    if bw <= 0:
+        raise PlanError(f"device {device.name!r}: bandwidth_gbs must be positive")
+    act = activation_precision(device)
+    act_b = _ACT_BYTES[act]
+    tokens = batch * seq_len
+    ops: list[_Op] = []
+    for t in spec.tensors:
+        w = _tensor_weight(t, spec, reach)
+        scheme = plan.scheme(t.name)
+        cp = compute_precision(scheme.precision, device)
+        rows, cols = t.shape
+        if t.kind == "embedding":
+            touched = min(tokens, rows)
+            nbytes = touched * packed_nbytes((1, cols), scheme) + tokens * cols * act_b
+            macs = 0.0
+            comp0 = 0.0
+        else:
+            nbytes = packed_nbytes(t.shape, scheme) + tokens * (rows + cols) * act_b
+            macs = float(t.macs_per_token) * tokens
+            peak = _peak_ops(device, cp)
+            assert peak is not None
+            comp0 = 2.0 * macs / peak
+        ops.append(
+            _Op(
+                name=t.name,
+                kind=t.kind,
+                block=t.block,
+                weight=w,
+                bytes_read=float(nbytes),
+                macs=macs,
+                weight_precision=scheme.precision,
+                compute_precision=cp,
+                fallback=cp != scheme.precision,
+                memory_s0=nbytes / bw,
+                compute_s0=comp0,
+            )
+        )
+    act_peak = _peak_ops(device, act)
+    assert act_peak is not None
+    for k in range(spec.n_blocks):
+        # QKᵀ and AV: each batch·seq²·hidden MACs; the score matrix is written and read back.
+        macs = 2.0 * batch * seq_len * seq_len * spec.hidden_size
+        nbytes = (
+            2.0 * batch * spec.n_heads * seq_len * seq_len * act_b + 4.0 * tokens * spec.hidden_size * act_b
+        )
+        ops.append(
+            _Op(
+                name=f"attention.{k}",
+                kind="attention",
+                block=k,
+                weight=reach[k],
+                bytes_read=nbytes,
+                macs=macs,
+                weight_precision=act,
+                compute_precision=act,
+                fallback=False,
+                memory_s0=nbytes / bw,
+                compute_s0=2.0 * macs / act_peak,
+            )
+        )
+        # GELU, two LayerNorms, two residual adds and the head split/merge copies stream the
+        # activations through memory: ≈ 2·intermediate + 18·hidden elements per token.
+        ew_bytes = tokens * (2.0 * spec.intermediate_size + 18.0 * spec.hidden_size) * act_b
+        ops.append(
+            _Op(
+                name=f"elementwise.{k}",
+                kind="elementwise",
+                block=k,
+                weight=reach[k],
+                bytes_read=ew_bytes,
+                macs=0.0,
+                weight_precision=act,
+                compute_precision=act,
+                fallback=False,
+                memory_s0=ew_bytes / bw,
+                compute_s0=0.0,
+            )
+        )
+    return ops
+
+
+def _tensor_weight(t: TensorSpec, spec: ModelSpec, reach: Sequence[float]) -> float:
+    # Embeddings (block -1) and heads after the last block always run (an exit head replaces
+    # the final head when the model stops early).
+    if 0 <= t.block < spec.n_blocks:
+        return reach[t.block]
+    return 1.0
+
+
+def _op_seconds(op: _Op, params: CostParams) -> tuple[float, float, float]:
+    mem = op.memory_s0 / params.mem_efficiency
+    comp = op.compute_s0 / params.compute_efficiency[op.compute_precision] if op.compute_s0 else 0.0
+    return mem, comp, max(mem, comp) + params.per_tensor_overhead_s
+
+
+def predict(
+    spec: ModelSpec,
+    plan: Plan,
+    device: DeviceSpec,
+    *,
+    batch: int = 1,
+    seq_len: int = 128,
+    exit_probs: Sequence[float] | None = None,
+    params: CostParams | None = None,
+) -> CostPrediction:
+    """Predict expected latency and peak memory of `plan` on `device`.
+
+    Steps: (1) validate the plan and the exit distribution; (2) cost every op with the
+    roofline; (3) expected latency = fixed overhead + Σ P(op runs) · op time, plus one
+    per-tensor overhead per exit head evaluated; (4) memory = packed weights (+ fp32 other
+    params) + peak block activations + the largest dequantize-on-the-fly buffer of a
+    fallback tensor + runtime overhead.
+    """
+    if batch < 1 or seq_len < 1:
+        raise PlanError(f"batch ({batch}) and seq_len ({seq_len}) must be ≥ 1")
+    plan.validate(spec)
+    params = params or CostParams()
+    reach = reach_probabilities(spec, plan, exit_probs)
+    raw = _ops(spec, plan, device, batch, seq_len, reach)
+    ops: list[OpCost] = []
+    latency = params.fixed_overhead_s
+    full = params.fixed_overhead_s
+    for op in raw:
+        mem, comp, secs = _op_seconds(op, params)
+        latency += op.weight * secs
+        full += secs
+        ops.append(
+            OpCost(
+                name=op.name,
+                kind=op.kind,
+                block=op.block,
+                weight=op.weight,
+                bytes_read=op.bytes_read,
+                macs=op.macs,
+                weight_precision=op.weight_precision,
+                compute_precision=op.compute_precision,
+                fallback=op.fallback,
+                memory_s=mem,
+                compute_s=comp,
+                seconds=secs,
+                bound="compute" if comp > mem else "memory",
+            )
+        )
+    heads = _exit_head_runs(spec, plan, reach)
+    latency += heads * params.per_tensor_overhead_s
+
+    act_b = _ACT_BYTES[activation_precision(device)]
+    h, inter = spec.hidden_size, spec.intermediate_size
+    # Residual stream in and out of a block, plus the larger of the FFN intermediate and
+    # attention's Q, K, V + score matrix, alive at the same time.
+    act_bytes = int(act_b * batch * seq_len * (2 * h + max(inter, 3 * h + spec.n_heads * seq_len)) + 0.5)
+    dequant = 0
+    for t in spec.tensors:
+        cp = compute_precision(plan.scheme(t.name).precision, device)
+        if t.kind == "linear" and cp != plan.scheme(t.name).precision:
+            dequant = max(dequant, math.ceil(t.params * _ACT_BYTES[cp]))
+    weight_bytes = plan_nbytes(spec, plan)
+    memory = weight_bytes + act_bytes + dequant + params.runtime_overhead_bytes
+    return CostPrediction(
+        device=device.name,
+        model=spec.name,
+        plan_hash=plan.hash(),
+        batch=batch,
+        seq_len=seq_len,
+        latency_s=latency,
+        full_depth_latency_s=full + _exit_head_runs(spec, plan, None) * params.per_tensor_overhead_s,
+        memory_bytes=memory,
+        weight_bytes=weight_bytes,
+        activation_bytes=act_bytes,
+        dequant_buffer_bytes=dequant,
+        runtime_overhead_bytes=params.runtime_overhead_bytes,
+        fits_memory_budget=memory <= device.ram_budget_bytes,
+        reach_probability=tuple(reach),
+        ops=tuple(ops),
+        fallbacks=tuple(sorted({op.name for op in raw if op.fallback})),
+    )
+
+
+def _exit_head_runs(spec: ModelSpec, plan: Plan, reach: Sequence[float] | None) -> float:
+    """Expected number of (non-final) exit heads evaluated."""
+    if plan.exit_threshold is None:
+        return 0.0
+    last = spec.n_blocks - 1
+    return sum(1.0 if reach is None else reach[e] for e in spec.exit_points if e < last)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One measured run: `plan` of `spec` at (batch, seq_len) took `measured_s` seconds."""
+
+    spec: ModelSpec
+    plan: Plan
+    batch: int
+    seq_len: int
+    exit_probs: Sequence[float] | None
+    measured_s: float
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """How well the fitted parameters explain the observations (errors on the fitted data)."""
+
+    n_observations: int
+    mape: float
+    max_rel_error: float
+    max_abs_error_s: float
+    rmse_s: float
+    mape_before: float
+    iterations: int
+    solver: str
+    fitted: tuple[str, ...]
+    unidentified: tuple[str, ...]
+    #: Efficiencies whose roof never bound in the data, set to the cap (the term vanishes).
+    never_binding: tuple[str, ...] = ()
+    cost_model_version: str = COST_MODEL_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(
+            self.__dict__,
+            fitted=list(self.fitted),
+            unidentified=list(self.unidentified),
+            never_binding=list(self.never_binding),
+        )
+
+
+@dataclass(frozen=True)
+class FitResult:
+    params: CostParams
+    report: FitReport
+
+
+_THETA_NAMES: tuple[str, ...] = (
+    "mem_efficiency",
+    *(f"compute_efficiency[{p}]" for p in COMPUTE_PRECISIONS),
+    "per_tensor_overhead_s",
+    "fixed_overhead_s",
+)
+
+
+def _theta(params: CostParams) -> np.ndarray:
+    return np.array(
+        [1.0 / params.mem_efficiency]
+        + [1.0 / params.compute_efficiency[p] for p in COMPUTE_PRECISIONS]
+        + [params.per_tensor_overhead_s, params.fixed_overhead_s]
+    )
+
+
+def _params_from(theta: np.ndarray, prior: CostParams, identified: np.ndarray) -> CostParams:
+    def inv(i: int, old: float) -> float:
+        if not identified[i]:
+            return old
+        # θ = 0 means the roof never binds: cap the efficiency instead of dividing by zero.
+        return min(1.0 / float(theta[i]), _MAX_EFFICIENCY) if theta[i] > 0 else _MAX_EFFICIENCY
+
+    n = len(COMPUTE_PRECISIONS)
+    return replace(
+        prior,
+        mem_efficiency=inv(0, prior.mem_efficiency),
+        compute_efficiency={
+            p: inv(1 + i, prior.compute_efficiency[p]) for i, p in enumerate(COMPUTE_PRECISIONS)
+        },
+        per_tensor_overhead_s=float(theta[1 + n]) if identified[1 + n] else prior.per_tensor_overhead_s,
+        fixed_overhead_s=float(theta[2 + n]) if identified[2 + n] else prior.fixed_overhead_s,
+    )
+
+
+def _features(ops: Sequence[_Op], heads: float, theta: np.ndarray) -> tuple[np.ndarray, tuple[bool, ...]]:
+    """Design-matrix row (time = row · θ under this classification) and each op's roof."""
+    row = np.zeros(len(_THETA_NAMES))
+    idx = {p: 1 + i for i, p in enumerate(COMPUTE_PRECISIONS)}
+    roofs = []
+    for op in ops:
+        j = idx[op.compute_precision]
+        compute_bound = bool(op.compute_s0 * theta[j] > op.memory_s0 * theta[0])
+        roofs.append(compute_bound)
+        if compute_bound:
+            row[j] += op.weight * op.compute_s0
+        else:
+            row[0] += op.weight * op.memory_s0
+        row[-2] += op.weight
+    row[-2] += heads
+    row[-1] = 1.0
+    return row, tuple(roofs)
+
+
+def fit(params: CostParams, observations: Sequence[Observation], device: DeviceSpec) -> FitResult:
+    """Fit efficiencies and overheads of `device` to measured runs.
+
+    Steps: (1) cost every observation's ops at 100 % efficiency (parameter-free); (2) under
+    the current θ, classify each op as memory- or compute-bound and sum its time into that
+    roof's feature column, plus op count and a constant; (3) weight rows by 1/measured so the
+    fit minimises relative error, scale columns to unit norm, and solve NNLS; (4) repeat from
+    (2) until no op changes roof (≤ 20 rounds), keeping the best θ seen; (5) parameters whose
+    column is all zero (e.g. a precision never used) keep their prior value.
+    """
+    if not observations:
+        raise PlanError("fit needs at least one observation")
+    for i, ob in enumerate(observations):
+        if not (math.isfinite(ob.measured_s) and ob.measured_s > 0):
+            raise PlanError(f"observation {i}: measured_s must be positive, got {ob.measured_s!r}")
+    prepared = []
+    for ob in observations:
+        ob.plan.validate(ob.spec)
+        reach = reach_probabilities(ob.spec, ob.plan, ob.exit_probs)
+        prepared.append(
+            (
+                _ops(ob.spec, ob.plan, device, ob.batch, ob.seq_len, reach),
+                _exit_head_runs(ob.spec, ob.plan, reach),
+            )
+        )
+    y = np.array([ob.measured_s for ob in observations])
+
+    def rel_errors(theta: np.ndarray) -> np.ndarray:
+        pred = np.array([_predict_theta(ops, heads, theta) for ops, heads in prepared])
+        return np.abs(pred - y) / y
+
+    prior = _theta(params)
+    mape_before = float(np.mean(rel_errors(prior)))
+    best = (mape_before, prior)
+    identified = np.zeros(len(_THETA_NAMES), dtype=bool)
+    solver = ""
+    iterations = 0
+    # The roof assignment makes the problem non-convex (memory and compute time both grow
+    # with tokens), so start from the prior and from "everything memory-bound" / "everything
+    # compute-bound" and keep the best fit.
+    n_comp = len(COMPUTE_PRECISIONS)
+    mem_start, comp_start = prior.copy(), prior.copy()
+    mem_start[1 : 1 + n_comp] *= 1e-6
+    comp_start[0] *= 1e-6
+    for theta in (prior, mem_start, comp_start):
+        previous: list[tuple[bool, ...]] | None = None
+        for _ in range(20):
+            rows = [_features(ops, heads, theta) for ops, heads in prepared]
+            roofs = [r for _, r in rows]
+            if roofs == previous:
+                break
+            iterations += 1
+            previous = roofs
+            a = np.array([row for row, _ in rows])
+            used = np.any(a != 0, axis=0)
+            identified |= used
+            aw = a[:, used] / y[:, None]
+            norms = np.linalg.norm(aw, axis=0)
+            norms[norms == 0] = 1.0
+            sol, solver = nnls(aw / norms, np.ones(len(y)))
+            theta = theta.copy()
+            theta[used] = sol / norms
+            score = float(np.mean(rel_errors(theta)))
+            if score < best[0]:
+                best = (score, theta)
+    theta = best[1]
+    fitted_params = _params_from(theta, params, identified)
+    errs = rel_errors(_theta(fitted_params))
+    preds = np.array([_predict_theta(ops, heads, _theta(fitted_params)) for ops, heads in prepared])
+    report = FitReport(
+        n_observations=len(observations),
+        mape=float(np.mean(errs)),
+        max_rel_error=float(np.max(errs)),
+        max_abs_error_s=float(np.max(np.abs(preds - y))),
+        rmse_s=float(np.sqrt(np.mean((preds - y) ** 2))),
+        mape_before=mape_before,
+        iterations=iterations,
+        solver=solver,
+        fitted=tuple(n for n, ok in zip(_THETA_NAMES, identified, strict=True) if ok),
+        unidentified=tuple(n for n, ok in zip(_THETA_NAMES, identified, strict=True) if not ok),
+        never_binding=tuple(
+            n
+            for i, (n, ok) in enumerate(zip(_THETA_NAMES, identified, strict=True))
+            if ok and i <= len(COMPUTE_PRECISIONS) and not theta[i] > 1.0 / _MAX_EFFICIENCY
+        ),
+    )
+    return FitResult(params=fitted_params, report=report)
+
+
+def _predict_theta(ops: Sequence[_Op], heads: float, theta: np.ndarray) -> float:
+    idx = {p: 1 + i for i, p in enumerate(COMPUTE_PRECISIONS)}
+    total = float(theta[-1]) + heads * float(theta[-2])
+    for op in ops:
+        total += op.weight * (
+            max(op.memory_s0 * theta[0], op.compute_s0 * theta[idx[op.compute_precision]]) + theta[-2]
+        )
+    return total
+
+
+def nnls(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, str]:
+    """min ||a x - b|| subject to x ≥ 0; returns (x, solver name).
+
+    Uses scipy.optimize.nnls when scipy is installed, else `_nnls_lawson_hanson`.
+    """
+    try:
+        from scipy.optimize import nnls as scipy_nnls
+    except ImportError:
+        return _nnls_lawson_hanson(a, b), "numpy-lawson-hanson"
+    x, _ = scipy_nnls(a, b)
+    return np.asarray(x, dtype=float), "scipy.optimize.nnls"
+
+
+def _nnls_lawson_hanson(a: np.ndarray, b: np.ndarray, tol: float = 1e-12, max_iter: int = 500) -> np.ndarray:
+    """Lawson–Hanson active-set NNLS.
+
+    Steps: (1) start with every variable clamped at 0 (active set); (2) move the variable with
+    the largest positive gradient aᵀ(b - ax) into the passive set; (3) solve unconstrained
+    least squares on the passive set; (4) if some passive variable went ≤ 0, step back along
+    the segment to the first one hitting 0 and return it to the active set, repeat (3);
+    (5) stop when no active variable has a positive gradient.
+    """
+    n = a.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    for _ in range(max_iter):
+        grad = a.T @ (b - a @ x)
+        candidates = np.where(~passive & (grad > tol))[0]
+        if candidates.size == 0:
+            break
+        passive[candidates[np.argmax(grad[candidates])]] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if np.all(z[passive] > tol):
+                x = z
+                break
+            neg = passive & (z <= tol)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+    return x

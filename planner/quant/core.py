@@ -1,0 +1,177 @@
+"""Quantize and dequantize one weight matrix (round-to-nearest; GPTQ lives in `gptq.py`).
+
+Layout shared by every integer precision (and by packing and the runtime kernels):
+
+* a weight is a 2-D matrix (rows, cols): (out_features, in_features) for a Linear, (rows, dim)
+  for an Embedding table; a "channel" is a row and groups run along the columns;
+* codes are unsigned integers in [0, 2**bits - 1]; a weight is ``(code - zero) * scale``;
+* ``scales`` has shape (rows, n_groups) with n_groups = cols / group_size, or 1 per channel;
+  scales are rounded to fp16 *before* the codes are chosen, so the stored fp16 scale is exactly
+  the one the codes were computed against;
+* symmetric schemes use the fixed mid-point zero ``2**(bits-1)`` (not stored); asymmetric schemes
+  store an integer zero point per group (kept as fp16, which represents 0..255 exactly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from planner.specs import PlanError, TensorScheme
+
+__all__ = [
+    "QuantizedTensor",
+    "codes_for",
+    "dequantize",
+    "n_groups",
+    "qparams_for",
+    "quantize_rtn",
+    "validate_scheme",
+]
+
+#: The smallest positive fp16 (subnormal); an all-zero group still needs a non-zero scale.
+_MIN_SCALE = 2.0**-24
+_MAX_FP16 = 65504.0
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """One quantized (or fp16/fp32-stored) matrix.
+
+    For integer precisions `codes` is a uint8 tensor of shape `shape` (one code per weight,
+    unpacked), `scales` fp16 (rows, n_groups), `zeros` fp16 (rows, n_groups) for asymmetric
+    schemes else None, and `values` None.  For fp16/fp32, `values` holds the stored tensor in
+    that dtype and the other fields are None.  `method` records the rounding actually used
+    (GPTQ on an embedding table falls back to RTN).
+    """
+
+    shape: tuple[int, int]
+    scheme: TensorScheme
+    codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    method: str = "rtn"
+
+    @property
+    def group_size(self) -> int:
+        """The number of consecutive columns that share a scale (cols when per-channel)."""
+        return self.scheme.group_size or self.shape[1]
+
+    def zero_points(self) -> torch.Tensor:
+        """The zero point per (row, group) as fp32, including the implicit symmetric one."""
+        assert self.scales is not None
+        if self.zeros is not None:
+            return self.zeros.float()
+        return torch.full(self.scales.shape, float(2 ** (self.scheme.bits - 1)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "scheme": self.scheme.to_dict(), "method": self.method}
+
+
+def n_groups(cols: int, scheme: TensorScheme) -> int:
+    return 1 if scheme.group_size is None else cols // scheme.group_size
+
+
+def validate_scheme(shape: tuple[int, ...], scheme: TensorScheme, name: str = "weight") -> tuple[int, int]:
+    """Check that `scheme` can store a tensor of `shape`; return the shape as (rows, cols).
+
+    Raises PlanError naming the tensor and the rule it breaks.
+    """
+    if len(shape) != 2:
+        raise PlanError(f"tensor {name!r}: quantizable tensors are 2-D matrices, got shape {tuple(shape)}")
+    rows, cols = int(shape[0]), int(shape[1])
+    if rows <= 0 or cols <= 0:
+        raise PlanError(f"tensor {name!r}: shape {tuple(shape)} is empty")
+    if scheme.is_integer and scheme.group_size is not None and cols % scheme.group_size:
+        raise PlanError(
+            f"tensor {name!r}: group_size {scheme.group_size} does not divide its input dimension {cols} "
+            f"(rule: group size must divide the input dimension)"
+        )
+    return rows, cols
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    # Round up, never down: a scale rounded down would shrink the grid and clip the extremes.
+    wanted = scale.float().clamp(_MIN_SCALE, _MAX_FP16)
+    s16 = wanted.to(torch.float16)
+    low = s16.float() < wanted
+    if bool(low.any()):
+        up = torch.nextafter(s16[low], torch.tensor(float("inf"), dtype=torch.float16))
+        s16[low] = up
+    return s16
+
+
+def qparams_for(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (fp16) and zero point (fp16 integer, or None when symmetric) per row of `w`.
+
+    Steps: (1) find each row's range; (2) symmetric: scale = 2·absmax / (2**bits - 1) with the
+    mid-point zero, so the code grid is centred on 0; asymmetric: range stretched to include 0,
+    scale = (max - min) / (2**bits - 1), zero = round(-min / scale); (3) round the scale to fp16
+    and recompute the zero against the rounded scale.
+    """
+    maxq = 2**bits - 1
+    w = w.float()
+    if symmetric:
+        absmax = w.abs().amax(dim=1)
+        return _fp16_scale(2.0 * absmax / maxq), None
+    lo = w.amin(dim=1).clamp(max=0.0)
+    hi = w.amax(dim=1).clamp(min=0.0)
+    scale16 = _fp16_scale((hi - lo) / maxq)
+    zero = torch.round(-lo / scale16.float()).clamp(0, maxq)
+    return scale16, zero.to(torch.float16)
+
+
+def codes_for(w: torch.Tensor, scale16: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Codes for `w` (..., n): one fp16 scale (and zero) per leading index, shared along the last dim."""
+    maxq = 2**bits - 1
+    z = (
+        zero.float()
+        if zero is not None
+        else torch.full_like(scale16, float(2 ** (bits - 1)), dtype=torch.float32)
+    )
+    q = torch.round(w.float() / scale16.float().unsqueeze(-1)) + z.unsqueeze(-1)
+    return q.clamp_(0, maxq)
+
+
+def quantize_rtn(weight: torch.Tensor, scheme: TensorScheme, name: str = "weight") -> QuantizedTensor:
+    """Round-to-nearest quantization of a (rows, cols) matrix under `scheme`.
+
+    Steps: (1) validate the shape against the scheme; (2) fp16/fp32: store the cast tensor;
+    (3) integer: view the matrix as (rows, n_groups, group) and compute one fp16 scale (and
+    zero) per (row, group); (4) round each weight to the nearest code and clamp to the range.
+    """
+    rows, cols = validate_scheme(tuple(weight.shape), scheme, name)
+    w = weight.detach().float()
+    if not scheme.is_integer:
+        dtype = torch.float16 if scheme.precision == "fp16" else torch.float32
+        return QuantizedTensor(shape=(rows, cols), scheme=scheme, values=w.to(dtype).contiguous())
+    g = scheme.group_size or cols
+    ng = cols // g
+    grouped = w.reshape(rows * ng, g)
+    scale16, zero = qparams_for(grouped, scheme.bits, scheme.symmetric)
+    codes = codes_for(grouped, scale16, zero, scheme.bits)
+    return QuantizedTensor(
+        shape=(rows, cols),
+        scheme=scheme,
+        codes=codes.to(torch.uint8).reshape(rows, cols).contiguous(),
+        scales=scale16.reshape(rows, ng).contiguous(),
+        zeros=None if zero is None else zero.reshape(rows, ng).contiguous(),
+        method="rtn",
+    )
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    """The fp32 matrix a QuantizedTensor stands for: (code - zero) * scale per group."""
+    if qt.values is not None:
+        return qt.values.float()
+    assert qt.codes is not None and qt.scales is not None
+    rows, cols = qt.shape
+    g = qt.group_size
+    ng = cols // g
+    codes = qt.codes.float().reshape(rows, ng, g)
+    zero = qt.zero_points().reshape(rows, ng, 1)
+    scale = qt.scales.float().reshape(rows, ng, 1)
+    return ((codes - zero) * scale).reshape(rows, cols)

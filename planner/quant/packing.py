@@ -1,0 +1,252 @@
+"""Real bytes: bit-packing of codes, the size prediction, and safetensors files of a plan.
+
+Packed layout of one tensor (every array little-endian, row-major):
+
+* integer precisions: ``codes`` uint8 (ceil(n·bits/8),) — the n = rows·cols codes as one dense
+  little-endian bit stream (8-bit: one byte each; 4-bit: two per byte, low nibble first; 3-bit:
+  eight codes in three bytes; 2-bit: four per byte); ``scales`` fp16 (rows, n_groups); for
+  asymmetric schemes ``zeros`` fp16 (rows, n_groups);
+* fp16 / fp32: ``values`` in that dtype, shape (rows, cols).
+
+`packed_nbytes` predicts these byte counts from shape and scheme alone and is what the planner
+uses for model size; tests hold it equal to the bytes `pack` produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from planner.quant.core import QuantizedTensor, n_groups, validate_scheme
+from planner.specs import ModelSpec, Plan, PlanError, TensorScheme
+
+__all__ = [
+    "PACK_FORMAT_VERSION",
+    "WriteReport",
+    "pack",
+    "pack_codes",
+    "packed_nbytes",
+    "plan_nbytes",
+    "read_packed_safetensors",
+    "unpack",
+    "unpack_codes",
+    "weights_nbytes",
+    "write_packed_safetensors",
+]
+
+PACK_FORMAT_VERSION = "edgefit-pack-1"
+_CHUNK = 8  # codes per chunk: 8 codes of b bits always fill exactly b whole bytes
+
+
+def _codes_nbytes(n: int, bits: int) -> int:
+    return -(-n * bits // 8)
+
+
+def packed_nbytes(shape: tuple[int, int], scheme: TensorScheme) -> int:
+    """Bytes `pack` produces for a tensor of `shape` under `scheme` (payload only, no header)."""
+    rows, cols = validate_scheme(shape, scheme)
+    n = rows * cols
+    if not scheme.is_integer:
+        return n * (2 if scheme.precision == "fp16" else 4)
+    side = rows * n_groups(cols, scheme) * 2
+    return _codes_nbytes(n, scheme.bits) + side * (1 if scheme.symmetric else 2)
+
+
+def weights_nbytes(spec: ModelSpec, plan: Plan) -> int:
+    """Packed bytes of every quantizable tensor of `spec` under `plan`."""
+    plan.validate(spec)
+    return sum(packed_nbytes(t.shape, plan.scheme(t.name)) for t in spec.tensors)
+
+
+def plan_nbytes(spec: ModelSpec, plan: Plan) -> int:
+    """Packed weight bytes of a whole plan: quantizable tensors plus `other_params` in fp32."""
+    return weights_nbytes(spec, plan) + 4 * spec.other_params
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (< 2**bits) into a dense little-endian bit stream of uint8.
+
+    Steps: (1) flatten and pad to a multiple of 8 codes; (2) per chunk of 8, OR the codes into
+    one 64-bit word at bit offsets 0, b, 2b, …; (3) keep the low b bytes of each word; (4) drop
+    the padding bytes beyond ceil(n·b/8).
+    """
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    n = flat.size
+    if bits == 8:
+        return flat.copy()
+    if flat.size and int(flat.max()) >= (1 << bits):
+        raise PlanError(f"code {int(flat.max())} does not fit in {bits} bits")
+    pad = (-n) % _CHUNK
+    if pad:
+        flat = np.concatenate([flat, np.zeros(pad, dtype=np.uint8)])
+    chunks = flat.reshape(-1, _CHUNK).astype("<u8")
+    shifts = (np.arange(_CHUNK, dtype="<u8") * np.uint64(bits)).astype("<u8")
+    words = np.bitwise_or.reduce(chunks << shifts, axis=1).astype("<u8")
+    out = words.view(np.uint8).reshape(-1, 8)[:, :bits].reshape(-1)
+    return np.ascontiguousarray(out[: _codes_nbytes(n, bits)])
+
+
+def unpack_codes(data: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of `pack_codes`: the first `n` codes as uint8."""
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    if raw.size != _codes_nbytes(n, bits):
+        raise PlanError(
+            f"packed codes hold {raw.size} bytes, {_codes_nbytes(n, bits)} expected for {n} codes"
+        )
+    if bits == 8:
+        return raw.copy()
+    n_chunks = -(-n // _CHUNK)
+    full = np.zeros(n_chunks * bits, dtype=np.uint8)
+    full[: raw.size] = raw
+    words8 = np.zeros((n_chunks, 8), dtype=np.uint8)
+    words8[:, :bits] = full.reshape(n_chunks, bits)
+    words = words8.view("<u8").reshape(n_chunks, 1)
+    shifts = (np.arange(_CHUNK, dtype="<u8") * np.uint64(bits)).astype("<u8")
+    mask = np.uint64((1 << bits) - 1)
+    codes = ((words >> shifts) & mask).astype(np.uint8).reshape(-1)
+    return codes[:n]
+
+
+def pack(qt: QuantizedTensor) -> dict[str, np.ndarray]:
+    """The arrays that store `qt`: see the module docstring for the layout."""
+    if qt.values is not None:
+        return {"values": qt.values.detach().cpu().contiguous().numpy().copy()}
+    assert qt.codes is not None and qt.scales is not None
+    out = {
+        "codes": pack_codes(qt.codes.cpu().numpy(), qt.scheme.bits),
+        "scales": qt.scales.detach().cpu().to(torch.float16).contiguous().numpy().copy(),
+    }
+    if qt.zeros is not None:
+        out["zeros"] = qt.zeros.detach().cpu().to(torch.float16).contiguous().numpy().copy()
+    return out
+
+
+def unpack(
+    packed: Mapping[str, np.ndarray | torch.Tensor],
+    shape: tuple[int, int],
+    scheme: TensorScheme,
+    method: str = "rtn",
+) -> QuantizedTensor:
+    """Rebuild the QuantizedTensor that `pack` stored (bit-exact)."""
+    rows, cols = validate_scheme(shape, scheme)
+    arrays = {
+        k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+        for k, v in packed.items()
+    }
+    if not scheme.is_integer:
+        want = np.float16 if scheme.precision == "fp16" else np.float32
+        values = arrays["values"]
+        if values.dtype != want or tuple(values.shape) != (rows, cols):
+            raise PlanError(
+                f"packed values are {values.dtype} {values.shape}, expected {np.dtype(want)} {(rows, cols)}"
+            )
+        return QuantizedTensor(shape=(rows, cols), scheme=scheme, values=torch.from_numpy(values.copy()))
+    ng = n_groups(cols, scheme)
+    codes = unpack_codes(arrays["codes"], scheme.bits, rows * cols).reshape(rows, cols)
+    scales = arrays["scales"]
+    if scales.dtype != np.float16 or tuple(scales.shape) != (rows, ng):
+        raise PlanError(f"packed scales are {scales.dtype} {scales.shape}, expected float16 {(rows, ng)}")
+    zeros = None
+    if not scheme.symmetric:
+        if "zeros" not in arrays:
+            raise PlanError("asymmetric scheme but no packed zero points")
+        zeros = torch.from_numpy(arrays["zeros"].astype(np.float16).reshape(rows, ng).copy())
+    return QuantizedTensor(
+        shape=(rows, cols),
+        scheme=scheme,
+        codes=torch.from_numpy(codes),
+        scales=torch.from_numpy(scales.copy()),
+        zeros=zeros,
+        method=method,
+    )
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What a safetensors write produced.
+
+    `payload_bytes` is the sum of the tensors' data bytes (what `plan_nbytes` predicts);
+    `file_bytes` the size on disk, i.e. payload plus the safetensors JSON header
+    (`header_bytes`, including its 8-byte length prefix).
+    """
+
+    path: str
+    payload_bytes: int
+    file_bytes: int
+    header_bytes: int
+    n_tensors: int
+
+
+def write_packed_safetensors(
+    path: str | os.PathLike[str],
+    quantized: Mapping[str, QuantizedTensor],
+    other_params: Mapping[str, torch.Tensor] | None = None,
+) -> WriteReport:
+    """Write packed tensors (and fp32 `other_params`) to one safetensors file.
+
+    Keys are ``<tensor name>.<part>`` (part = codes / scales / zeros / values) and, for other
+    parameters, ``<name>.values`` in fp32.  The file's metadata records each tensor's shape,
+    scheme and method so `read_packed_safetensors` can rebuild it without the plan.
+    """
+    from safetensors.numpy import save_file
+
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, dict[str, object]] = {}
+    for name, qt in quantized.items():
+        for part, arr in pack(qt).items():
+            arrays[f"{name}.{part}"] = arr
+        meta[name] = qt.describe()
+    others = dict(other_params or {})
+    for name, tensor in others.items():
+        if name in quantized:
+            raise PlanError(f"tensor {name!r} given both as quantized and as an other parameter")
+        arrays[f"{name}.values"] = tensor.detach().cpu().float().contiguous().numpy().copy()
+    metadata = {
+        "format": PACK_FORMAT_VERSION,
+        "tensors": json.dumps(meta, sort_keys=True),
+        "other": json.dumps(sorted(others)),
+    }
+    save_file(arrays, str(path), metadata=metadata)
+    payload = sum(int(a.nbytes) for a in arrays.values())
+    file_bytes = Path(path).stat().st_size
+    return WriteReport(
+        path=str(path),
+        payload_bytes=payload,
+        file_bytes=file_bytes,
+        header_bytes=file_bytes - payload,
+        n_tensors=len(arrays),
+    )
+
+
+def read_packed_safetensors(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor]]:
+    """Read a file written by `write_packed_safetensors`: (quantized tensors, other params)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    with safe_open(str(path), framework="np") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != PACK_FORMAT_VERSION:
+        raise PlanError(f"{path}: not an EdgeFit packed file (format {metadata.get('format')!r})")
+    arrays = load_file(str(path))
+    quantized: dict[str, QuantizedTensor] = {}
+    for name, desc in json.loads(metadata["tensors"]).items():
+        scheme = TensorScheme.from_dict(desc["scheme"])
+        shape = (int(desc["shape"][0]), int(desc["shape"][1]))
+        parts = {
+            p: arrays[f"{name}.{p}"]
+            for p in ("codes", "scales", "zeros", "values")
+            if f"{name}.{p}" in arrays
+        }
+        quantized[name] = unpack(parts, shape, scheme, desc.get("method", "rtn"))
+    others = {
+        name: torch.from_numpy(arrays[f"{name}.values"].copy()) for name in json.loads(metadata["other"])
+    }
+    return quantized, others

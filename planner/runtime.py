@@ -1,0 +1,633 @@
+"""Run a plan on this host with real low-bit kernels, and measure it.
+
+Kernels (torch 2.13 CPU):
+
+* int8, per-channel (symmetric or asymmetric): ``aten._weight_int8pack_mm`` — weight-only int8,
+  activations stay float; an asymmetric zero point becomes an exact rank-1 correction
+  ``(Σ_k x_k) · s_n · (128 - z_n)``;
+* int4, grouped or per-channel (symmetric or asymmetric), N % 16 == 0 and K % 32 == 0:
+  ``aten._convert_weight_to_int4pack_for_cpu`` + ``aten._weight_int4pack_mm_for_cpu``, whose
+  dequantization is ``(q - 8) · scale + zero``, so our ``(q - z) · s`` maps to zero = (8 - z) · s
+  and a per-channel scale is repeated over kernel groups of 32–256;
+* fp16: stored fp16, upcast to fp32 per call (CPU fp16 GEMM is slower than fp32 here);
+* int2, int3, grouped int8 and shapes the int4 kernel rejects: **dequantized at load** to fp32
+  (no speed or memory gain at run time, but identical numerics);
+* embeddings at any integer precision: rows kept bit-packed, gathered and dequantized per lookup
+  (memory really is the packed size) when dim·bits fits whole 8-code chunks, else dequantized
+  at load.
+
+``aten._dyn_quant_matmul_4bit`` is not used: on x86 it is a reference fallback (KleidiAI packs
+only on ARM).  ``torch.ao.quantization.quantize_dynamic`` is deprecated and not used.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planner.quant.api import quantize
+from planner.quant.apply import QuantCache, quantizable_parameter, quantize_plan
+from planner.quant.core import QuantizedTensor, dequantize
+from planner.quant.packing import pack_codes, unpack_codes
+from planner.specs import ModelSpec, Plan, PlanError, TensorScheme
+
+__all__ = [
+    "KERNEL_BYPASSED",
+    "KERNEL_DEQUANT_AT_LOAD",
+    "KERNEL_FP16_UPCAST",
+    "KERNEL_FP32",
+    "KERNEL_INT4",
+    "KERNEL_INT8",
+    "KERNEL_PACKED_GATHER",
+    "DequantLinear",
+    "Fp16Linear",
+    "Int4Linear",
+    "Int8Linear",
+    "KernelChoice",
+    "KernelReport",
+    "LatencyStats",
+    "MemoryStats",
+    "PackedEmbedding",
+    "benchmark_linear",
+    "build_runtime_model",
+    "int4_kernel_supported",
+    "int8_kernel_supported",
+    "measure_latency",
+    "measure_memory",
+    "module_storage_bytes",
+    "observed_kernels",
+    "runtime_layer",
+]
+
+KERNEL_INT8 = "int8pack_mm"
+KERNEL_INT4 = "int4pack_mm_for_cpu"
+KERNEL_FP16_UPCAST = "fp16-storage upcast-per-call fp32"
+KERNEL_DEQUANT_AT_LOAD = "dequantized-at-load fp32"
+KERNEL_FP32 = "fp32 F.linear"
+KERNEL_PACKED_GATHER = "packed-row-gather dequant"
+KERNEL_BYPASSED = "bypassed: fp32 matmul on .weight dequantized per read"
+_INT4_GROUPS = (32, 64, 128, 256)
+
+
+def _flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    lead = tuple(x.shape[:-1])
+    return x.reshape(-1, x.shape[-1]), lead
+
+
+class _QuantLinearBase(nn.Module):
+    in_features: int
+    out_features: int
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qt.shape
+        self._qt_scheme = qt.scheme
+        self.bias: torch.Tensor | None
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        # Model code that reads `.weight` instead of calling the layer bypasses the kernel;
+        # these counters let `observed_kernels` report what really ran.
+        self.calls = 0
+        self.weight_reads = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fp32 weight, rebuilt from the stored form on every read (never cached)."""
+        self.weight_reads += 1
+        return self._dequantized_weight()
+
+    def _dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _finish(self, y: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+        self.calls += 1
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self._qt_scheme}"
+
+
+def int8_kernel_supported(qt: QuantizedTensor) -> bool:
+    return qt.scheme.precision == "int8" and qt.scheme.group_size is None
+
+
+class Int8Linear(_QuantLinearBase):
+    """Weight-only int8 Linear on ``aten._weight_int8pack_mm`` (per-channel scales)."""
+
+    def __init__(
+        self, qt: QuantizedTensor, bias: torch.Tensor | None = None, act_dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__(qt, bias)
+        if not int8_kernel_supported(qt):
+            raise PlanError(f"Int8Linear needs per-channel int8, got {qt.scheme}")
+        assert qt.codes is not None and qt.scales is not None
+        self.act_dtype = act_dtype
+        self.weight_int8: torch.Tensor
+        self.scales: torch.Tensor
+        self.zero_correction: torch.Tensor | None
+        self.register_buffer("weight_int8", (qt.codes.to(torch.int16) - 128).to(torch.int8).contiguous())
+        scales = qt.scales.float().reshape(-1)
+        self.register_buffer("scales", scales.to(act_dtype).contiguous())
+        corr = None
+        if qt.zeros is not None:
+            corr = scales * (128.0 - qt.zeros.float().reshape(-1))
+        self.register_buffer("zero_correction", corr)
+
+    def _dequantized_weight(self) -> torch.Tensor:
+        w = self.weight_int8.float() * self.scales.float().unsqueeze(1)
+        return w if self.zero_correction is None else w + self.zero_correction.unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat(x)
+        xa = x2.to(self.act_dtype).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(xa, self.weight_int8, self.scales).float()
+        if self.zero_correction is not None:
+            y = y + x2.float().sum(dim=-1, keepdim=True) * self.zero_correction
+        return self._finish(y, lead)
+
+
+def _int4_group(qt: QuantizedTensor) -> int | None:
+    n, k = qt.shape
+    if n % 16 or k % 32:
+        return None
+    if qt.scheme.group_size is not None:
+        return qt.scheme.group_size if qt.scheme.group_size in _INT4_GROUPS else None
+    for g in reversed(_INT4_GROUPS):
+        if k % g == 0:
+            return g
+    return None
+
+
+def int4_kernel_supported(qt: QuantizedTensor) -> bool:
+    return qt.scheme.precision == "int4" and _int4_group(qt) is not None
+
+
+class Int4Linear(_QuantLinearBase):
+    """Group-wise int4 Linear on ``aten._weight_int4pack_mm_for_cpu``."""
+
+    def __init__(
+        self, qt: QuantizedTensor, bias: torch.Tensor | None = None, act_dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__(qt, bias)
+        group = _int4_group(qt)
+        if qt.scheme.precision != "int4" or group is None:
+            raise PlanError(
+                f"Int4Linear needs int4 with out % 16 == 0 and in % 32 == 0, got {qt.scheme} {qt.shape}"
+            )
+        assert qt.codes is not None and qt.scales is not None
+        n, k = qt.shape
+        self.group = group
+        self.act_dtype = act_dtype
+        # The kernel takes only groups of 32-256: a per-channel scale is repeated over them (exact).
+        per = k // group
+        scale = qt.scales.float()
+        zero = qt.zero_points()
+        if qt.group_size > group:
+            scale = scale.repeat_interleave(qt.group_size // group, dim=1)
+            zero = zero.repeat_interleave(qt.group_size // group, dim=1)
+        assert scale.shape == (n, per)
+        zero_f = (8.0 - zero) * scale
+        self.weight_int4: torch.Tensor
+        self.scales_and_zeros: torch.Tensor
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.codes.to(torch.int32).contiguous(), 2)
+        self.register_buffer("weight_int4", packed)
+        sz = torch.stack([scale, zero_f], dim=2).transpose(0, 1).contiguous()
+        self.register_buffer("scales_and_zeros", sz.to(act_dtype))
+
+    def _dequantized_weight(self) -> torch.Tensor:
+        # The CPU int4 layout is opaque; multiplying the identity reads the weight back out.
+        eye = torch.eye(self.in_features, dtype=self.act_dtype)
+        wt = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.weight_int4, self.group, self.scales_and_zeros
+        )
+        return wt.float().T.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat(x)
+        xa = x2.to(self.act_dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            xa, self.weight_int4, self.group, self.scales_and_zeros
+        )
+        return self._finish(y.float(), lead)
+
+
+class Fp16Linear(_QuantLinearBase):
+    """fp16-stored Linear; upcasts to fp32 per call (fp16 GEMM on this CPU is slower than fp32)."""
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(qt, bias)
+        if qt.values is None or qt.values.dtype != torch.float16:
+            raise PlanError(f"Fp16Linear needs an fp16 tensor, got {qt.scheme}")
+        self.weight_fp16: torch.Tensor
+        self.register_buffer("weight_fp16", qt.values.contiguous())
+
+    def _dequantized_weight(self) -> torch.Tensor:
+        return self.weight_fp16.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat(x)
+        return self._finish(F.linear(x2.float(), self.weight_fp16.float()), lead)
+
+
+class DequantLinear(_QuantLinearBase):
+    """A Linear whose low-bit weight was dequantized to fp32 at load (same numerics, no speed-up)."""
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(qt, bias)
+        self.weight_fp32: torch.Tensor
+        self.register_buffer("weight_fp32", dequantize(qt).contiguous())
+
+    def _dequantized_weight(self) -> torch.Tensor:
+        return self.weight_fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat(x)
+        return self._finish(F.linear(x2.float(), self.weight_fp32), lead)
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding table kept bit-packed: each lookup unpacks and dequantizes only its rows.
+
+    Needs dim % 8 == 0 so every row starts on a whole chunk of the dense bit stream.
+    """
+
+    def __init__(self, qt: QuantizedTensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        rows, dim = qt.shape
+        if not qt.scheme.is_integer or dim % 8:
+            raise PlanError(
+                f"PackedEmbedding needs an integer scheme and dim % 8 == 0, got {qt.scheme} {qt.shape}"
+            )
+        assert qt.codes is not None and qt.scales is not None
+        self.num_embeddings, self.embedding_dim = rows, dim
+        self.padding_idx = padding_idx
+        self.bits = qt.scheme.bits
+        self.group = qt.group_size
+        row_bytes = dim * self.bits // 8
+        self.packed_rows: torch.Tensor
+        self.scales: torch.Tensor
+        self.zeros: torch.Tensor | None
+        packed = pack_codes(qt.codes.numpy(), self.bits)
+        self.register_buffer("packed_rows", torch.from_numpy(packed).reshape(rows, row_bytes))
+        self.register_buffer("scales", qt.scales.contiguous())
+        # Symmetric tables use the fixed mid-point zero; storing it would only cost memory.
+        self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.contiguous())
+        self.mid_zero = float(2 ** (self.bits - 1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = self.packed_rows.index_select(0, flat)
+        codes = unpack_codes(rows.numpy(), self.bits, flat.numel() * self.embedding_dim)
+        q = torch.from_numpy(codes).float().reshape(flat.numel(), -1, self.group)
+        s = self.scales.index_select(0, flat).float().unsqueeze(-1)
+        if self.zeros is None:
+            return ((q - self.mid_zero) * s).reshape(*ids.shape, self.embedding_dim)
+        z = self.zeros.index_select(0, flat).float().unsqueeze(-1)
+        return ((q - z) * s).reshape(*ids.shape, self.embedding_dim)
+
+
+class _Fp16Embedding(nn.Module):
+    def __init__(self, qt: QuantizedTensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        assert qt.values is not None
+        self.padding_idx = padding_idx
+        self.weight_fp16: torch.Tensor
+        self.register_buffer("weight_fp16", qt.values.to(torch.float16).contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight_fp16).float()
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which kernel runs one tensor, and why when it is not a low-bit kernel."""
+
+    name: str
+    precision: str
+    kernel: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    choices: tuple[KernelChoice, ...]
+
+    def by_kernel(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for c in self.choices:
+            counts[c.kernel] = counts.get(c.kernel, 0) + 1
+        return counts
+
+    def kernel_for(self, name: str) -> str:
+        for c in self.choices:
+            if c.name == name:
+                return c.kernel
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensors": [c.__dict__.copy() for c in self.choices], "counts": self.by_kernel()}
+
+
+def runtime_layer(
+    owner: nn.Module, qt: QuantizedTensor, act_dtype: torch.dtype = torch.bfloat16, dequant_all: bool = False
+) -> tuple[nn.Module, str, str]:
+    """The replacement for `owner` (an nn.Linear / nn.Embedding) storing `qt`; (module, kernel, note).
+
+    `dequant_all` dequantizes every integer Linear at load instead (fp32 F.linear: on this
+    host's CPU the fastest choice, at the cost of fp32 weight memory).
+    """
+    p = qt.scheme.precision
+    if isinstance(owner, nn.Embedding):
+        if p == "fp32":
+            return owner, KERNEL_FP32, "lookup"
+        if p == "fp16":
+            return _Fp16Embedding(qt, owner.padding_idx), KERNEL_FP16_UPCAST, "lookup"
+        if qt.shape[1] % 8 == 0:
+            return PackedEmbedding(qt, owner.padding_idx), KERNEL_PACKED_GATHER, "rows stay bit-packed"
+        table = nn.Embedding.from_pretrained(dequantize(qt), freeze=True, padding_idx=owner.padding_idx)
+        return table, KERNEL_DEQUANT_AT_LOAD, "dim % 8 != 0"
+    if not isinstance(owner, nn.Linear):
+        raise PlanError(f"cannot run {type(owner).__name__}: only nn.Linear and nn.Embedding are quantizable")
+    bias = owner.bias
+    if p == "fp32":
+        return owner, KERNEL_FP32, ""
+    if p == "fp16":
+        return Fp16Linear(qt, bias), KERNEL_FP16_UPCAST, ""
+    act = str(act_dtype).removeprefix("torch.")
+    if dequant_all:
+        return DequantLinear(qt, bias), KERNEL_DEQUANT_AT_LOAD, "dequant_all requested"
+    if int8_kernel_supported(qt):
+        zero_note = "" if qt.zeros is None else "; zero point as rank-1 term"
+        return Int8Linear(qt, bias, act_dtype), KERNEL_INT8, f"{act} activations{zero_note}"
+    if int4_kernel_supported(qt):
+        return Int4Linear(qt, bias, act_dtype), KERNEL_INT4, f"{act} activations"
+    if p == "int8":
+        note = "no grouped int8 kernel on CPU"
+    elif p == "int4":
+        note = "int4 kernel needs out % 16 == 0 and in % 32 == 0"
+    else:
+        note = f"no {p} kernel on CPU"
+    return DequantLinear(qt, bias), KERNEL_DEQUANT_AT_LOAD, note
+
+
+def observed_kernels(model: nn.Module, report: KernelReport) -> KernelReport:
+    """`report` corrected by what ran: a layer whose weight was read but never called was
+    bypassed by the model code (fp32 matmul on a weight dequantized per read)."""
+    choices = []
+    for c in report.choices:
+        layer = model.get_submodule(c.name[: -len(".weight")])
+        if isinstance(layer, _QuantLinearBase) and layer.weight_reads and not layer.calls:
+            choices.append(
+                KernelChoice(
+                    c.name, c.precision, KERNEL_BYPASSED, f"model read .weight; built for {c.kernel}"
+                )
+            )
+        else:
+            choices.append(c)
+    return KernelReport(tuple(choices))
+
+
+def build_runtime_model(
+    module: nn.Module,
+    spec: ModelSpec,
+    plan: Plan,
+    *,
+    quantized: Mapping[str, QuantizedTensor] | None = None,
+    calib_inputs_by_tensor: Mapping[str, torch.Tensor] | None = None,
+    cache: QuantCache | None = None,
+    inplace: bool = False,
+    act_dtype: torch.dtype = torch.bfloat16,
+    dequant_all: bool = False,
+) -> tuple[nn.Module, KernelReport]:
+    """A copy of `module` whose quantizable layers run `plan` with real kernels.
+
+    Steps: (1) quantize every tensor of `spec` under `plan` (or take `quantized`, e.g. read
+    from a package); (2) copy the module unless `inplace`; (3) swap each owning nn.Linear /
+    nn.Embedding for the layer `runtime_layer` picks; (4) report per tensor which kernel runs.
+    `act_dtype` is what the int8/int4 kernels take as activations: bfloat16 by default because
+    their float32 path is a slow reference loop on x86 (50-120x slower than F.linear at 32-128
+    rows, measured); pass torch.float32 for bit-faithful numerics.  `dequant_all` runs every
+    integer Linear as fp32 F.linear on weights dequantized at load.
+    """
+    plan.validate(spec)
+    if quantized is None:
+        quantized = quantize_plan(module, spec, plan, calib_inputs_by_tensor, cache)
+    target = module if inplace else copy.deepcopy(module)
+    choices = []
+    for t in spec.tensors:
+        if t.name not in quantized:
+            raise PlanError(f"tensor {t.name!r}: no quantized weights given")
+        qt = quantized[t.name]
+        if qt.scheme != plan.scheme(t.name):
+            raise PlanError(f"tensor {t.name!r}: quantized as {qt.scheme}, plan says {plan.scheme(t.name)}")
+        quantizable_parameter(target, t.name)
+        owner_name = t.name[: -len(".weight")]
+        owner = target.get_submodule(owner_name)
+        layer, kernel, note = runtime_layer(owner, qt, act_dtype, dequant_all)
+        if layer is not owner:
+            parent_name, _, child = owner_name.rpartition(".")
+            setattr(target.get_submodule(parent_name) if parent_name else target, child, layer)
+        elif qt.values is not None:
+            with torch.no_grad():
+                quantizable_parameter(target, t.name).copy_(qt.values.float())
+        choices.append(KernelChoice(t.name, qt.scheme.precision, kernel, note))
+    return target.eval(), KernelReport(tuple(choices))
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-clock seconds per call (time.perf_counter around the real call); measured, not predicted."""
+
+    samples_s: tuple[float, ...]
+    median_s: float
+    p90_s: float
+    mean_s: float
+    min_s: float
+    warmup: int
+    threads: int
+    predicted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__, samples_s=list(self.samples_s))
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    # Linear interpolation between closest ranks, as numpy's default.
+    pos = (len(sorted_values) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def measure_latency(
+    fn: Callable[..., object],
+    inputs: Sequence[object] = (),
+    repeats: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> LatencyStats:
+    """Time `fn(*inputs)` `repeats` times after `warmup` untimed calls, under inference mode.
+
+    `threads` sets torch's intra-op thread count for the measurement and restores it after.
+    """
+    if repeats < 1 or warmup < 0:
+        raise PlanError(f"repeats ({repeats}) must be ≥ 1 and warmup ({warmup}) ≥ 0")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        samples = []
+        with torch.inference_mode():
+            for _ in range(warmup):
+                fn(*inputs)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn(*inputs)
+                samples.append(time.perf_counter() - start)
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+    ordered = sorted(samples)
+    return LatencyStats(
+        samples_s=tuple(samples),
+        median_s=statistics.median(samples),
+        p90_s=_percentile(ordered, 0.9),
+        mean_s=statistics.fmean(samples),
+        min_s=ordered[0],
+        warmup=warmup,
+        threads=used_threads,
+    )
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Memory of running a model, in bytes (measured, not predicted).
+
+    `weights_bytes`: bytes of the module's parameter and buffer storages (each counted once)
+    — exact.  `activation_peak_bytes`: peak of net tensor allocations during one call as
+    recorded by the torch profiler at op granularity (temporaries allocated and freed inside
+    a single op are not seen, so this is a lower bound).  Process RSS is not used: it mixes in
+    the interpreter, libraries and allocator caching.
+    """
+
+    weights_bytes: int
+    activation_peak_bytes: int
+    method: str = "storage bytes + torch.profiler(profile_memory) op-level allocation peak"
+    predicted: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.activation_peak_bytes
+
+
+def module_storage_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer storage of `module`, each storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or storage.nbytes() == 0:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def measure_memory(
+    module: nn.Module, fn: Callable[..., object], inputs: Sequence[object] = ()
+) -> MemoryStats:
+    """Storage bytes of `module` plus the profiler-observed allocation peak of `fn(*inputs)`.
+
+    Steps: (1) sum storage bytes; (2) profile one call with memory tracking; (3) order the
+    ops' self allocations and the free events by start time and take the running sum's peak.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(*inputs)
+    timeline = []
+    for event in prof.events():
+        usage = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        if usage:
+            timeline.append((event.time_range.start, int(usage)))
+    timeline.sort()
+    current = peak = 0
+    for _, delta in timeline:
+        current += delta
+        peak = max(peak, current)
+    return MemoryStats(weights_bytes=module_storage_bytes(module), activation_peak_bytes=peak)
+
+
+def benchmark_linear(
+    out_features: int,
+    in_features: int,
+    rows: int,
+    *,
+    threads: int = 2,
+    repeats: int = 30,
+    warmup: int = 5,
+    seed: int = 0,
+) -> dict[str, LatencyStats]:
+    """Time one Linear of the given shape on `rows` input rows under each host kernel.
+
+    Kernels: fp32 F.linear (baseline), int8pack_mm and int4pack_mm_for_cpu with fp32 and with
+    bf16 activations, fp16 storage with per-call upcast.  The variants are interleaved call by
+    call so a noisy, shared machine slows them all alike.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen) * 0.05
+    x = torch.randn(rows, in_features, generator=gen)
+    int8 = quantize(weight, _scheme("int8"))
+    int4 = quantize(weight, _scheme("int4", 32 if in_features % 128 else 128))
+    layers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "fp32 F.linear": lambda t: F.linear(t, weight),
+        f"{KERNEL_INT8} (fp32 act)": Int8Linear(int8),
+        f"{KERNEL_INT8} (bf16 act)": Int8Linear(int8, act_dtype=torch.bfloat16),
+        f"{KERNEL_INT4} (fp32 act)": Int4Linear(int4),
+        f"{KERNEL_INT4} (bf16 act)": Int4Linear(int4, act_dtype=torch.bfloat16),
+        KERNEL_FP16_UPCAST: Fp16Linear(quantize(weight, _scheme("fp16"))),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in layers}
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                for name, layer in layers.items():
+                    start = time.perf_counter()
+                    layer(x)
+                    if i >= warmup:
+                        samples[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(old_threads)
+    out = {}
+    for name, s in samples.items():
+        ordered = sorted(s)
+        out[name] = LatencyStats(
+            samples_s=tuple(s),
+            median_s=statistics.median(s),
+            p90_s=_percentile(ordered, 0.9),
+            mean_s=statistics.fmean(s),
+            min_s=ordered[0],
+            warmup=warmup,
+            threads=threads,
+        )
+    return out
+
+
+def _scheme(precision: str, group_size: int | None = None) -> TensorScheme:
+    return TensorScheme(precision, group_size, True, "rtn")
