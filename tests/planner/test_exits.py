@@ -1,0 +1,169 @@
+"""Exit heads and threshold curves."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from planner.data import TextDataset
+from planner.exits import (
+    ExitHeads,
+    choose_threshold,
+    pooled_features,
+    prepare_heads,
+    threshold_curve,
+    train_exit_heads,
+)
+from planner.models import ModelFileError, TinyAdapter, TokenizedSplit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _logits_from_probs(p: list[list[list[float]]]) -> np.ndarray:
+    return np.log(np.asarray(p, dtype=np.float64))
+
+
+# Three examples, three exits, two classes.  Confidences per exit:
+#   ex0: 0.9, 0.6, 0.7   ex1: 0.55, 0.8, 0.95   ex2: 0.6, 0.65, 0.99
+_HAND = _logits_from_probs(
+    [
+        [[0.9, 0.1], [0.4, 0.6], [0.3, 0.7]],
+        [[0.55, 0.45], [0.2, 0.8], [0.05, 0.95]],
+        [[0.6, 0.4], [0.65, 0.35], [0.99, 0.01]],
+    ]
+)
+
+
+def test_curve_stops_at_first_confident_exit() -> None:
+    labels = [0, 1, 0]
+    reference = [1, 1, 0]  # final predictions of the FP32 model
+    curve = threshold_curve(_HAND, labels, reference, thresholds=[0.5, 0.75, 0.85, 0.999])
+    # t=0.5: all stop at exit 0 → preds 0,0,0
+    assert curve.mean_layers[0] == 1.0
+    assert curve.accuracy[0] == pytest.approx(2 / 3)
+    # t=0.75: ex0 exit0 (pred 0), ex1 exit1 (pred 1), ex2 exit2 (pred 0)
+    assert curve.mean_layers[1] == pytest.approx((1 + 2 + 3) / 3)
+    assert curve.accuracy[1] == 1.0
+    assert curve.agreement[1] == pytest.approx(2 / 3)
+    np.testing.assert_allclose(curve.exit_fraction[1], [1 / 3, 1 / 3, 1 / 3])
+    # t=0.999: nobody confident → last exit
+    assert curve.mean_layers[3] == 3.0
+    assert curve.accuracy[3] == curve.full_accuracy == pytest.approx(2 / 3)
+    assert curve.agreement[3] == curve.full_agreement == 1.0
+    np.testing.assert_allclose(curve.exit_fraction.sum(1), 1.0)
+
+
+def test_vectorised_curve_matches_a_loop() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 4, 5)) * 3
+    labels = rng.integers(0, 5, 200)
+    ref = logits[:, -1].argmax(-1)
+    ts = np.linspace(0.2, 0.99, 17)
+    curve = threshold_curve(logits, labels, ref, thresholds=ts)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    for k, t in enumerate(ts):
+        correct, layers = 0, 0
+        for n in range(200):
+            e = next((i for i in range(4) if probs[n, i].max() >= t), 3)
+            correct += int(probs[n, e].argmax() == labels[n])
+            layers += e + 1
+        assert curve.accuracy[k] == pytest.approx(correct / 200)
+        assert curve.mean_layers[k] == pytest.approx(layers / 200)
+
+
+def test_whole_curve_takes_milliseconds() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(500, 6, 10)).astype(np.float32) * 4
+    labels = rng.integers(0, 10, 500)
+    threshold_curve(logits, labels, labels)
+    started = time.perf_counter()
+    curve = threshold_curve(logits, labels, labels)
+    assert time.perf_counter() - started < 0.25
+    assert len(curve.thresholds) >= 50
+
+
+def test_choose_threshold_takes_cheapest_within_bound() -> None:
+    labels, reference = [0, 1, 0], [1, 1, 0]
+    curve = threshold_curve(_HAND, labels, reference, thresholds=[0.5, 0.75, 0.85, 0.999])
+    # Without exit accuracy is 2/3; t=0.5 keeps 2/3 at 1 layer: cheapest, no loss.
+    assert choose_threshold(curve, 0.0) == 0.5
+    # Agreement: full 1.0, t=0.5 → 1/3 (−66.7 pts), t=0.75 → 2/3, t=0.85 → ?
+    chosen = choose_threshold(curve, 40.0, metric="agreement")
+    assert chosen is not None
+    i = list(curve.thresholds).index(chosen)
+    assert (curve.full_agreement - curve.agreement[i]) * 100 <= 40.0
+    assert choose_threshold(curve, 0.0, metric="agreement") is None
+    with pytest.raises(ValueError):
+        choose_threshold(curve, 1.0, metric="f1")
+
+
+def test_curve_round_trips_through_dict() -> None:
+    curve = threshold_curve(_HAND, [0, 1, 0], [1, 1, 0])
+    again = type(curve).from_dict(curve.to_dict())
+    np.testing.assert_allclose(again.accuracy, curve.accuracy)
+    assert again.n_blocks == 3
+    assert curve.at(None)["mean_layers"] == 3.0
+
+
+def test_heads_learn_the_tiny_task(tiny_adapter: TinyAdapter, tiny_dataset: TextDataset) -> None:
+    train = tiny_dataset.split("train")
+    feats = pooled_features(tiny_adapter, TokenizedSplit.build(tiny_adapter, train.texts, 32))
+    assert feats.shape == (len(train), 2, 32)
+    heads = train_exit_heads(feats, train.labels, tiny_dataset.classes)
+    acc = (heads.logits(feats).argmax(-1) == torch.as_tensor(train.labels)[:, None]).float().mean(0)
+    assert (acc > 0.6).all(), acc  # chance is 1/3
+    again = train_exit_heads(feats, train.labels, tiny_dataset.classes)
+    assert torch.equal(again.weight, heads.weight)  # deterministic
+
+
+def test_folded_head_equals_standardise_then_classify(tiny_heads: ExitHeads) -> None:
+    x = torch.randn(7, tiny_heads.n_exits, tiny_heads.mean.shape[-1])
+    w, b = tiny_heads.folded(1)
+    torch.testing.assert_close(x[:, 1] @ w.T + b, tiny_heads.logits(x)[:, 1], atol=1e-4, rtol=1e-4)
+
+
+def test_heads_save_and_load(tiny_heads: ExitHeads, tmp_path: Path) -> None:
+    path = tiny_heads.save(tmp_path / "h.safetensors")
+    loaded = ExitHeads.load(path)
+    assert loaded.classes == tiny_heads.classes
+    assert loaded.key == tiny_heads.key
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ModelFileError, match=r"h\.safetensors"):
+        ExitHeads.load(path)
+    with pytest.raises(ModelFileError, match="missing"):
+        ExitHeads.load(tmp_path / "absent.safetensors")
+
+
+def test_prepare_heads_trains_once_then_loads(
+    tiny_adapter: TinyAdapter, tiny_dataset: TextDataset, tmp_path: Path
+) -> None:
+    first = prepare_heads(tiny_adapter, tiny_dataset, data_dir=tmp_path)
+    files = sorted((tmp_path / "heads").glob("*.safetensors"))
+    assert len(files) == 1
+    assert (tmp_path / "features").is_dir()
+    second = prepare_heads(tiny_adapter, tiny_dataset, data_dir=tmp_path)
+    assert second.key == first.key
+    assert second.model == tiny_adapter.fingerprint
+    assert second.dataset_sha256 == tiny_dataset.sha256
+
+
+def test_engine_dir_comes_from_env(
+    tiny_adapter: TinyAdapter, tiny_dataset: TextDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEFIT_DATA_DIR", str(tmp_path / "env-dir"))
+    prepare_heads(tiny_adapter, tiny_dataset)
+    assert list((tmp_path / "env-dir" / "heads").glob("*.safetensors"))
+
+
+def test_prepare_heads_recovers_from_damaged_cache_files(
+    tiny_adapter: TinyAdapter, tiny_dataset: TextDataset, tmp_path: Path
+) -> None:
+    first = prepare_heads(tiny_adapter, tiny_dataset, data_dir=tmp_path)
+    for f in [*(tmp_path / "heads").glob("*"), *(tmp_path / "features").glob("*")]:
+        f.write_bytes(b"garbage")
+    again = prepare_heads(tiny_adapter, tiny_dataset, data_dir=tmp_path)
+    assert again.key == first.key

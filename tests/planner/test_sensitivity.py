@@ -1,0 +1,132 @@
+"""Sensitivity profile and the additive fidelity proxy."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from planner.evaluate import Evaluator
+from planner.sensitivity import (
+    SensitivityProfile,
+    check_proxy,
+    fidelity_losses,
+    profile_sensitivity,
+    random_plans,
+    spearman,
+)
+from planner.specs import Plan, PlanError, TensorScheme
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def profiled(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> tuple[Evaluator, SensitivityProfile]:
+    reference_quantize = request.getfixturevalue("quantizer")
+    adapter = request.getfixturevalue("tiny_adapter")
+    dataset = request.getfixturevalue("tiny_dataset")
+    heads = request.getfixturevalue("tiny_heads")
+    ev = Evaluator(
+        adapter,
+        dataset,
+        heads,
+        cache_dir=tmp_path_factory.mktemp("sens"),
+        quantizer=reference_quantize,
+        threads=1,
+    )
+    return ev, profile_sensitivity(ev)
+
+
+def test_profile_covers_every_tensor_and_precision(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
+    ev, prof = profiled
+    assert prof.tensors == ev.spec.tensor_names
+    assert prof.precisions == ("fp32", "fp16", "int8", "int4", "int3", "int2")
+    for m in ("kl", "disagreement", "cosine"):
+        table = prof.losses[m]
+        assert table.shape == (len(prof.tensors), 6)
+        assert (table[:, 0] == 0).all()
+    kl = prof.losses["kl"]
+    assert (kl[:, 5] > kl[:, 2]).all()  # int2 hurts more than int8 for every tensor
+    assert kl[:, 5].mean() > kl[:, 3].mean() > kl[:, 1].mean()
+
+
+def test_profile_resumes_from_cached_prefixes(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
+    ev, _ = profiled
+    assert ev.stats.stages_skipped > 0
+
+
+def test_profile_entry_equals_a_direct_measurement(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
+    ev, prof = profiled
+    name = "encoder.layer.1.attention.self.value.weight"
+    got = fidelity_losses(ev, Plan.build({name: TensorScheme("int3")}))
+    assert prof.losses["kl"][prof.tensors.index(name), 4] == pytest.approx(got["kl"])
+
+
+def test_profile_round_trips_through_json(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
+    _, prof = profiled
+    again = SensitivityProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    for m in prof.losses:
+        np.testing.assert_allclose(again.losses[m], prof.losses[m])
+    assert again.tensors == prof.tensors
+    bad = prof.to_dict()
+    bad["losses"]["kl"] = bad["losses"]["kl"][:-1]
+    with pytest.raises(PlanError, match="shape"):
+        SensitivityProfile.from_dict(bad)
+
+
+def test_estimate_is_the_sum_of_tensor_losses(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
+    _, prof = profiled
+    a, b = prof.tensors[0], prof.tensors[5]
+    plan = Plan.build({a: TensorScheme("int4"), b: TensorScheme("int2")})
+    expected = prof.losses["kl"][0, 3] + prof.losses["kl"][5, 5]
+    assert prof.estimate(plan) == pytest.approx(expected)
+    assert prof.estimate(Plan()) == 0.0
+
+
+def test_batch_estimate_matches_single_and_is_fast(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
+    _, prof = profiled
+    plans, idx = random_plans(prof, 20, seed=3)
+    batch = prof.estimate_many(idx, "cosine")
+    np.testing.assert_allclose(batch, [prof.estimate(p, "cosine") for p in plans])
+    big = np.random.default_rng(0).integers(0, 6, size=(50_000, len(prof.tensors)))
+    started = time.perf_counter()
+    prof.estimate_many(big)
+    assert 50_000 / (time.perf_counter() - started) > 10_000
+
+
+def test_unprofiled_precision_is_refused(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
+    ev, _ = profiled
+    small = profile_sensitivity(ev, precisions=("int8",))
+    with pytest.raises(PlanError, match="int4"):
+        small.estimate(Plan.build({small.tensors[0]: TensorScheme("int4")}))
+
+
+def test_proxy_ranks_random_plans(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
+    ev, prof = profiled
+    report = check_proxy(ev, prof, n_plans=20, seed=1)
+    assert report["cosine"]["spearman"] > 0.8
+    # The tiny random model saturates KL quickly; MiniLM's figure is measured outside the suite.
+    assert report["kl"]["spearman"] > 0.5
+
+
+def test_correction_is_monotone_and_fits(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
+    ev, prof = profiled
+    plans, idx = random_plans(prof, 12, seed=5)
+    measured = np.array([fidelity_losses(ev, p)["cosine"] for p in plans])
+    fitted = prof.with_correction("cosine", idx, measured)
+    raw, corrected = prof.estimate_many(idx, "cosine"), fitted.estimate_many(idx, "cosine")
+    assert spearman(raw, corrected) == pytest.approx(1.0)
+    ok = measured > 0
+    err_fit = np.abs(np.log(corrected[ok] / measured[ok])).mean()
+    assert err_fit <= np.abs(np.log(raw[ok] / measured[ok])).mean() + 1e-9
+
+
+def test_spearman_known_values() -> None:
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [5, 5, 5]) == 0.0
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
