@@ -223,3 +223,15 @@ STATICFILES_FINDERS = [
     "django.contrib.staticfiles.finders.AppDirectoriesFinder",
     "config.staticfinders.PlotlyFinder",
 ]
+
+# Engine caches (trained exit heads, quantized weights, per-plan outputs) and packages.
+ENGINE_DATA_DIR = Path(env_str("EDGEFIT_DATA_DIR", str(VAR_DIR / "engine"))).resolve()
+
+# Planning work whose worker has not sent a heartbeat for this long is taken over.
+EDGEFIT_STALE_SECONDS = env_int("EDGEFIT_STALE_SECONDS", 120, minimum=2)
+CELERY_TASK_DEFAULT_QUEUE = env_str("EDGEFIT_TASK_QUEUE", "celery")
+CELERY_BEAT_SCHEDULE = {
+    "requeue-stale-planning-work": {"task": "workers.requeue_stale", "schedule": 60.0},
+}
+# SQLAlchemy URL of Optuna's RDB storage; empty = the project database itself.
+OPTUNA_STORAGE_URL = env_str("EDGEFIT_OPTUNA_STORAGE_URL", "")

@@ -173,6 +173,8 @@ class PlanningRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0, help_text="times a worker picked the run up")
+    stage = models.CharField(max_length=12, default="search", help_text="search → confirm → done")
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="last sign of life of its worker")
 
     class Meta:
         ordering = ["-created_at"]
@@ -192,3 +194,58 @@ class PlanningRun(models.Model):
     @property
     def progress_fraction(self) -> float:
         return min(1.0, self.trials_done / self.trials_planned) if self.trials_planned else 0.0
+
+
+class DeviceSearch(models.Model):
+    """One device's share of a planning run: its Optuna study, leased by one worker at a time."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        CANCELLED = "cancelled"
+
+    run = models.ForeignKey(PlanningRun, on_delete=models.CASCADE, related_name="device_searches")
+    device_profile = models.ForeignKey(DeviceProfile, on_delete=models.CASCADE, related_name="+")
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.QUEUED)
+    trials_done = models.PositiveIntegerField(default=0)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "device_profile"], name="one_search_per_run_device")
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} · device {self.device_profile_id} ({self.status})"
+
+    @property
+    def study_name(self) -> str:
+        return f"edgefit-run-{self.run_id}-device-{self.device_profile_id}"
+
+
+class RealEvaluation(models.Model):
+    """A plan's weights run on the held-out split: shared by every device and every run of the
+    model (accuracy does not depend on the device), claimed by one worker so none is repeated."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running"
+        DONE = "done"
+
+    base_model = models.ForeignKey(BaseModel, on_delete=models.CASCADE, related_name="real_evaluations")
+    weights_key = models.CharField(max_length=32)
+    plan = models.JSONField()
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.RUNNING)
+    result = models.JSONField(default=dict, blank=True)
+    claimed_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    run = models.ForeignKey(PlanningRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["base_model", "weights_key"], name="one_evaluation_per_weights")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.base_model_id}:{self.weights_key} ({self.status})"

@@ -103,7 +103,8 @@ def create_run(
             created_by=created_by if getattr(created_by, "is_authenticated", False) else None,
         )
         run.device_profiles.set(profiles)
-        transaction.on_commit(lambda: current_app.send_task("workers.run_plan", args=[run.pk]))
+        # By name (services never import workers); a signature honours eager mode in tests.
+        transaction.on_commit(lambda: current_app.signature("workers.run_plan", args=[run.pk]).delay())
     return run
 
 

@@ -1,0 +1,163 @@
+"""Bridge between the registry and the engine: register runnable bundles, measure, profile.
+
+Every figure stored here comes from running the model (planner.evaluate) or from bytes the
+packer produces (planner.quant.plan_nbytes equals bytes written); provenance says where and when.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from planner.builtin import BUNDLES, Bundle, load_bundle
+from planner.quant import plan_nbytes
+from planner.sensitivity import SensitivityProfile, profile_sensitivity
+from planner.specs import ModelSpec, Plan, TensorScheme
+from registry.models import BaseModel, Variant
+
+__all__ = [
+    "SENSITIVITY_CALIBRATION_EXAMPLES",
+    "SENSITIVITY_FAMILY",
+    "bundle_for",
+    "compute_sensitivity",
+    "measured_provenance",
+    "record_variant",
+    "register_bundle",
+    "sensitivity_of",
+]
+
+#: Scheme family the per-tensor sensitivities are measured in (the search's default family).
+SENSITIVITY_FAMILY: dict[str, Any] = {"group_size": 64, "method": "rtn", "symmetric": True}
+#: Calibration examples used for profiling (a seeded subsample keeps it to minutes on 2 cores).
+SENSITIVITY_CALIBRATION_EXAMPLES = 200
+
+
+def bundle_for(model: BaseModel) -> Bundle:
+    return load_bundle(model.adapter, settings.ENGINE_DATA_DIR)
+
+
+def measured_provenance(what: str = "measured") -> str:
+    return f"{what} on host {platform.node()} at {timezone.now():%Y-%m-%d %H:%M} UTC by planner.evaluate"
+
+
+def _metrics(result: Any) -> dict[str, Any]:
+    keep = (
+        "accuracy",
+        "agreement",
+        "final_accuracy",
+        "final_agreement",
+        "kl",
+        "cosine",
+        "exit_threshold",
+        "mean_layers",
+        "exit_fraction",
+        "n_examples",
+        "split",
+        "seconds",
+    )
+    data = result.to_dict()
+    return {k: data[k] for k in keep}
+
+
+def record_variant(
+    model: BaseModel,
+    plan: Plan,
+    *,
+    name: str,
+    metrics: dict[str, Any],
+    source: str,
+    provenance: str,
+    tags: list[str] | None = None,
+) -> Variant:
+    """Create or update the variant of `model` for `plan` (one per plan hash)."""
+    spec = ModelSpec.from_dict(model.spec)
+    plan.validate(spec)
+    variant, _ = Variant.objects.update_or_create(
+        base_model=model,
+        plan_hash=plan.hash(),
+        defaults={
+            "name": name,
+            "plan": plan.to_dict(),
+            "weight_bytes": plan_nbytes(spec, plan),
+            "metrics": metrics,
+            "metrics_source": source,
+            "provenance": provenance,
+            "tags": tags or [],
+        },
+    )
+    return variant
+
+
+def register_bundle(bundle_name: str) -> BaseModel:
+    """Register (or refresh) a runnable built-in model: spec, weights and data hashes, measured
+    FP32 metrics on the held-out split, and its FP32 and uniform-int8 variants (both measured)."""
+    bundle = load_bundle(bundle_name, settings.ENGINE_DATA_DIR)
+    spec = bundle.adapter.spec()
+    fp32 = bundle.evaluator.evaluate(Plan(), "test")
+    int8_plan = Plan.uniform(spec, TensorScheme("int8"))
+    int8 = bundle.evaluator.evaluate(int8_plan, "test")
+    split_sizes = ", ".join(f"{name}: {len(split)}" for name, split in bundle.dataset.splits.items())
+    with transaction.atomic():
+        model, _ = BaseModel.objects.update_or_create(
+            name=bundle.info.title,
+            defaults={
+                "kind": BaseModel.Kind.RUNNABLE,
+                "adapter": bundle_name,
+                "description": bundle.info.description,
+                "spec": spec.to_dict(),
+                "weights_sha256": bundle.weights_sha256(),
+                "eval_dataset": f"{bundle.dataset.name} ({split_sizes})",
+                "eval_dataset_sha256": bundle.dataset.sha256,
+                "fp32_metrics": {**_metrics(fp32), "provenance": measured_provenance()},
+                "tags": ["built-in"],
+            },
+        )
+        record_variant(
+            model,
+            Plan(),
+            name="fp32",
+            metrics=_metrics(fp32),
+            source="measured",
+            provenance=measured_provenance(),
+            tags=["baseline"],
+        )
+        record_variant(
+            model,
+            int8_plan,
+            name="uniform int8 (RTN, per-channel)",
+            metrics=_metrics(int8),
+            source="measured",
+            provenance=measured_provenance(),
+            tags=["uniform"],
+        )
+    return model
+
+
+def compute_sensitivity(model: BaseModel) -> SensitivityProfile:
+    """Profile every tensor at every precision (rest FP32) on a calibration subsample and
+    store the profile on the model. Cached engine outputs make a repeat cheap."""
+    bundle = bundle_for(model)
+    sample = bundle.dataset.subsample("calibration", SENSITIVITY_CALIBRATION_EXAMPLES)
+    from planner.evaluate import Evaluator
+
+    evaluator = Evaluator(bundle.adapter, sample, bundle.heads, cache_dir=settings.ENGINE_DATA_DIR)
+    profile = profile_sensitivity(evaluator, **SENSITIVITY_FAMILY)
+    BaseModel.objects.filter(pk=model.pk).update(
+        sensitivity={**profile.to_dict(), "provenance": measured_provenance("profiled")}
+    )
+    return profile
+
+
+def sensitivity_of(model: BaseModel) -> SensitivityProfile | None:
+    if not model.sensitivity:
+        return None
+    data = {k: v for k, v in model.sensitivity.items() if k != "provenance"}
+    return SensitivityProfile.from_dict(data)
+
+
+def known_bundles() -> list[str]:
+    return sorted(BUNDLES)

@@ -1,0 +1,582 @@
+"""Executing a planning run: device searches, real confirmations, fronts and recommendations.
+
+Stages (each a Celery task in `workers`, each safe to run twice):
+  1. `start_run`: claim the run, make sure the model's sensitivity profile exists, create one
+     DeviceSearch per device and return the ids to fan out.
+  2. `search_device`: lease one DeviceSearch (conditional update), run/resume its Optuna study in
+     the project database, heartbeat while it runs.  The last device to finish moves the run to
+     the confirm stage.
+  3. `confirm_run`: real evaluations of the candidates on the devices' estimated fronts (each
+     plan once per model, claimed through a unique row), exit thresholds from the engine's free
+     threshold curve, per-device measured fronts, recommendations, Pareto variants stored.
+
+A worker killed at any point leaves a stale heartbeat; `stale_work` finds it and the caller
+re-enqueues the stage, which resumes from what the database and the Optuna study hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from devices.models import DeviceProfile
+from planner.cost import CostParams, predict
+from planner.quant import plan_nbytes
+from planner.recommend import Candidate, Policy, pareto_front, recommend
+from planner.search import (
+    DeviceTarget,
+    SearchSettings,
+    TrialScore,
+    closest_misses,
+    estimated_front,
+    hypervolume,
+    run_device_search,
+    spread,
+)
+from planner.specs import ModelSpec, Plan
+from registry import planning
+from registry.engine import (
+    bundle_for,
+    compute_sensitivity,
+    measured_provenance,
+    record_variant,
+    sensitivity_of,
+)
+from registry.models import BaseModel, DeviceSearch, PlanningRun, RealEvaluation
+
+__all__ = [
+    "EXIT_LOSS_BOUNDS",
+    "confirm_run",
+    "optuna_storage_url",
+    "search_device",
+    "stale_work",
+    "start_run",
+]
+
+log = logging.getLogger(__name__)
+
+#: Early-exit variants derived from each confirmed plan: thresholds losing ≤ this many points
+#: on the calibration split (None = no early exit).
+EXIT_LOSS_BOUNDS: tuple[float | None, ...] = (None, 0.5, 1.0)
+HEARTBEAT_EVERY_TRIALS = 10
+PROGRESS_EVERY_TRIALS = 25
+
+
+def optuna_storage_url() -> str:
+    """Optuna's RDB storage lives in the project database (SQLAlchemy URL of the same DB)."""
+    if settings.OPTUNA_STORAGE_URL:
+        return str(settings.OPTUNA_STORAGE_URL)
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("postgresql"):
+        auth = db.get("USER") or ""
+        if db.get("PASSWORD"):
+            auth += f":{db['PASSWORD']}"
+        host = f"{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}"
+        return f"postgresql+psycopg://{auth}@{host}/{db['NAME']}"
+    return f"sqlite:///{db['NAME']}"
+
+
+_STORAGES: dict[str, Any] = {}
+
+
+def _storage() -> Any:
+    """One RDBStorage (engine + connection pool) per URL and process."""
+    import optuna
+
+    url = optuna_storage_url()
+    if url in _STORAGES:
+        return _STORAGES[url]
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        # The embedded default has one worker; wait for the web process's locks instead of failing.
+        kwargs["connect_args"] = {"timeout": 30}
+    _STORAGES[url] = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    return _STORAGES[url]
+
+
+def _policy(run: PlanningRun) -> Policy:
+    return Policy.from_dict(run.policy)
+
+
+def _fp32_accuracy(model: BaseModel) -> float:
+    return float(model.fp32_metrics["accuracy"])
+
+
+def _target(run: PlanningRun, profile: DeviceProfile) -> DeviceTarget:
+    policy = _policy(run)
+    floor = policy.floor(_fp32_accuracy(run.base_model))
+    return DeviceTarget(
+        key=str(profile.pk),
+        device=profile.to_device_spec(),
+        cost_params=CostParams(),
+        memory_budget_bytes=policy.memory_budget_bytes,
+        latency_slo_s=policy.latency_slo_ms / 1000 if policy.latency_slo_ms else None,
+        accuracy_floor=floor,
+    )
+
+
+def _settings(run: PlanningRun) -> SearchSettings:
+    return SearchSettings(trials=run.trials_per_device, sampler=run.sampler, seed=run.seed)
+
+
+def _beat(run_id: int) -> None:
+    PlanningRun.objects.filter(pk=run_id).update(heartbeat_at=timezone.now())
+
+
+# --------------------------------------------------------------------------- stage 1
+
+
+def start_run(run_id: int) -> tuple[list[int], bool]:
+    """Claim the run and prepare its device searches. Returns the DeviceSearch ids still to
+    run, and whether the run is ready for its confirm stage instead."""
+    run = planning.claim_run(run_id)
+    if run is None:
+        return [], False
+    _beat(run.pk)
+    try:
+        model = run.base_model
+        if model.kind != BaseModel.Kind.RUNNABLE:
+            raise ValueError("spec-only models are planned without accuracy search (not supported here)")
+        if sensitivity_of(model) is None:
+            log.info("run %s: profiling sensitivity of %s first", run.pk, model.name)
+            compute_sensitivity(model)
+        for profile in run.device_profiles.all():
+            DeviceSearch.objects.get_or_create(run=run, device_profile=profile)
+    except Exception:
+        planning.finish_run(run.pk, PlanningRun.Status.FAILED, error=traceback.format_exc())
+        raise
+    pending = list(
+        DeviceSearch.objects.filter(run=run)
+        .exclude(status__in=[DeviceSearch.Status.DONE, DeviceSearch.Status.CANCELLED])
+        .values_list("pk", flat=True)
+    )
+    if not pending:
+        # Every search finished but the move to the confirm stage was lost with its worker.
+        PlanningRun.objects.filter(pk=run.pk, stage="search").update(stage="confirm")
+        return [], True
+    return pending, run.stage == "confirm"
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+def _lease(search_id: int) -> DeviceSearch | None:
+    """Take a queued search, or one whose worker stopped beating."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+    taken = DeviceSearch.objects.filter(
+        Q(status=DeviceSearch.Status.QUEUED) | Q(status=DeviceSearch.Status.RUNNING, heartbeat_at__lt=stale),
+        pk=search_id,
+        run__status=PlanningRun.Status.RUNNING,
+    ).update(status=DeviceSearch.Status.RUNNING, heartbeat_at=now, attempts=F("attempts") + 1)
+    return (
+        DeviceSearch.objects.select_related("run__base_model", "device_profile").get(pk=search_id)
+        if taken
+        else None
+    )
+
+
+def search_device(search_id: int) -> int | None:
+    """Run or resume one device's study. Returns the run id when this call finished the last
+    device (the caller then enqueues `confirm_run`), else None."""
+    search = _lease(search_id)
+    if search is None:
+        return None
+    run = search.run
+    model = run.base_model
+    spec = ModelSpec.from_dict(model.spec)
+    profile = sensitivity_of(model)
+    assert profile is not None, "start_run profiles the model before fanning out"
+    counted = search.trials_done
+
+    def on_trial(done: int) -> None:
+        nonlocal counted
+        if done % HEARTBEAT_EVERY_TRIALS == 0 or done >= run.trials_per_device:
+            now = timezone.now()
+            DeviceSearch.objects.filter(pk=search.pk).update(trials_done=done, heartbeat_at=now)
+            PlanningRun.objects.filter(pk=run.pk).update(
+                trials_done=F("trials_done") + (done - counted), heartbeat_at=now
+            )
+            counted = done
+
+    try:
+        run_device_search(
+            _storage(),
+            search.study_name,
+            spec,
+            _target(run, search.device_profile),
+            profile,
+            _fp32_accuracy(model),
+            _settings(run),
+            lambda plan: plan_nbytes(spec, plan),
+            on_trial=on_trial,
+            should_stop=lambda: planning.cancel_requested(run.pk),
+        )
+    except Exception:
+        planning.finish_run(run.pk, PlanningRun.Status.FAILED, error=traceback.format_exc())
+        raise
+    if planning.cancel_requested(run.pk):
+        DeviceSearch.objects.filter(pk=search.pk).update(status=DeviceSearch.Status.CANCELLED)
+        planning.finish_run(run.pk, PlanningRun.Status.CANCELLED, error="cancelled on request")
+        return None
+    DeviceSearch.objects.filter(pk=search.pk).update(
+        status=DeviceSearch.Status.DONE, heartbeat_at=timezone.now()
+    )
+    _record_estimated_hypervolume(run, search)
+    with transaction.atomic():
+        remaining = DeviceSearch.objects.filter(run=run).exclude(status=DeviceSearch.Status.DONE).exists()
+        if remaining:
+            return None
+        # Exactly one finisher moves the run on (conditional update).
+        moved = PlanningRun.objects.filter(
+            pk=run.pk, stage="search", status=PlanningRun.Status.RUNNING
+        ).update(stage="confirm", heartbeat_at=timezone.now())
+        return run.pk if moved else None
+
+
+def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch) -> None:
+    import optuna
+
+    spec = ModelSpec.from_dict(run.base_model.spec)
+    study = optuna.load_study(study_name=search.study_name, storage=_storage())
+    front = estimated_front(study, spec, _settings(run).method)
+    target = _target(run, search.device_profile)
+    caps = _caps(run, search.device_profile)
+    value = hypervolume(
+        [Candidate(str(n), s.accuracy, s.latency_s, s.memory_bytes) for n, _, s in front],
+        accuracy_floor=caps[0],
+        latency_cap_s=caps[1],
+        memory_cap_bytes=target.budget,
+    )
+    with transaction.atomic():
+        locked = PlanningRun.objects.select_for_update().get(pk=run.pk)
+        progress = dict(locked.progress or {})
+        progress.setdefault("hypervolume", []).append(
+            {
+                "at": timezone.now().isoformat(),
+                "device": search.device_profile_id,
+                "trials": search.trials_done or run.trials_per_device,
+                "hypervolume": value,
+                "source": "estimated",
+            }
+        )
+        best = progress.setdefault("best", {})
+        if front:
+            top = max(front, key=lambda row: row[2].accuracy)
+            best[str(search.device_profile_id)] = {
+                "accuracy": top[2].accuracy,
+                "latency_ms": top[2].latency_s * 1000,
+                "memory_bytes": top[2].memory_bytes,
+                "source": "estimated",
+            }
+        locked.progress = progress
+        locked.save(update_fields=["progress"])
+
+
+def _caps(run: PlanningRun, profile: DeviceProfile) -> tuple[float, float]:
+    """Reference point for a device's hypervolume: 10 points below FP32, and FP32's latency."""
+    spec = ModelSpec.from_dict(run.base_model.spec)
+    fp32_latency = predict(spec, Plan(), profile.to_device_spec(), seq_len=_settings(run).seq_len).latency_s
+    return _fp32_accuracy(run.base_model) - 0.10, fp32_latency * 1.5
+
+
+# --------------------------------------------------------------------------- stage 3
+
+
+def _claim_evaluation(model: BaseModel, plan: Plan, run: PlanningRun) -> RealEvaluation | None:
+    """The row for this plan's weights if this worker must evaluate it; None if done/taken."""
+    try:
+        with transaction.atomic():
+            return RealEvaluation.objects.create(
+                base_model=model, weights_key=plan.weights_key(), plan=plan.to_dict(), run=run
+            )
+    except IntegrityError:
+        stale = timezone.now() - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+        taken = RealEvaluation.objects.filter(
+            base_model=model,
+            weights_key=plan.weights_key(),
+            status=RealEvaluation.Status.RUNNING,
+            claimed_at__lt=stale,
+        ).update(claimed_at=timezone.now(), run=run)
+        return RealEvaluation.objects.get(base_model=model, weights_key=plan.weights_key()) if taken else None
+
+
+def _evaluate(model: BaseModel, plan: Plan) -> dict[str, Any]:
+    """Measured figures of `plan` (test split) and of its early-exit variants, thresholds
+    chosen on the calibration split."""
+    evaluator = bundle_for(model).evaluator
+    options = []
+    for bound in EXIT_LOSS_BOUNDS:
+        chosen = plan if bound is None else evaluator.with_calibrated_exit(plan, bound)[0]
+        if bound is not None and chosen.exit_threshold is None:
+            continue
+        result = evaluator.evaluate(chosen, "test")
+        options.append(
+            {
+                "loss_bound_points": bound,
+                "plan": chosen.to_dict(),
+                "accuracy": result.accuracy,
+                "agreement": result.agreement,
+                "kl": result.kl,
+                "cosine": result.cosine,
+                "mean_layers": result.mean_layers,
+                "exit_fraction": list(result.exit_fraction),
+                "exit_threshold": result.exit_threshold,
+                "seconds": result.seconds,
+            }
+        )
+    return {"options": options, "provenance": measured_provenance()}
+
+
+def _choose_confirmations(
+    run: PlanningRun, fronts: dict[int, list[tuple[int, Plan, Any]]]
+) -> list[tuple[int, int, Plan]]:
+    """Round-robin over devices, each offering its front spread evenly, until the budget of
+    NEW evaluations is spent; plans already evaluated for this model cost nothing."""
+    done = set(
+        RealEvaluation.objects.filter(
+            base_model=run.base_model, status=RealEvaluation.Status.DONE
+        ).values_list("weights_key", flat=True)
+    )
+    queues = {d: spread(front, max(3, run.real_eval_budget)) for d, front in fronts.items()}
+    chosen: list[tuple[int, int, Plan]] = []
+    picked: set[str] = set()
+    new = 0
+    while any(queues.values()) and new < run.real_eval_budget:
+        for device_id, queue in queues.items():
+            if not queue or new >= run.real_eval_budget:
+                continue
+            number, plan, _ = queue.pop(0)
+            key = plan.weights_key()
+            if key in picked:
+                continue
+            picked.add(key)
+            chosen.append((device_id, number, plan))
+            if key not in done:
+                new += 1
+    return chosen
+
+
+def confirm_run(run_id: int) -> None:
+    """Stage 3 (see the module docstring). Safe to re-run: finished evaluations are reused."""
+    import optuna
+
+    run = PlanningRun.objects.select_related("base_model").get(pk=run_id)
+    if run.status != PlanningRun.Status.RUNNING or run.stage != "confirm":
+        return
+    _beat(run.pk)
+    try:
+        model = run.base_model
+        spec = ModelSpec.from_dict(model.spec)
+        searches = list(DeviceSearch.objects.filter(run=run).select_related("device_profile"))
+        method = _settings(run).method
+        studies = {
+            s.device_profile_id: optuna.load_study(study_name=s.study_name, storage=_storage())
+            for s in searches
+        }
+        fronts = {device: estimated_front(study, spec, method) for device, study in studies.items()}
+        provenance_of: dict[str, str] = {}
+        for device_id, number, plan in _choose_confirmations(run, fronts):
+            provenance_of.setdefault(
+                plan.weights_key(), f"run {run.pk}, trial {number} of device {device_id}"
+            )
+            if planning.cancel_requested(run.pk):
+                planning.finish_run(run.pk, PlanningRun.Status.CANCELLED, error="cancelled on request")
+                return
+            row = _claim_evaluation(model, plan, run)
+            if row is not None:
+                row.result = _evaluate(model, plan)
+                row.status = RealEvaluation.Status.DONE
+                row.finished_at = timezone.now()
+                row.save(update_fields=["result", "status", "finished_at"])
+                PlanningRun.objects.filter(pk=run.pk).update(
+                    real_evaluations=F("real_evaluations") + 1, heartbeat_at=timezone.now()
+                )
+        evaluations = list(
+            RealEvaluation.objects.filter(
+                base_model=model, weights_key__in=list(provenance_of), status=RealEvaluation.Status.DONE
+            )
+        )
+        result: dict[str, Any] = {"devices": {}}
+        for search in searches:
+            device = search.device_profile_id
+            misses = closest_misses(studies[device], spec, method) if not fronts[device] else []
+            result["devices"][str(device)] = _device_result(
+                run, search.device_profile, spec, evaluations, fronts[device], provenance_of, misses
+            )
+        planning.finish_run(run.pk, PlanningRun.Status.DONE, result=result)
+    except Exception:
+        planning.finish_run(run.pk, PlanningRun.Status.FAILED, error=traceback.format_exc())
+        raise
+
+
+def _device_result(
+    run: PlanningRun,
+    profile: DeviceProfile,
+    spec: ModelSpec,
+    evaluations: list[RealEvaluation],
+    estimated: list[tuple[int, Plan, Any]],
+    provenance_of: dict[str, str],
+    misses: list[TrialScore],
+) -> dict[str, Any]:
+    target = _target(run, profile)
+    policy = _policy(run)
+    fp32_accuracy = _fp32_accuracy(run.base_model)
+    seq_len = _settings(run).seq_len
+    candidates: list[Candidate] = []
+    for evaluation in evaluations:
+        for option in evaluation.result.get("options", []):
+            plan = Plan.from_dict(option["plan"])
+            exit_probs = option["exit_fraction"] if plan.exit_threshold is not None else None
+            cost = predict(
+                spec, plan, target.device, seq_len=seq_len, exit_probs=exit_probs, params=target.cost_params
+            )
+            unsupported = [s.precision for _, s in plan.schemes if not target.supports(s.precision)]
+            candidates.append(
+                Candidate(
+                    key=plan.hash(),
+                    accuracy=option["accuracy"],
+                    latency_s=cost.latency_s,
+                    memory_bytes=cost.memory_bytes if not unsupported else 2**62,
+                    accuracy_source="measured",
+                    latency_source="predicted",
+                    label=_label(plan),
+                    extra={
+                        "plan": plan.to_dict(),
+                        "weights_key": evaluation.weights_key,
+                        "agreement": option["agreement"],
+                        "mean_layers": option["mean_layers"],
+                        "exit_threshold": option["exit_threshold"],
+                        "weight_bytes": cost.weight_bytes,
+                        "unsupported_precisions": sorted(set(unsupported)),
+                        "provenance": provenance_of.get(evaluation.weights_key, ""),
+                    },
+                )
+            )
+    usable = [c for c in candidates if not c.extra["unsupported_precisions"]]
+    budget = profile.ram_budget_bytes
+    if not estimated:
+        # No plan fitted in the search: explain with the closest misses (estimated figures),
+        # not with measured plans confirmed for other devices.
+        misses_as_candidates = [
+            Candidate(
+                s.plan.hash(),
+                s.accuracy,
+                s.latency_s,
+                s.memory_bytes,
+                "estimated",
+                "predicted",
+                _label(s.plan),
+            )
+            for s in misses
+        ]
+        rec = recommend(
+            misses_as_candidates, policy, fp32_accuracy=fp32_accuracy, device_memory_budget=budget
+        )
+        return {
+            "device_profile": profile.pk,
+            "device": profile.name,
+            "front": [],
+            "candidates": [],
+            "estimated_front": [],
+            "recommendation": {**rec.to_dict(), "variant": None},
+            "hypervolume": 0.0,
+        }
+    rec = recommend(usable, policy, fp32_accuracy=fp32_accuracy, device_memory_budget=budget)
+    accuracy_floor, latency_cap = _caps(run, profile)
+    front = pareto_front(usable)
+    variants = _store_front(run, front)
+    return {
+        "device_profile": profile.pk,
+        "device": profile.name,
+        "front": [_candidate_json(c, variants) for c in front],
+        "candidates": [_candidate_json(c, variants) for c in candidates],
+        "estimated_front": [
+            {
+                "trial": n,
+                "accuracy": s.accuracy,
+                "latency_ms": s.latency_s * 1000,
+                "memory_bytes": s.memory_bytes,
+                "accuracy_source": "estimated",
+                "latency_source": "predicted",
+            }
+            for n, _, s in estimated
+        ],
+        "recommendation": {
+            **rec.to_dict(),
+            "variant": variants.get(rec.chosen.key) if rec.chosen else None,
+        },
+        "hypervolume": hypervolume(
+            front, accuracy_floor=accuracy_floor, latency_cap_s=latency_cap, memory_cap_bytes=target.budget
+        ),
+    }
+
+
+def _candidate_json(candidate: Candidate, variants: dict[str, int]) -> dict[str, Any]:
+    data = candidate.to_dict()
+    data["variant"] = variants.get(candidate.key)
+    data["latency_ms"] = candidate.latency_s * 1000
+    return data
+
+
+def _label(plan: Plan) -> str:
+    counts: dict[str, int] = {}
+    for _, scheme in plan.schemes:
+        counts[scheme.precision] = counts.get(scheme.precision, 0) + 1
+    mix = ", ".join(f"{n}×{p}" for p, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "fp32"
+    exit_part = f", exit ≥ {plan.exit_threshold:.2f}" if plan.exit_threshold is not None else ""
+    return f"{mix}{exit_part}"
+
+
+def _store_front(run: PlanningRun, front: list[Candidate]) -> dict[str, int]:
+    """Pareto variants into the registry, measured, with the run and trial they came from."""
+    stored: dict[str, int] = {}
+    for candidate in front:
+        plan = Plan.from_dict(candidate.extra["plan"])
+        variant = record_variant(
+            run.base_model,
+            plan,
+            name=candidate.label,
+            metrics={
+                "accuracy": candidate.accuracy,
+                "agreement": candidate.extra["agreement"],
+                "mean_layers": candidate.extra["mean_layers"],
+                "exit_threshold": candidate.extra["exit_threshold"],
+                "split": "test",
+            },
+            source="measured",
+            provenance=f"{candidate.extra['provenance']}; {measured_provenance()}",
+            tags=[f"run:{run.pk}"],
+        )
+        stored[candidate.key] = variant.pk
+    return stored
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def stale_work() -> dict[str, list[int]]:
+    """Work whose worker stopped beating: device searches to re-lease, runs to re-confirm,
+    runs whose start never completed. The caller re-enqueues the matching tasks."""
+    stale = timezone.now() - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+    running = PlanningRun.objects.filter(status=PlanningRun.Status.RUNNING, cancel_requested=False)
+    searches = list(
+        DeviceSearch.objects.filter(
+            run__in=running, status=DeviceSearch.Status.RUNNING, heartbeat_at__lt=stale
+        ).values_list("pk", flat=True)
+    )
+    confirms = list(running.filter(stage="confirm", heartbeat_at__lt=stale).values_list("pk", flat=True))
+    starts = list(
+        running.filter(stage="search", heartbeat_at__lt=stale)
+        .exclude(device_searches__status=DeviceSearch.Status.RUNNING)
+        .values_list("pk", flat=True)
+        .distinct()
+    )
+    return {"searches": searches, "confirms": confirms, "starts": starts}

@@ -1,0 +1,141 @@
+"""A whole planning run on the tiny bundle, stage by stage, in this process."""
+
+from __future__ import annotations
+
+import pytest
+
+from devices.models import DeviceProfile
+from registry import fleet
+from registry.models import DeviceSearch, PlanningRun, RealEvaluation, Variant
+from registry.planning import create_run
+from tests.devices.factories import profile_payload
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _profile(name: str, **overrides) -> DeviceProfile:
+    data = profile_payload(name=name, **overrides)
+    return DeviceProfile.objects.create(**{k: v for k, v in data.items()})
+
+
+def _run_all_stages(run_id: int) -> None:
+    searches, _ = fleet.start_run(run_id)
+    finished = [fleet.search_device(s) for s in searches]
+    assert sum(1 for f in finished if f is not None) == 1  # exactly one finisher moves on
+    fleet.confirm_run(run_id)
+
+
+def test_a_fleet_run_produces_fronts_recommendations_and_variants(
+    tiny_model, django_capture_on_commit_callbacks
+):
+    phone = _profile("phone", weight_formats=["fp32", "fp16", "int8", "int4"])
+    board = _profile("board", weight_formats=["fp32", "int8"], int4_tops=None)
+    with django_capture_on_commit_callbacks(execute=False):
+        run = create_run(
+            base_model=tiny_model,
+            device_profiles=[phone, board],
+            policy={"kind": "max_accuracy"},
+            trials_per_device=24,
+            real_eval_budget=6,
+        )
+    assert run.status == "queued" and run.trials_planned == 48
+
+    _run_all_stages(run.pk)
+
+    run.refresh_from_db()
+    assert run.status == "done", run.error
+    assert run.trials_done == 48
+    assert 1 <= run.real_evaluations <= 6
+    for device in (phone, board):
+        entry = run.result["devices"][str(device.pk)]
+        assert entry["front"], "every device gets a measured front"
+        assert all(c["accuracy_source"] == "measured" for c in entry["front"])
+        assert all(c["latency_source"] == "predicted" for c in entry["front"])
+        assert entry["recommendation"]["chosen"] is not None
+        assert entry["hypervolume"] >= 0
+    board_front = run.result["devices"][str(board.pk)]["front"]
+    precisions = {s["precision"] for c in board_front for s in c["extra"]["plan"]["schemes"].values()}
+    assert precisions <= {"fp32", "int8"}, "a board without int4 only gets precisions it runs"
+    assert Variant.objects.filter(base_model=tiny_model, tags__icontains=f"run:{run.pk}").exists()
+    assert not DeviceSearch.objects.exclude(status="done").exists()
+
+
+def test_evaluations_are_shared_and_never_repeated(tiny_model, django_capture_on_commit_callbacks):
+    phone = _profile("phone")
+    with django_capture_on_commit_callbacks(execute=False):
+        first = create_run(
+            base_model=tiny_model,
+            device_profiles=[phone],
+            policy={"kind": "max_accuracy"},
+            trials_per_device=30,
+            real_eval_budget=4,
+        )
+        second = create_run(
+            base_model=tiny_model,
+            device_profiles=[phone],
+            policy={"kind": "max_accuracy"},
+            trials_per_device=30,
+            real_eval_budget=4,
+        )
+    _run_all_stages(first.pk)
+    keys_before = set(RealEvaluation.objects.values_list("weights_key", flat=True))
+    _run_all_stages(second.pk)
+    keys = list(RealEvaluation.objects.values_list("weights_key", flat=True))
+    assert len(keys) == len(set(keys)), "one evaluation per plan and model"
+    assert keys_before <= set(keys)
+
+
+def test_running_a_stage_twice_changes_nothing(tiny_model, django_capture_on_commit_callbacks):
+    phone = _profile("phone")
+    with django_capture_on_commit_callbacks(execute=False):
+        run = create_run(
+            base_model=tiny_model,
+            device_profiles=[phone],
+            policy={"kind": "max_accuracy"},
+            trials_per_device=25,
+            real_eval_budget=3,
+        )
+    _run_all_stages(run.pk)
+    search = DeviceSearch.objects.get(run=run)
+    assert fleet.search_device(search.pk) is None  # already done: the lease is refused
+    assert fleet.start_run(run.pk) == ([], False)
+    fleet.confirm_run(run.pk)  # finished run: no-op
+    run.refresh_from_db()
+    assert run.status == "done" and run.trials_done == 25
+
+
+def test_a_device_nothing_fits_completes_with_an_explanation(tiny_model, django_capture_on_commit_callbacks):
+    tiny_budget = _profile("watch", ram_total_bytes=4096, ram_budget_bytes=1024)
+    with django_capture_on_commit_callbacks(execute=False):
+        run = create_run(
+            base_model=tiny_model,
+            device_profiles=[tiny_budget],
+            policy={"kind": "max_accuracy"},
+            trials_per_device=20,
+            real_eval_budget=2,
+        )
+    _run_all_stages(run.pk)
+    run.refresh_from_db()
+    assert run.status == "done"
+    rec = run.result["devices"][str(tiny_budget.pk)]["recommendation"]
+    assert rec["chosen"] is None
+    assert "memory" in rec["infeasible"] and "over" in rec["infeasible"]["memory"]
+
+
+def test_cancel_stops_a_running_search(tiny_model, django_capture_on_commit_callbacks):
+    from registry.planning import cancel_run
+
+    phone = _profile("phone")
+    with django_capture_on_commit_callbacks(execute=False):
+        run = create_run(
+            base_model=tiny_model,
+            device_profiles=[phone],
+            policy={"kind": "max_accuracy"},
+            trials_per_device=5000,
+            real_eval_budget=2,
+        )
+    searches, _ = fleet.start_run(run.pk)
+    cancel_run(PlanningRun.objects.get(pk=run.pk))
+    assert fleet.search_device(searches[0]) is None
+    run.refresh_from_db()
+    assert run.status == "cancelled" and run.trials_done < 5000
