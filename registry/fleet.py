@@ -54,6 +54,7 @@ from registry.models import BaseModel, DeviceSearch, PlanningRun, RealEvaluation
 __all__ = [
     "EXIT_LOSS_BOUNDS",
     "confirm_run",
+    "device_trials",
     "optuna_storage_url",
     "search_device",
     "stale_work",
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 #: on the calibration split (None = no early exit).
 EXIT_LOSS_BOUNDS: tuple[float | None, ...] = (None, 0.5, 1.0)
 HEARTBEAT_EVERY_TRIALS = 10
-PROGRESS_EVERY_TRIALS = 25
+PROGRESS_EVERY_TRIALS = 50
 
 
 def optuna_storage_url() -> str:
@@ -198,6 +199,8 @@ def search_device(search_id: int) -> int | None:
 
     def on_trial(done: int) -> None:
         nonlocal counted
+        if done % PROGRESS_EVERY_TRIALS == 0:
+            _record_estimated_hypervolume(run, search, done)
         if done % HEARTBEAT_EVERY_TRIALS == 0 or done >= run.trials_per_device:
             now = timezone.now()
             DeviceSearch.objects.filter(pk=search.pk).update(trials_done=done, heartbeat_at=now)
@@ -229,7 +232,7 @@ def search_device(search_id: int) -> int | None:
     DeviceSearch.objects.filter(pk=search.pk).update(
         status=DeviceSearch.Status.DONE, heartbeat_at=timezone.now()
     )
-    _record_estimated_hypervolume(run, search)
+    _record_estimated_hypervolume(run, search, run.trials_per_device)
     with transaction.atomic():
         remaining = DeviceSearch.objects.filter(run=run).exclude(status=DeviceSearch.Status.DONE).exists()
         if remaining:
@@ -241,7 +244,7 @@ def search_device(search_id: int) -> int | None:
         return run.pk if moved else None
 
 
-def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch) -> None:
+def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch, trials: int) -> None:
     import optuna
 
     spec = ModelSpec.from_dict(run.base_model.spec)
@@ -262,7 +265,7 @@ def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch) -> Non
             {
                 "at": timezone.now().isoformat(),
                 "device": search.device_profile_id,
-                "trials": search.trials_done or run.trials_per_device,
+                "trials": trials,
                 "hypervolume": value,
                 "source": "estimated",
             }
@@ -557,6 +560,38 @@ def _store_front(run: PlanningRun, front: list[Candidate]) -> dict[str, int]:
         )
         stored[candidate.key] = variant.pk
     return stored
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def device_trials(run: PlanningRun, device_id: int) -> list[dict[str, Any]]:
+    """Every finished trial of a device's study: estimated accuracy, predicted latency/memory,
+    feasibility (for the Pareto chart; infeasible ones are shown greyed)."""
+    import optuna
+
+    search = DeviceSearch.objects.filter(run=run, device_profile_id=device_id).first()
+    if search is None:
+        return []
+    try:
+        study = optuna.load_study(study_name=search.study_name, storage=_storage())
+    except KeyError:  # the study is created when the device's search starts
+        return []
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if not trial.values:
+            continue
+        constraints = {k: v for k, v in trial.system_attrs.items() if k.startswith("constraints:")}
+        rows.append(
+            {
+                "trial": trial.number,
+                "accuracy": trial.values[0],
+                "latency_ms": trial.values[1],
+                "memory_bytes": int(trial.values[2] * 2**20),
+                "feasible": all(float(v) <= 0 for v in constraints.values()),
+            }
+        )
+    return rows
 
 
 # --------------------------------------------------------------------------- recovery

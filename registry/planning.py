@@ -87,7 +87,12 @@ def create_run(
         else:
             errors.update({f"policy.{k}": v for k, v in parsed.errors(fp32_accuracy).items()})
     except (PlanError, TypeError) as exc:
-        errors["policy"] = str(exc).removeprefix("policy: ")
+        # Policy names the broken field as "policy.<field>: <rule>"; keep that as the key.
+        field, _, rule = str(exc).partition(": ")
+        if field.startswith("policy.") and rule:
+            errors[field] = rule
+        else:
+            errors["policy"] = str(exc).removeprefix("policy: ")
     if errors:
         raise RunInputError(errors)
     assert isinstance(model, BaseModel)

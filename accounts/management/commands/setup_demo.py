@@ -18,10 +18,13 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--skip-catalog", action="store_true")
+        parser.add_argument("--skip-model", action="store_true", help="do not register the demo model")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not options["skip_catalog"]:
             call_command("load_catalog", stdout=self.stdout)
+        if not options["skip_model"]:
+            call_command("register_model", "minilm-docstrings", stdout=self.stdout)
         with transaction.atomic():
             Group.objects.get_or_create(name=VIEWER_GROUP)
             staff_password = self._demo_password("demo_staff_password")
