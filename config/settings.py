@@ -231,7 +231,11 @@ ENGINE_DATA_DIR = Path(env_str("EDGEFIT_DATA_DIR", str(VAR_DIR / "engine"))).res
 EDGEFIT_STALE_SECONDS = env_int("EDGEFIT_STALE_SECONDS", 120, minimum=2)
 CELERY_TASK_DEFAULT_QUEUE = env_str("EDGEFIT_TASK_QUEUE", "celery")
 CELERY_BEAT_SCHEDULE = {
-    "requeue-stale-planning-work": {"task": "workers.requeue_stale", "schedule": 60.0},
+    "requeue-stale-planning-work": {
+        "task": "workers.requeue_stale",
+        "schedule": float(env_int("EDGEFIT_REQUEUE_SECONDS", 60, minimum=1)),
+    },
 }
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # SQLAlchemy URL of Optuna's RDB storage; empty = the project database itself.
 OPTUNA_STORAGE_URL = env_str("EDGEFIT_OPTUNA_STORAGE_URL", "")

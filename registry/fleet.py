@@ -17,6 +17,7 @@ re-enqueues the stage, which resumes from what the database and the Optuna study
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -98,8 +99,14 @@ def _storage() -> Any:
     if url.startswith("sqlite"):
         # The embedded default has one worker; wait for the web process's locks instead of failing.
         kwargs["connect_args"] = {"timeout": 30}
-    _STORAGES[url] = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    return _STORAGES[url]
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception:
+        # Two workers creating Optuna's tables at once: one wins, the other finds them on retry.
+        time.sleep(0.5)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    _STORAGES[url] = storage
+    return storage
 
 
 def _policy(run: PlanningRun) -> Policy:
@@ -150,6 +157,7 @@ def start_run(run_id: int) -> tuple[list[int], bool]:
             compute_sensitivity(model)
         for profile in run.device_profiles.all():
             DeviceSearch.objects.get_or_create(run=run, device_profile=profile)
+        _storage()  # create Optuna's tables here, before several workers race to
     except Exception:
         planning.finish_run(run.pk, PlanningRun.Status.FAILED, error=traceback.format_exc())
         raise

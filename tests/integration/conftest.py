@@ -31,37 +31,19 @@ def database_url_for_tests() -> str:
 class WorkerProcess:
     """`celery worker` in its own process, consuming a queue private to this test."""
 
-    def __init__(self, queue: str, env: dict[str, str], log: Path) -> None:
+    def __init__(self, queue: str, env: dict[str, str], log: Path, *, name: str, beat: bool = False) -> None:
         self.queue = queue
         self.log = log
         self._handle = log.open("w")
+        beat_args = ["--beat", "--schedule", str(log.with_suffix(".beat"))] if beat else []
+        command = [
+            sys.executable, "-m", "celery", "-A", "config", "worker",
+            "--pool", "prefork", "--concurrency", "1", "--queues", queue,
+            "--hostname", f"{name}@%h", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat", *beat_args,
+        ]  # fmt: skip
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "config",
-                "worker",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                "1",
-                "--queues",
-                queue,
-                "--hostname",
-                f"{queue}@%h",
-                "--loglevel",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=self._handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, cwd=ROOT, env=env, stdout=self._handle, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def stop(self) -> None:
@@ -87,15 +69,36 @@ class WorkerProcess:
 
 
 @pytest.fixture
+def task_queue() -> Iterator[str]:
+    """A queue private to this test, used by the test process and its workers alike."""
+    from celery import current_app
+
+    queue = f"edgefit-test-{uuid.uuid4().hex[:8]}"
+    before = current_app.conf.task_default_queue
+    current_app.conf.task_default_queue = queue
+    yield queue
+    current_app.conf.task_default_queue = before
+
+
+@pytest.fixture
 def start_worker(
-    require_postgres: str, require_redis: str, transactional_db: None, tmp_path: Path
+    require_postgres: str, require_redis: str, transactional_db: None, tmp_path: Path, task_queue: str
 ) -> Iterator[object]:
     started: list[WorkerProcess] = []
 
-    def start(queue: str | None = None) -> WorkerProcess:
-        queue = queue or f"edgefit-test-{uuid.uuid4().hex[:8]}"
-        env = dict(os.environ, DATABASE_URL=database_url_for_tests(), DB_CONN_MAX_AGE="0")
-        worker = WorkerProcess(queue, env, tmp_path / f"worker-{len(started)}.log")
+    def start(*, beat: bool = False, **env_overrides: str) -> WorkerProcess:
+        from django.conf import settings
+
+        env = dict(
+            os.environ,
+            DATABASE_URL=database_url_for_tests(),
+            DB_CONN_MAX_AGE="0",
+            EDGEFIT_TASK_QUEUE=task_queue,
+            EDGEFIT_DATA_DIR=str(settings.ENGINE_DATA_DIR),
+            **env_overrides,
+        )
+        name = f"w{len(started)}-{task_queue}"
+        worker = WorkerProcess(task_queue, env, tmp_path / f"worker-{len(started)}.log", name=name, beat=beat)
         started.append(worker)
         return worker
 
