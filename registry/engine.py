@@ -6,7 +6,9 @@ packer produces (planner.quant.plan_nbytes equals bytes written); provenance say
 
 from __future__ import annotations
 
+import json
 import platform
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -145,10 +147,22 @@ def compute_sensitivity(model: BaseModel) -> SensitivityProfile:
     from planner.evaluate import Evaluator
 
     evaluator = Evaluator(bundle.adapter, sample, bundle.heads, cache_dir=settings.ENGINE_DATA_DIR)
-    profile = profile_sensitivity(evaluator, **SENSITIVITY_FAMILY)
-    BaseModel.objects.filter(pk=model.pk).update(
-        sensitivity={**profile.to_dict(), "provenance": measured_provenance("profiled")}
-    )
+    # The profile depends only on the model, data and family: keep it beside the engine caches
+    # so another database (a benchmark, a second deployment) reuses it instead of re-measuring.
+    family = "-".join(f"{k}={v}" for k, v in sorted(SENSITIVITY_FAMILY.items()))
+    cache_file = Path(settings.ENGINE_DATA_DIR) / "sensitivity" / f"{evaluator.cache_key}-{family}.json"
+    if cache_file.is_file():
+        stored = json.loads(cache_file.read_text())
+        profile = SensitivityProfile.from_dict(stored["profile"])
+        provenance = stored["provenance"]
+    else:
+        profile = profile_sensitivity(evaluator, **SENSITIVITY_FAMILY)
+        provenance = measured_provenance("profiled") + f" in {profile.seconds:.0f} s"
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"profile": profile.to_dict(), "provenance": provenance}))
+        tmp.replace(cache_file)
+    BaseModel.objects.filter(pk=model.pk).update(sensitivity={**profile.to_dict(), "provenance": provenance})
     return profile
 
 

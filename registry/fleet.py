@@ -55,7 +55,9 @@ from registry.models import BaseModel, DeviceSearch, PlanningRun, RealEvaluation
 __all__ = [
     "EXIT_LOSS_BOUNDS",
     "confirm_run",
+    "device_target",
     "device_trials",
+    "hypervolume_reference",
     "optuna_storage_url",
     "search_device",
     "stale_work",
@@ -117,7 +119,7 @@ def _fp32_accuracy(model: BaseModel) -> float:
     return float(model.fp32_metrics["accuracy"])
 
 
-def _target(run: PlanningRun, profile: DeviceProfile) -> DeviceTarget:
+def device_target(run: PlanningRun, profile: DeviceProfile) -> DeviceTarget:
     policy = _policy(run)
     floor = policy.floor(_fp32_accuracy(run.base_model))
     return DeviceTarget(
@@ -222,7 +224,7 @@ def search_device(search_id: int) -> int | None:
             _storage(),
             search.study_name,
             spec,
-            _target(run, search.device_profile),
+            device_target(run, search.device_profile),
             profile,
             _fp32_accuracy(model),
             _settings(run),
@@ -258,8 +260,8 @@ def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch, trials
     spec = ModelSpec.from_dict(run.base_model.spec)
     study = optuna.load_study(study_name=search.study_name, storage=_storage())
     front = estimated_front(study, spec, _settings(run).method)
-    target = _target(run, search.device_profile)
-    caps = _caps(run, search.device_profile)
+    target = device_target(run, search.device_profile)
+    caps = hypervolume_reference(run, search.device_profile)
     value = hypervolume(
         [Candidate(str(n), s.accuracy, s.latency_s, s.memory_bytes) for n, _, s in front],
         accuracy_floor=caps[0],
@@ -291,7 +293,7 @@ def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch, trials
         locked.save(update_fields=["progress"])
 
 
-def _caps(run: PlanningRun, profile: DeviceProfile) -> tuple[float, float]:
+def hypervolume_reference(run: PlanningRun, profile: DeviceProfile) -> tuple[float, float]:
     """Reference point for a device's hypervolume: 10 points below FP32, and FP32's latency."""
     spec = ModelSpec.from_dict(run.base_model.spec)
     fp32_latency = predict(spec, Plan(), profile.to_device_spec(), seq_len=_settings(run).seq_len).latency_s
@@ -437,7 +439,7 @@ def _device_result(
     provenance_of: dict[str, str],
     misses: list[TrialScore],
 ) -> dict[str, Any]:
-    target = _target(run, profile)
+    target = device_target(run, profile)
     policy = _policy(run)
     fp32_accuracy = _fp32_accuracy(run.base_model)
     seq_len = _settings(run).seq_len
@@ -501,7 +503,7 @@ def _device_result(
             "hypervolume": 0.0,
         }
     rec = recommend(usable, policy, fp32_accuracy=fp32_accuracy, device_memory_budget=budget)
-    accuracy_floor, latency_cap = _caps(run, profile)
+    accuracy_floor, latency_cap = hypervolume_reference(run, profile)
     front = pareto_front(usable)
     variants = _store_front(run, front)
     return {
