@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,9 @@ def register_bundle(bundle_name: str) -> BaseModel:
     return model
 
 
-def compute_sensitivity(model: BaseModel) -> SensitivityProfile:
+def compute_sensitivity(
+    model: BaseModel, on_progress: Callable[[int, int], None] | None = None
+) -> SensitivityProfile:
     """Profile every tensor at every precision (rest FP32) on a calibration subsample and
     store the profile on the model. Cached engine outputs make a repeat cheap."""
     bundle = bundle_for(model)
@@ -156,7 +159,7 @@ def compute_sensitivity(model: BaseModel) -> SensitivityProfile:
         profile = SensitivityProfile.from_dict(stored["profile"])
         provenance = stored["provenance"]
     else:
-        profile = profile_sensitivity(evaluator, **SENSITIVITY_FAMILY)
+        profile = profile_sensitivity(evaluator, progress=on_progress, **SENSITIVITY_FAMILY)
         provenance = measured_provenance("profiled") + f" in {profile.seconds:.0f} s"
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
