@@ -78,6 +78,10 @@ def up(host: str, port: int) -> None:
                 "1",
                 "--hostname",
                 "edgefit-embedded@%h",
+                # Embedded beat: re-enqueues planning work a killed worker left behind.
+                "--beat",
+                "--schedule",
+                str(ROOT / "var" / "celerybeat-schedule"),
             ],
             cwd=ROOT,
             env=env,
@@ -101,8 +105,10 @@ def up(host: str, port: int) -> None:
     ]
     _wait_until_serving(f"http://{host}:{port}/health/", workers)
     print(f"\nEdgeFit is running at http://{host}:{port}/  (ready after {time.monotonic() - started:.0f} s)")
+    var = Path(os.environ.get("EDGEFIT_VAR_DIR") or ROOT / "var")
+    staff_password = (var / "demo_staff_password").read_text().strip()
     print(
-        "Log in with the demo staff login printed above. Ctrl-C stops the web server and the worker.\n",
+        f"Log in as demo / {staff_password} (staff). Ctrl-C stops the web server and the worker.\n",
         flush=True,
     )
     try:
