@@ -6,7 +6,16 @@ work: norms, GELU, residuals — memory traffic only) costs
     t = max(bytes / (bandwidth · mem_efficiency), 2·MACs / (peak[p] · compute_efficiency[p]))
         + per_tensor_overhead_s
 
-where p is the precision the device computes that op in.  A weight precision the device lacks
+where p is the precision the device computes that op in.  When the runtime's kernel per tensor
+is known (`kernels`: tensor name → one of REGIMES, e.g. from `KernelReport.regimes()`), the
+op is costed in that kernel regime instead: its compute roof uses the regime's own efficiency
+(W8A8 runs on the int8 peak, fp32 / dequantized / weight-only kernels on the fp32 peak), its
+bytes are what the regime keeps in memory (int8 for W8A8, fp32 for dequantized-at-load), and
+it pays the regime's per-call overhead plus, for W8A8, a per-element cost of quantizing the
+activations and rescaling the int32 results:
+
+    t = max(...) + per_tensor_overhead_s + regime_overhead_s[r] + act_quant_s_per_element · elements
+  A weight precision the device lacks
 (not in `weight_formats`, or no peak) falls back along int2 → int3 → int4 → int8 → fp16 → fp32:
 the weight stays packed in memory (bytes are the packed bytes) but is dequantized and computed
 at the first precision the device has (a narrower integer grid embeds losslessly in a wider one).
@@ -17,7 +26,8 @@ Calibration (`fit`) turns measurements into per-device CostParams.  Because
 1/efficiency and the overheads enter linearly once each op's binding roof (memory or compute) is
 known, the fit alternates: classify every op under the current parameters, solve a non-negative
 least-squares problem in θ = (1/mem_eff, 1/compute_eff[p]…, per-tensor overhead, fixed
-overhead) weighted for relative error, and repeat until the classification is stable.
+overhead, 1/regime_efficiency[r]…, regime_overhead_s[r]…, act_quant_s_per_element) weighted
+for relative error, and repeat until the classification is stable.
 """
 
 from __future__ import annotations
@@ -30,11 +40,13 @@ from typing import Any, Literal
 import numpy as np
 
 from planner.quant.packing import packed_nbytes, plan_nbytes
-from planner.specs import DeviceSpec, ModelSpec, Plan, PlanError, TensorSpec
+from planner.specs import DeviceSpec, ModelSpec, Plan, PlanError, TensorScheme, TensorSpec
 
 __all__ = [
     "COMPUTE_PRECISIONS",
     "COST_MODEL_VERSION",
+    "REGIMES",
+    "REGIME_COMPUTE_PRECISION",
     "CostParams",
     "CostPrediction",
     "FitReport",
@@ -49,14 +61,33 @@ __all__ = [
     "reach_probabilities",
 ]
 
-COST_MODEL_VERSION = "roofline-1"
+COST_MODEL_VERSION = "roofline-2"
+#: Host kernel regimes a tensor can run in (see planner.runtime.KernelReport.regimes).
+REGIMES: tuple[str, ...] = ("fp32", "w8a8", "weight-only", "dequant", "fp16-upcast", "gather")
+#: The peak each regime's multiply-adds run on.
+REGIME_COMPUTE_PRECISION: dict[str, str] = {
+    "fp32": "fp32",
+    "w8a8": "int8",
+    "weight-only": "fp32",
+    "dequant": "fp32",
+    "fp16-upcast": "fp32",
+    "gather": "fp32",
+}
 #: Precisions a device can compute in (DeviceSpec has peaks for exactly these).
 COMPUTE_PRECISIONS: tuple[str, ...] = ("int4", "int8", "fp16", "fp32")
 _FALLBACK_CHAIN: tuple[str, ...] = ("int2", "int3", "int4", "int8", "fp16", "fp32")
 _ACT_BYTES: dict[str, float] = {"int4": 0.5, "int8": 1.0, "fp16": 2.0, "fp32": 4.0}
 _PARAMS_TYPE = "CostParams"
 _MAX_EFFICIENCY = 1e3
-_PARAMS_VERSION = 1
+_PARAMS_VERSION = 2
+
+
+def _default_regime_efficiency() -> dict[str, float]:
+    return {"fp32": 0.5, "w8a8": 0.3, "weight-only": 0.1, "dequant": 0.5, "fp16-upcast": 0.3, "gather": 1.0}
+
+
+def _default_regime_overhead() -> dict[str, float]:
+    return {r: 0.0 for r in REGIMES}
 
 
 def _default_compute_efficiency() -> dict[str, float]:
@@ -78,6 +109,12 @@ class CostParams:
     per_tensor_overhead_s: float = 5e-6
     fixed_overhead_s: float = 2e-4
     runtime_overhead_bytes: int = 32 * 1024 * 1024
+    #: Fraction of the regime's peak (REGIME_COMPUTE_PRECISION) a kernel regime sustains.
+    regime_efficiency: Mapping[str, float] = field(default_factory=_default_regime_efficiency)
+    #: Extra seconds per call of a kernel regime (e.g. W8A8's quantize/rescale launches).
+    regime_overhead_s: Mapping[str, float] = field(default_factory=_default_regime_overhead)
+    #: Seconds per activation element quantized to int8 or rescaled from int32 (W8A8).
+    act_quant_s_per_element: float = 2e-9
 
     def __post_init__(self) -> None:
         effs = dict(_default_compute_efficiency())
@@ -86,15 +123,30 @@ class CostParams:
         if unknown:
             raise PlanError(f"compute_efficiency: unknown precision(s) {', '.join(sorted(unknown))}")
         object.__setattr__(self, "compute_efficiency", effs)
-        for key, value in [("mem_efficiency", self.mem_efficiency)] + [
-            (f"compute_efficiency[{p}]", v) for p, v in effs.items()
-        ]:
+        reffs = dict(_default_regime_efficiency())
+        reffs.update(self.regime_efficiency)
+        rover = dict(_default_regime_overhead())
+        rover.update(self.regime_overhead_s)
+        unknown = (set(reffs) | set(rover)) - set(REGIMES)
+        if unknown:
+            raise PlanError(
+                f"unknown kernel regime(s) {', '.join(sorted(unknown))}; known: {', '.join(REGIMES)}"
+            )
+        object.__setattr__(self, "regime_efficiency", reffs)
+        object.__setattr__(self, "regime_overhead_s", rover)
+        for key, value in (
+            [("mem_efficiency", self.mem_efficiency)]
+            + [(f"compute_efficiency[{p}]", v) for p, v in effs.items()]
+            + [(f"regime_efficiency[{r}]", v) for r, v in reffs.items()]
+        ):
             if not (math.isfinite(value) and value > 0):
                 raise PlanError(f"{key} must be a positive finite number, got {value!r}")
         for key, value in (
             ("per_tensor_overhead_s", self.per_tensor_overhead_s),
             ("fixed_overhead_s", self.fixed_overhead_s),
             ("runtime_overhead_bytes", float(self.runtime_overhead_bytes)),
+            ("act_quant_s_per_element", self.act_quant_s_per_element),
+            *((f"regime_overhead_s[{r}]", v) for r, v in rover.items()),
         ):
             if not (math.isfinite(value) and value >= 0):
                 raise PlanError(f"{key} must be a non-negative finite number, got {value!r}")
@@ -109,12 +161,16 @@ class CostParams:
                 "per_tensor_overhead_s": self.per_tensor_overhead_s,
                 "fixed_overhead_s": self.fixed_overhead_s,
                 "runtime_overhead_bytes": self.runtime_overhead_bytes,
+                "regime_efficiency": dict(self.regime_efficiency),
+                "regime_overhead_s": dict(self.regime_overhead_s),
+                "act_quant_s_per_element": self.act_quant_s_per_element,
             },
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CostParams:
-        if data.get("_type") != _PARAMS_TYPE or data.get("_version") != _PARAMS_VERSION:
+        # v1 (before kernel regimes) lacks the regime fields: they take their defaults.
+        if data.get("_type") != _PARAMS_TYPE or data.get("_version") not in (1, _PARAMS_VERSION):
             raise PlanError(
                 f"not a {_PARAMS_TYPE} v{_PARAMS_VERSION} dict: "
                 f"{data.get('_type')!r} v{data.get('_version')!r}"
@@ -126,6 +182,9 @@ class CostParams:
             "per_tensor_overhead_s",
             "fixed_overhead_s",
             "runtime_overhead_bytes",
+            "regime_efficiency",
+            "regime_overhead_s",
+            "act_quant_s_per_element",
         }
         if unknown:
             raise PlanError(f"unknown CostParams field(s): {', '.join(sorted(unknown))}")
@@ -135,6 +194,9 @@ class CostParams:
             per_tensor_overhead_s=float(body.get("per_tensor_overhead_s", 5e-6)),
             fixed_overhead_s=float(body.get("fixed_overhead_s", 2e-4)),
             runtime_overhead_bytes=int(body.get("runtime_overhead_bytes", 32 * 1024 * 1024)),
+            regime_efficiency={str(k): float(v) for k, v in (body.get("regime_efficiency") or {}).items()},
+            regime_overhead_s={str(k): float(v) for k, v in (body.get("regime_overhead_s") or {}).items()},
+            act_quant_s_per_element=float(body.get("act_quant_s_per_element", 2e-9)),
         )
 
 
@@ -155,6 +217,7 @@ class OpCost:
     compute_s: float
     seconds: float
     bound: Literal["memory", "compute"]
+    regime: str = ""
 
 
 @dataclass(frozen=True)
@@ -289,6 +352,8 @@ class _Op:
     fallback: bool
     memory_s0: float  # at 100 % memory efficiency
     compute_s0: float  # at 100 % compute efficiency
+    regime: str = ""  # "" = priced by compute precision (no host kernel known)
+    act_elements: float = 0.0  # activation elements quantized / rescaled per call (W8A8)
 
 
 def _ops(
@@ -298,6 +363,7 @@ def _ops(
     batch: int,
     seq_len: int,
     reach: Sequence[float],
+    kernels: Mapping[str, str] | None = None,
 ) -> list[_Op]:
     bw = device.bandwidth_gbs * 1e9
     if bw <= 0:
@@ -309,19 +375,30 @@ def _ops(
     for t in spec.tensors:
         w = _tensor_weight(t, spec, reach)
         scheme = plan.scheme(t.name)
-        cp = compute_precision(scheme.precision, device)
+        regime = (kernels or {}).get(t.name, "")
+        if regime and regime not in REGIMES:
+            raise PlanError(
+                f"tensor {t.name!r}: unknown kernel regime {regime!r} (known: {', '.join(REGIMES)})"
+            )
+        cp = REGIME_COMPUTE_PRECISION[regime] if regime else compute_precision(scheme.precision, device)
+        if regime and _peak_ops(device, cp) is None:
+            raise PlanError(f"device {device.name!r} has no {cp} peak for kernel regime {regime!r}")
+        stored = _regime_storage(scheme, regime)
         rows, cols = t.shape
+        act_elements = 0.0
         if t.kind == "embedding":
             touched = min(tokens, rows)
-            nbytes = touched * packed_nbytes((1, cols), scheme) + tokens * cols * act_b
+            nbytes = touched * packed_nbytes((1, cols), stored) + tokens * cols * act_b
             macs = 0.0
             comp0 = 0.0
         else:
-            nbytes = packed_nbytes(t.shape, scheme) + tokens * (rows + cols) * act_b
+            nbytes = packed_nbytes(t.shape, stored) + tokens * (rows + cols) * act_b
             macs = float(t.macs_per_token) * tokens
             peak = _peak_ops(device, cp)
             assert peak is not None
             comp0 = 2.0 * macs / peak
+            if regime == "w8a8":
+                act_elements = float(tokens * (rows + cols))
         ops.append(
             _Op(
                 name=t.name,
@@ -335,6 +412,8 @@ def _ops(
                 fallback=cp != scheme.precision,
                 memory_s0=nbytes / bw,
                 compute_s0=comp0,
+                regime=regime,
+                act_elements=act_elements,
             )
         )
     act_peak = _peak_ops(device, act)
@@ -389,10 +468,26 @@ def _tensor_weight(t: TensorSpec, spec: ModelSpec, reach: Sequence[float]) -> fl
     return 1.0
 
 
+def _regime_storage(scheme: TensorScheme, regime: str) -> TensorScheme:
+    """What a kernel regime keeps in memory: W8A8 widens codes to per-channel int8, the
+    dequantized / fp32 regimes hold fp32, the others keep the plan's storage."""
+    if regime == "w8a8" and scheme.is_integer:
+        return TensorScheme("int8")
+    if regime in ("dequant", "fp32"):
+        return TensorScheme("fp32")
+    return scheme
+
+
 def _op_seconds(op: _Op, params: CostParams) -> tuple[float, float, float]:
     mem = op.memory_s0 / params.mem_efficiency
-    comp = op.compute_s0 / params.compute_efficiency[op.compute_precision] if op.compute_s0 else 0.0
-    return mem, comp, max(mem, comp) + params.per_tensor_overhead_s
+    eff = (
+        params.regime_efficiency[op.regime] if op.regime else params.compute_efficiency[op.compute_precision]
+    )
+    comp = op.compute_s0 / eff if op.compute_s0 else 0.0
+    extra = params.per_tensor_overhead_s + params.act_quant_s_per_element * op.act_elements
+    if op.regime:
+        extra += params.regime_overhead_s[op.regime]
+    return mem, comp, max(mem, comp) + extra
 
 
 def predict(
@@ -404,6 +499,7 @@ def predict(
     seq_len: int = 128,
     exit_probs: Sequence[float] | None = None,
     params: CostParams | None = None,
+    kernels: Mapping[str, str] | None = None,
 ) -> CostPrediction:
     """Predict expected latency and peak memory of `plan` on `device`.
 
@@ -411,14 +507,15 @@ def predict(
     roofline; (3) expected latency = fixed overhead + Σ P(op runs) · op time, plus one
     per-tensor overhead per exit head evaluated; (4) memory = packed weights (+ fp32 other
     params) + peak block activations + the largest dequantize-on-the-fly buffer of a
-    fallback tensor + runtime overhead.
+    fallback tensor + runtime overhead.  `kernels` (tensor → regime) prices each tensor in
+    the kernel regime the host runtime really uses for it (see the module docstring).
     """
     if batch < 1 or seq_len < 1:
         raise PlanError(f"batch ({batch}) and seq_len ({seq_len}) must be ≥ 1")
     plan.validate(spec)
     params = params or CostParams()
     reach = reach_probabilities(spec, plan, exit_probs)
-    raw = _ops(spec, plan, device, batch, seq_len, reach)
+    raw = _ops(spec, plan, device, batch, seq_len, reach, kernels)
     ops: list[OpCost] = []
     latency = params.fixed_overhead_s
     full = params.fixed_overhead_s
@@ -441,6 +538,7 @@ def predict(
                 compute_s=comp,
                 seconds=secs,
                 bound="compute" if comp > mem else "memory",
+                regime=op.regime,
             )
         )
     heads = _exit_head_runs(spec, plan, reach)
@@ -499,6 +597,8 @@ class Observation:
     seq_len: int
     exit_probs: Sequence[float] | None
     measured_s: float
+    #: Kernel regime per tensor on the measuring host (None: priced by precision).
+    kernels: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -534,11 +634,25 @@ class FitResult:
     report: FitReport
 
 
+_N_COMP = len(COMPUTE_PRECISIONS)
+_I_MEM = 0
+_I_COMP = {p: 1 + i for i, p in enumerate(COMPUTE_PRECISIONS)}
+_I_TENSOR = 1 + _N_COMP
+_I_FIXED = 2 + _N_COMP
+_I_REFF = {r: 3 + _N_COMP + i for i, r in enumerate(REGIMES)}
+_I_ROVER = {r: 3 + _N_COMP + len(REGIMES) + i for i, r in enumerate(REGIMES)}
+_I_ACTQ = 3 + _N_COMP + 2 * len(REGIMES)
+#: θ entries that are inverse efficiencies (the roofs); the rest are seconds.
+_EFFICIENCY_SLOTS: frozenset[int] = frozenset([_I_MEM, *_I_COMP.values(), *_I_REFF.values()])
+
 _THETA_NAMES: tuple[str, ...] = (
     "mem_efficiency",
     *(f"compute_efficiency[{p}]" for p in COMPUTE_PRECISIONS),
     "per_tensor_overhead_s",
     "fixed_overhead_s",
+    *(f"regime_efficiency[{r}]" for r in REGIMES),
+    *(f"regime_overhead_s[{r}]" for r in REGIMES),
+    "act_quant_s_per_element",
 )
 
 
@@ -547,6 +661,9 @@ def _theta(params: CostParams) -> np.ndarray:
         [1.0 / params.mem_efficiency]
         + [1.0 / params.compute_efficiency[p] for p in COMPUTE_PRECISIONS]
         + [params.per_tensor_overhead_s, params.fixed_overhead_s]
+        + [1.0 / params.regime_efficiency[r] for r in REGIMES]
+        + [params.regime_overhead_s[r] for r in REGIMES]
+        + [params.act_quant_s_per_element]
     )
 
 
@@ -557,46 +674,57 @@ def _params_from(theta: np.ndarray, prior: CostParams, identified: np.ndarray) -
         # θ = 0 means the roof never binds: cap the efficiency instead of dividing by zero.
         return min(1.0 / float(theta[i]), _MAX_EFFICIENCY) if theta[i] > 0 else _MAX_EFFICIENCY
 
-    n = len(COMPUTE_PRECISIONS)
+    def sec(i: int, old: float) -> float:
+        return float(theta[i]) if identified[i] else old
+
     return replace(
         prior,
-        mem_efficiency=inv(0, prior.mem_efficiency),
-        compute_efficiency={
-            p: inv(1 + i, prior.compute_efficiency[p]) for i, p in enumerate(COMPUTE_PRECISIONS)
-        },
-        per_tensor_overhead_s=float(theta[1 + n]) if identified[1 + n] else prior.per_tensor_overhead_s,
-        fixed_overhead_s=float(theta[2 + n]) if identified[2 + n] else prior.fixed_overhead_s,
+        mem_efficiency=inv(_I_MEM, prior.mem_efficiency),
+        compute_efficiency={p: inv(_I_COMP[p], prior.compute_efficiency[p]) for p in COMPUTE_PRECISIONS},
+        per_tensor_overhead_s=sec(_I_TENSOR, prior.per_tensor_overhead_s),
+        fixed_overhead_s=sec(_I_FIXED, prior.fixed_overhead_s),
+        regime_efficiency={r: inv(_I_REFF[r], prior.regime_efficiency[r]) for r in REGIMES},
+        regime_overhead_s={r: sec(_I_ROVER[r], prior.regime_overhead_s[r]) for r in REGIMES},
+        act_quant_s_per_element=sec(_I_ACTQ, prior.act_quant_s_per_element),
     )
+
+
+def _compute_slot(op: _Op) -> int:
+    return _I_REFF[op.regime] if op.regime else _I_COMP[op.compute_precision]
 
 
 def _features(ops: Sequence[_Op], heads: float, theta: np.ndarray) -> tuple[np.ndarray, tuple[bool, ...]]:
     """Design-matrix row (time = row · θ under this classification) and each op's roof."""
     row = np.zeros(len(_THETA_NAMES))
-    idx = {p: 1 + i for i, p in enumerate(COMPUTE_PRECISIONS)}
     roofs = []
     for op in ops:
-        j = idx[op.compute_precision]
-        compute_bound = bool(op.compute_s0 * theta[j] > op.memory_s0 * theta[0])
+        j = _compute_slot(op)
+        compute_bound = bool(op.compute_s0 * theta[j] > op.memory_s0 * theta[_I_MEM])
         roofs.append(compute_bound)
         if compute_bound:
             row[j] += op.weight * op.compute_s0
         else:
-            row[0] += op.weight * op.memory_s0
-        row[-2] += op.weight
-    row[-2] += heads
-    row[-1] = 1.0
+            row[_I_MEM] += op.weight * op.memory_s0
+        row[_I_TENSOR] += op.weight
+        if op.regime:
+            row[_I_ROVER[op.regime]] += op.weight
+        row[_I_ACTQ] += op.weight * op.act_elements
+    row[_I_TENSOR] += heads
+    row[_I_FIXED] = 1.0
     return row, tuple(roofs)
 
 
 def fit(params: CostParams, observations: Sequence[Observation], device: DeviceSpec) -> FitResult:
     """Fit efficiencies and overheads of `device` to measured runs.
 
-    Steps: (1) cost every observation's ops at 100 % efficiency (parameter-free); (2) under
-    the current θ, classify each op as memory- or compute-bound and sum its time into that
-    roof's feature column, plus op count and a constant; (3) weight rows by 1/measured so the
-    fit minimises relative error, scale columns to unit norm, and solve NNLS; (4) repeat from
-    (2) until no op changes roof (≤ 20 rounds), keeping the best θ seen; (5) parameters whose
-    column is all zero (e.g. a precision never used) keep their prior value.
+    Steps: (1) cost every observation's ops at 100 % efficiency (parameter-free), in the
+    kernel regime the observation names per tensor if any; (2) under the current θ, classify
+    each op as memory- or compute-bound and sum its time into that roof's feature column
+    (the regime's own column for ops with a known kernel regime), plus op counts (all ops;
+    per regime), W8A8 activation elements and a constant; (3) weight rows by 1/measured so
+    the fit minimises relative error, scale columns to unit norm, and solve NNLS; (4) repeat
+    from (2) until no op changes roof (≤ 20 rounds), keeping the best θ seen; (5) parameters
+    whose column is all zero (e.g. a regime never used) keep their prior value.
     """
     if not observations:
         raise PlanError("fit needs at least one observation")
@@ -609,7 +737,7 @@ def fit(params: CostParams, observations: Sequence[Observation], device: DeviceS
         reach = reach_probabilities(ob.spec, ob.plan, ob.exit_probs)
         prepared.append(
             (
-                _ops(ob.spec, ob.plan, device, ob.batch, ob.seq_len, reach),
+                _ops(ob.spec, ob.plan, device, ob.batch, ob.seq_len, reach, ob.kernels),
                 _exit_head_runs(ob.spec, ob.plan, reach),
             )
         )
@@ -628,10 +756,10 @@ def fit(params: CostParams, observations: Sequence[Observation], device: DeviceS
     # The roof assignment makes the problem non-convex (memory and compute time both grow
     # with tokens), so start from the prior and from "everything memory-bound" / "everything
     # compute-bound" and keep the best fit.
-    n_comp = len(COMPUTE_PRECISIONS)
+    compute_slots = [*_I_COMP.values(), *_I_REFF.values()]
     mem_start, comp_start = prior.copy(), prior.copy()
-    mem_start[1 : 1 + n_comp] *= 1e-6
-    comp_start[0] *= 1e-6
+    mem_start[compute_slots] *= 1e-6
+    comp_start[_I_MEM] *= 1e-6
     for theta in (prior, mem_start, comp_start):
         previous: list[tuple[bool, ...]] | None = None
         for _ in range(20):
@@ -671,20 +799,22 @@ def fit(params: CostParams, observations: Sequence[Observation], device: DeviceS
         never_binding=tuple(
             n
             for i, (n, ok) in enumerate(zip(_THETA_NAMES, identified, strict=True))
-            if ok and i <= len(COMPUTE_PRECISIONS) and not theta[i] > 1.0 / _MAX_EFFICIENCY
+            if ok and i in _EFFICIENCY_SLOTS and not theta[i] > 1.0 / _MAX_EFFICIENCY
         ),
     )
     return FitResult(params=fitted_params, report=report)
 
 
 def _predict_theta(ops: Sequence[_Op], heads: float, theta: np.ndarray) -> float:
-    idx = {p: 1 + i for i, p in enumerate(COMPUTE_PRECISIONS)}
-    total = float(theta[-1]) + heads * float(theta[-2])
+    total = float(theta[_I_FIXED]) + heads * float(theta[_I_TENSOR])
     for op in ops:
+        extra = theta[_I_TENSOR] + theta[_I_ACTQ] * op.act_elements
+        if op.regime:
+            extra += theta[_I_ROVER[op.regime]]
         total += op.weight * (
-            max(op.memory_s0 * theta[0], op.compute_s0 * theta[idx[op.compute_precision]]) + theta[-2]
+            max(op.memory_s0 * theta[_I_MEM], op.compute_s0 * theta[_compute_slot(op)]) + extra
         )
-    return total
+    return float(total)
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, str]:

@@ -1,0 +1,778 @@
+"""Engine benchmark: compression, early exit, host latency, proxy and cost-model accuracy.
+
+`python -m bench engine [--json PATH]` runs every figure of the engine issue on this machine
+(held-out TEST split for every reported figure, CALIBRATION for every choice) and prints one
+table.  Heavy intermediate results are cached under the engine data dir
+(`planner.data.engine_data_dir()`, default ./var/engine): exit heads, the sensitivity profile,
+per-plan exit logits (the evaluator's own cache) and the proxy check; each is reported as
+"reused" or "computed".  Latencies are always measured afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from planner.cost import CostParams, FitResult, Observation, fit, predict
+from planner.data.dataset import engine_data_dir
+from planner.evaluate import EvalResult, Evaluator, builtin_evaluator
+from planner.exits.curve import ThresholdCurve, choose_threshold
+from planner.hostprobe import probe_host
+from planner.mixed import FrontierPoint, greedy_frontier
+from planner.models.base import TokenizedSplit
+from planner.quant import QuantCache, plan_nbytes, quantize_plan, write_packed_safetensors
+from planner.runtime import (
+    EarlyExitRunner,
+    LatencyStats,
+    RuntimeEval,
+    TextLatency,
+    build_runtime_model,
+    evaluate_runtime,
+    measure_batch_latency,
+    measure_text_latency,
+)
+from planner.sensitivity import METRICS, SensitivityProfile, check_proxy, profile_sensitivity, random_plans
+from planner.specs import DeviceSpec, ModelSpec, Plan, TensorScheme
+
+_PROFILE_N = 160
+_PROFILE_PRECISIONS = ("fp16", "int8", "int4", "int3", "int2")
+_GROUP = 128
+_METHOD = "gptq"
+_LOW, _HIGH = 6.0, 6.6  # compression window of the frontier candidates
+#: KL of the task head's distribution: of the profile's metrics the one whose additive proxy
+#: tracked top-1 agreement best at the ~6× point in our runs (the cosine proxy ranks plans
+#: well overall but chose plans with lower agreement there).
+_FRONTIER_METRIC = "kl"
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _small_evaluator(ev: Evaluator, n: int) -> Evaluator:
+    small = ev.dataset.subsample("calibration", n, seed=0)
+    return Evaluator(ev.adapter, small, ev.heads, threads=ev.threads)
+
+
+def load_profile(ev: Evaluator, root: Path) -> tuple[SensitivityProfile, Evaluator, str]:
+    """The sensitivity profile on a seeded CALIBRATION subsample (disk-cached JSON)."""
+    small = _small_evaluator(ev, _PROFILE_N)
+    tag = hashlib.sha256(
+        json.dumps([small.cache_key, _PROFILE_PRECISIONS, _GROUP, _METHOD]).encode()
+    ).hexdigest()[:16]
+    path = root / "profiles" / f"{tag}.json"
+    if path.is_file():
+        return SensitivityProfile.from_dict(json.loads(path.read_text())), small, "reused"
+    started = time.perf_counter()
+    total = len(ev.spec.tensors) * len(_PROFILE_PRECISIONS)
+
+    def progress(done: int, n: int) -> None:
+        if done % 39 == 0 or done == n:
+            _log(f"  profile {done}/{n}  {time.perf_counter() - started:.0f} s")
+
+    prof = profile_sensitivity(
+        small, _PROFILE_PRECISIONS, group_size=_GROUP, method=_METHOD, progress=progress
+    )
+    assert total == len(ev.spec.tensors) * len(_PROFILE_PRECISIONS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(prof.to_dict()))
+    return prof, small, "computed"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _cached_json(path: Path, compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    if path.is_file():
+        return json.loads(path.read_text()), "reused"
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return value, "computed"
+
+
+def _linear_scheme(precision: str, group: int | None, method: str) -> TensorScheme:
+    return TensorScheme(precision, group, True, method if precision.startswith("int") else "rtn")
+
+
+def _uniform(spec: ModelSpec, precision: str, group: int | None, method: str) -> Plan:
+    """Every tensor at `precision`; embeddings always round-to-nearest (GPTQ has no inputs to use)."""
+    schemes = {}
+    for t in spec.tensors:
+        gs = group if group is not None and t.shape[1] % group == 0 else None
+        schemes[t.name] = _linear_scheme(precision, gs, method if t.kind == "linear" else "rtn")
+    return Plan.build(schemes)
+
+
+@dataclass
+class _Row:
+    label: str
+    plan: Plan
+    size_bytes: int = 0
+    written_bytes: int = 0
+    eval_test: EvalResult | None = None
+    runtime: RuntimeEval | None = None
+    latency: TextLatency | None = None
+    predicted_s: float | None = None
+    kernels: dict[str, int] = field(default_factory=dict)
+    regimes: dict[str, str] = field(default_factory=dict)
+
+
+def _write_size(
+    plan: Plan, ev: Evaluator, root: Path, calib: dict[str, torch.Tensor], cache: QuantCache
+) -> int:
+    """Bytes written by `write_packed_safetensors` for the whole model (payload; header apart)."""
+    module = ev.adapter.module
+    quantized = quantize_plan(module, ev.spec, plan, calib, cache)
+    listed = set(ev.spec.tensor_names)
+    others = {n: p.detach() for n, p in module.named_parameters() if n not in listed}
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        report = write_packed_safetensors(Path(tmp) / "w.safetensors", quantized, others)
+    return report.payload_bytes
+
+
+def _frontier_candidates(points: list[FrontierPoint], fp32_bytes: int, n: int) -> list[FrontierPoint]:
+    """`n` frontier points spread (in bytes) over compression 6.0×–6.6×, just past the 6× target."""
+    inside = [p for p in points if _LOW <= fp32_bytes / p.weight_bytes <= _HIGH]
+    if len(inside) <= n:
+        return inside
+    targets = np.linspace(_LOW, _HIGH, n)
+    chosen: list[FrontierPoint] = []
+    for ratio in targets:
+        best = min(inside, key=lambda p: abs(fp32_bytes / p.weight_bytes - ratio))
+        if best not in chosen:
+            chosen.append(best)
+    return chosen
+
+
+def _proxy_check(small: Evaluator, profile: SensitivityProfile, n_plans: int, seed: int) -> dict[str, Any]:
+    report = check_proxy(small, profile, n_plans=n_plans, seed=seed)
+    return {m: report[m] for m in METRICS} | {"n_plans": n_plans}
+
+
+def _proxy_speed(profile: SensitivityProfile, seed: int) -> dict[str, float]:
+    """Plans estimated per second: from Plan objects (index_matrix + estimate_many, the path a
+    search takes) and from a ready index matrix; median of 3 timed repeats each."""
+    plans, _ = random_plans(profile, 2000, seed=seed)
+    big = np.random.default_rng(seed).integers(0, len(profile.precisions), (100_000, len(profile.tensors)))
+
+    def rate(fn: Callable[[], object], count: int) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return count / statistics.median(times)
+
+    return {
+        "from_plans": rate(lambda: profile.estimate_many(profile.index_matrix(plans), "cosine"), len(plans)),
+        "from_matrix": rate(lambda: profile.estimate_many(big, "cosine"), len(big)),
+    }
+
+
+def _cost_plans(spec: ModelSpec, n: int, seed: int) -> list[tuple[Plan, bool]]:
+    """`n` varied plans for the latency model: per-tensor precision mixes (fp32 / int8 / int4 /
+    int2; W8A8 kernels, a third of them dequantized-at-load instead) and exit thresholds."""
+    rng = np.random.default_rng(seed)
+    choices = ("fp32", "int8", "int4", "int2")
+    thresholds = (None, None, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+    plans = []
+    for k in range(n):
+        mix = rng.dirichlet(np.full(len(choices), 0.6))
+        schemes = {}
+        for t in spec.tensors:
+            p = choices[int(rng.choice(len(choices), p=mix))]
+            if p != "fp32":
+                gs = 128 if p != "int8" and t.shape[1] % 128 == 0 else None
+                schemes[t.name] = TensorScheme(p, gs, True, "rtn")
+        thr = thresholds[int(rng.integers(len(thresholds)))]
+        # Dequantized-at-load plans come in consecutive pairs (k = 4, 5; 10, 11; …): the fit
+        # trains on even k and checks on odd k, so both halves see every kernel regime.
+        plans.append((Plan.build(schemes, thr), (k // 2) % 3 == 2))
+    return plans
+
+
+def _observations(
+    spec: ModelSpec, plan: Plan, lat: TextLatency, lengths: list[int], regimes: dict[str, str]
+) -> list[Observation]:
+    n_exits = len(spec.exit_points)
+    obs = []
+    for t, seconds in enumerate(lat.per_text_s):
+        probs = None
+        if plan.exit_threshold is not None:
+            probs = [0.0] * n_exits
+            probs[sorted(spec.exit_points).index(lat.exits[t])] = 1.0
+        obs.append(Observation(spec, plan, 1, lengths[t], probs, seconds, regimes))
+    return obs
+
+
+def _predict_text_mean(
+    spec: ModelSpec,
+    plan: Plan,
+    device: DeviceSpec,
+    params: CostParams,
+    lengths: list[int],
+    exits: tuple[int, ...],
+    regimes: dict[str, str],
+) -> float:
+    """Predicted mean batch-1 latency over the sample texts (their lengths and exit blocks)."""
+    n_exits = len(spec.exit_points)
+    total = 0.0
+    for t, length in enumerate(lengths):
+        probs = None
+        if plan.exit_threshold is not None:
+            probs = [0.0] * n_exits
+            probs[sorted(spec.exit_points).index(exits[t])] = 1.0
+        pred = predict(spec, plan, device, seq_len=length, exit_probs=probs, params=params, kernels=regimes)
+        assert pred.predicted
+        total += pred.latency_s
+    return total / len(lengths)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for every measurement")
+    parser.add_argument("--latency-texts", type=int, default=32, help="held-out texts timed at batch 1")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per text (median taken)")
+    parser.add_argument("--cost-plans", type=int, default=36, help="plans measured to fit the cost model")
+    parser.add_argument("--proxy-plans", type=int, default=30, help="random plans measured for the proxy")
+    parser.add_argument("--candidates", type=int, default=6, help="frontier plans real-evaluated")
+    parser.add_argument("--max-loss", type=float, default=1.0, help="accuracy-loss bound in points")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Steps: (1) evaluator, FP32 reference; (2) sensitivity profile, proxy check and speed;
+    (3) uniform plans; (4) greedy frontier → candidates near 6× evaluated on CALIBRATION →
+    chosen plan (+ calibrated exit threshold) reported on TEST; (5) runtime models (W8A8
+    kernels) for every row: their own test accuracy, batch-1 latency interleaved; (6) cost
+    model fitted on half of ~36 measured varied plans, checked on the other half, and used
+    for the prediction column; (7) one uncached real evaluation timed."""
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    root = engine_data_dir()
+    bound = float(args.max_loss)
+    _log(f"command: python -m bench engine  (threads={args.threads}, data dir {root})")
+
+    # (1) evaluator and FP32 ------------------------------------------------------------
+    heads_before = set((root / "heads").glob("*.safetensors")) if (root / "heads").is_dir() else set()
+    ev = builtin_evaluator(threads=args.threads)
+    heads_after = set((root / "heads").glob("*.safetensors"))
+    _log(f"exit heads: {'reused' if heads_after <= heads_before and heads_before else 'computed'}")
+    spec = ev.spec
+    fp32_plan = Plan()
+    fp32_test = ev.evaluate(fp32_plan, "test")
+    fp32_cal = ev.evaluate(fp32_plan, "calibration")
+    fp32_bytes = plan_nbytes(spec, fp32_plan)
+    _log(
+        f"FP32: test accuracy {fp32_test.accuracy:.4f} (n={fp32_test.n_examples}), {fp32_bytes / 1e6:.1f} MB"
+    )
+
+    # (2) sensitivity profile and proxy ---------------------------------------------------
+    profile, small, how = load_profile(ev, root)
+    _log(
+        f"sensitivity profile ({profile.n_examples} calibration texts, {len(profile.tensors)} tensors × "
+        f"{len(profile.precisions) - 1} precisions, group {profile.group_size}, {profile.method}): {how}"
+    )
+    tag = hashlib.sha256(json.dumps([profile.to_dict(), args.proxy_plans, args.seed]).encode()).hexdigest()[
+        :16
+    ]
+    proxy, how = _cached_json(
+        root / "proxy" / f"{tag}.json", lambda: _proxy_check(small, profile, args.proxy_plans, args.seed + 1)
+    )
+    _log(f"proxy check on {args.proxy_plans} random mixed plans: {how}")
+    speed = _proxy_speed(profile, args.seed)
+
+    # (3)+(4) plans -----------------------------------------------------------------------
+    calib = ev._calibration_inputs()  # the evaluator's own GPTQ inputs: runtime codes = evaluated codes
+    qcache = QuantCache()
+    int8 = _uniform(spec, "int8", None, "rtn")
+    int4_rtn = _uniform(spec, "int4", _GROUP, "rtn")
+    int4_gptq = _uniform(spec, "int4", _GROUP, "gptq")
+    t0 = time.perf_counter()
+    frontier = greedy_frontier(spec, profile, metric=_FRONTIER_METRIC)
+    frontier_s = time.perf_counter() - t0
+    cands = _frontier_candidates(frontier, fp32_bytes, args.candidates)
+    _log(
+        f"greedy frontier: {len(frontier)} plans in {frontier_s * 1e3:.1f} ms; "
+        f"{len(cands)} candidates around 6× evaluated on calibration"
+    )
+    cand_rows = []
+    for c in cands:
+        r = ev.evaluate(c.plan, "calibration")
+        loss = (fp32_cal.accuracy - r.accuracy) * 100
+        cand_rows.append((c, r, loss))
+        _log(
+            f"  {fp32_bytes / c.weight_bytes:5.2f}×  proxy {c.proxy_loss:.4f}  calib acc {r.accuracy:.4f} "
+            f"(loss {loss:+.2f} pt)  agreement {r.agreement:.3f}  "
+            f"{'cached' if r.from_cache else f'{r.seconds:.1f} s'}"
+        )
+    # On calibration: the smallest candidate within half the loss bound (margin for the shift to
+    # test) with agreement ≥ 0.95; else the best-agreeing one within the bound; else the least lossy.
+    ok = [x for x in cand_rows if x[2] <= bound / 2 and x[1].agreement >= 0.95]
+    near = [x for x in cand_rows if x[2] <= bound]
+    if ok:
+        chosen = min(ok, key=lambda x: x[0].weight_bytes)
+    elif near:
+        chosen = max(near, key=lambda x: x[1].agreement)
+    else:
+        chosen = min(cand_rows, key=lambda x: x[2])
+    best_plan = chosen[0].plan
+    # Safety margin: the exit threshold may spend only half of what quantization left of the
+    # bound on calibration (498 texts: one point is 5 texts, and the shift to test is noise).
+    budget = max(bound - max(chosen[2], 0.0), 0.0) / 2
+    curve = ev.curve(best_plan, "calibration")
+    thr = choose_threshold(curve, budget)
+    best_exit = best_plan.with_threshold(thr)
+    fp32_exit, _ = ev.with_calibrated_exit(fp32_plan, bound)
+    _log(
+        f"chosen mixed plan: {fp32_bytes / chosen[0].weight_bytes:.2f}× "
+        f"(calibration loss {chosen[2]:+.2f} pt); "
+        f"exit threshold on calibration within the remaining {budget:.2f} pt: {thr}"
+    )
+
+    rows = [
+        _Row("FP32", fp32_plan),
+        _Row("FP32 + exit", fp32_exit),
+        _Row("int8 RTN (per-channel)", int8),
+        _Row(f"int4 RTN g{_GROUP}", int4_rtn),
+        _Row(f"int4 GPTQ g{_GROUP}", int4_gptq),
+        _Row("mixed (frontier)", best_plan),
+        _Row("mixed + exit", best_exit),
+    ]
+    for row in rows:
+        row.eval_test = ev.evaluate(row.plan, "test")
+        row.size_bytes = plan_nbytes(spec, row.plan)
+        row.written_bytes = _write_size(row.plan, ev, root, calib, qcache)
+
+    # (5) runtime models: accuracy of the kernels themselves and batch-1 latency -------------
+    test = ev.dataset.split("test")
+    tokens = TokenizedSplit.build(ev.adapter, test.texts, ev.max_length)
+    ref = ev.reference("test").logits[:, -1].argmax(-1)
+    sample = list(range(0, len(test.texts), max(1, len(test.texts) // args.latency_texts)))[
+        : args.latency_texts
+    ]
+    batches = [ev.adapter.tokenize([test.texts[i]], ev.max_length) for i in sample]
+    lengths = [int(b.attention_mask.sum()) for b in batches]
+    runners: dict[str, EarlyExitRunner] = {}
+    for row in rows:
+        module, report = build_runtime_model(
+            ev.adapter.module, spec, row.plan, calib_inputs_by_tensor=calib, cache=qcache, w8a8=True
+        )
+        row.kernels = report.by_kernel()
+        row.regimes = report.regimes()
+        runners[row.label] = EarlyExitRunner(ev.adapter, module, ev.heads, row.plan.exit_threshold)
+        row.runtime = evaluate_runtime(runners[row.label], tokens, test.labels, ref, threads=args.threads)
+    _log(
+        f"runtime models built and evaluated on test ({len(rows)} models); timing {len(batches)} texts "
+        f"(mean {statistics.fmean(lengths):.0f} tokens) × {args.rounds} rounds, interleaved"
+    )
+    lat = measure_text_latency(runners, batches, rounds=args.rounds, warmup=1, threads=args.threads)
+    for row in rows:
+        row.latency = lat[row.label]
+    batch32 = ev.adapter.tokenize([test.texts[i] for i in range(32)], ev.max_length)
+    b32 = {
+        name: measure_batch_latency(runners[name], batch32, repeats=7, threads=args.threads)
+        for name in ("FP32", "mixed + exit")
+    }
+    del runners
+
+    # (6) cost model on this host ------------------------------------------------------------
+    probe = probe_host(repeats=3, copy_bytes=64 * 1024**2, matmul_size=512)
+    host = DeviceSpec(
+        name=f"host:{probe.hostname}",
+        ram_total_bytes=probe.ram_total_bytes,
+        ram_budget_bytes=probe.ram_total_bytes // 2,
+        bandwidth_gbs=probe.bandwidth_gbs,
+        fp32_tflops=probe.fp32_tflops,
+        int8_tops=probe.int8_tops,
+        weight_formats=("fp32", "fp16", "int8", "int4"),
+        activation_formats=("fp32",),
+    )
+    cost_plans = _cost_plans(spec, args.cost_plans, args.seed + 7)
+    cost_batches = batches[:: max(1, len(batches) // 16)][:16]
+    cost_lengths = [int(b.attention_mask.sum()) for b in cost_batches]
+    # Every plan is built first and all are timed in ONE interleaved measurement: load from
+    # other processes then hits every plan in the same rounds instead of biasing whole groups
+    # (≈ 90 MB per runtime model, ~3 GB for 36).
+    cost_runners: dict[str, EarlyExitRunner] = {}
+    cost_regimes: dict[str, dict[str, str]] = {}
+    for k, (plan, dequant) in enumerate(cost_plans):
+        module, report = build_runtime_model(
+            ev.adapter.module, spec, plan, w8a8=not dequant, dequant_all=dequant
+        )
+        cost_runners[f"p{k}"] = EarlyExitRunner(ev.adapter, module, ev.heads, plan.exit_threshold)
+        cost_regimes[f"p{k}"] = report.regimes()
+    _log(
+        f"latency-model plans: {len(cost_plans)} built; "
+        f"timing {len(cost_batches)} texts × {args.rounds} rounds"
+    )
+    got = measure_text_latency(cost_runners, cost_batches, rounds=args.rounds, warmup=1, threads=args.threads)
+    measured = [(plan, got[f"p{k}"], cost_regimes[f"p{k}"]) for k, (plan, _) in enumerate(cost_plans)]
+    del cost_runners
+    train = [m for i, m in enumerate(measured) if i % 2 == 0]
+    held = [m for i, m in enumerate(measured) if i % 2 == 1]
+    obs = [o for plan, tl, reg in train for o in _observations(spec, plan, tl, cost_lengths, reg)]
+    fitted = fit(CostParams(), obs, host)
+    errors = []
+    default_errors = []
+    for plan, tl, reg in held:
+        pred = _predict_text_mean(spec, plan, host, fitted.params, cost_lengths, tl.exits, reg)
+        pred0 = _predict_text_mean(spec, plan, host, CostParams(), cost_lengths, tl.exits, reg)
+        errors.append((pred - tl.mean_s) / tl.mean_s)
+        default_errors.append((pred0 - tl.mean_s) / tl.mean_s)
+    err = np.abs(np.array(errors))
+    within10 = float((err <= 0.10).mean())
+    mape = float(err.mean())
+    for row in rows:
+        assert row.latency is not None
+        row.predicted_s = _predict_text_mean(
+            spec, row.plan, host, fitted.params, lengths, row.latency.exits, row.regimes
+        )
+
+    # (7) one real evaluation, uncached ----------------------------------------------------------
+    fresh = Plan.uniform(spec, TensorScheme("int8", 64, False, "rtn"))
+    t0 = time.perf_counter()
+    fresh_eval = Evaluator(ev.adapter, ev.dataset, ev.heads, threads=args.threads)
+    # A real FP32 pass first (not the disk cache): it sets the cosine reference and the cached
+    # stage activations the timed plan would resume from (it quantizes the embeddings, so it
+    # resumes from none and runs every block).
+    fresh_eval._run(Plan(), "test")
+    ref_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fresh_eval.outputs(fresh, "test", persist=False)
+    real_eval_s = time.perf_counter() - t0
+    gflop = 2 * sum(t.macs_per_token for t in spec.tensors) * tokens.n_tokens / 1e9
+
+    return _report(
+        args,
+        rows,
+        fp32_test,
+        chosen,
+        cand_rows,
+        thr,
+        curve,
+        proxy,
+        speed,
+        fitted,
+        within10,
+        mape,
+        errors,
+        default_errors,
+        held,
+        b32,
+        lat,
+        lengths,
+        real_eval_s,
+        ref_s,
+        gflop,
+        host,
+        started,
+        bound,
+    )
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    line = "  ".join(
+        h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
+    )
+    out = [line, "-" * len(line)]
+    for r in body:
+        out.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    return "\n".join(out)
+
+
+def _report(
+    args: argparse.Namespace,
+    rows: list[_Row],
+    fp32_test: EvalResult,
+    chosen: tuple[FrontierPoint, EvalResult, float],
+    cand_rows: list[tuple[FrontierPoint, EvalResult, float]],
+    thr: float | None,
+    curve: ThresholdCurve,
+    proxy: dict[str, Any],
+    speed: dict[str, float],
+    fitted: FitResult,
+    within10: float,
+    mape: float,
+    errors: list[float],
+    default_errors: list[float],
+    held: list[tuple[Plan, TextLatency, dict[str, str]]],
+    b32: dict[str, LatencyStats],
+    lat: dict[str, TextLatency],
+    lengths: list[int],
+    real_eval_s: float,
+    ref_s: float,
+    gflop: float,
+    host: DeviceSpec,
+    started: float,
+    bound: float,
+) -> dict[str, Any]:
+    fp32 = rows[0]
+    assert fp32.eval_test is not None and fp32.latency is not None and fp32.runtime is not None
+    base_acc = fp32.eval_test.accuracy
+    base_lat = fp32.latency.mean_s
+    body = []
+    for row in rows:
+        e, rt, tl = row.eval_test, row.runtime, row.latency
+        assert e is not None and rt is not None and tl is not None and row.predicted_s is not None
+        body.append(
+            [
+                row.label,
+                f"{row.size_bytes / 1e6:.2f}",
+                f"{fp32.size_bytes / row.size_bytes:.2f}×",
+                "yes" if row.size_bytes == row.written_bytes else f"NO ({row.written_bytes})",
+                f"{e.accuracy * 100:.2f}",
+                f"{(base_acc - e.accuracy) * 100:+.2f}",
+                f"{e.agreement:.3f}",
+                f"{e.mean_layers:.2f}",
+                f"{rt.accuracy * 100:.2f}",
+                f"{(base_acc - rt.accuracy) * 100:+.2f}",
+                f"{rt.agreement:.3f}",
+                f"{tl.mean_s * 1e3:.2f}",
+                f"{base_lat / tl.mean_s:.2f}×",
+                f"{row.predicted_s * 1e3:.2f}",
+                f"{(row.predicted_s - tl.mean_s) / tl.mean_s * 100:+.1f}%",
+            ]
+        )
+    header = [
+        "plan",
+        "MB",
+        "compr",
+        "=written",
+        "acc%",
+        "loss pt",
+        "agree",
+        "layers",
+        "rt acc%",
+        "rt loss",
+        "rt agree",
+        "b1 ms",
+        "vs FP32",
+        "pred ms",
+        "pred err",
+    ]
+    print()
+    print("EdgeFit engine benchmark — all-MiniLM-L6-v2 on the stdlib-docstrings task (10 classes)")
+    print(f"command: python -m bench engine{' --json ' + str(args.json) if args.json else ''}")
+    print(
+        f"held-out TEST split n={fp32_test.n_examples}; choices made on CALIBRATION; "
+        f"torch threads={args.threads}"
+    )
+    print()
+    print(_table(header, body))
+    print()
+    print("MB = whole-model packed bytes (embeddings, fp32 norms/biases included) predicted by plan_nbytes;")
+    print(
+        "  '=written' checks it against the payload bytes write_packed_safetensors wrote (header excluded)."
+    )
+    print("acc%/loss pt/agree/layers: evaluator (weight-only fake quantization, planner.evaluate) on TEST.")
+    print("rt *: the runtime model's own kernels (W8A8 _int_mm, per-token int8 activations) on TEST.")
+    print(
+        f"b1 ms: batch-1 latency, mean over {len(lengths)} test texts "
+        f"(mean {statistics.fmean(lengths):.0f} tokens) "
+        f"of each text's median over {args.rounds} interleaved rounds; measured in this run."
+    )
+    print(
+        "pred ms: calibrated host cost model (predicted, roofline-2 with kernel regimes) "
+        "for the same texts and exits."
+    )
+    print()
+    print("kernels per tensor (runtime):")
+    for row in rows:
+        print(f"  {row.label:24s} " + "; ".join(f"{k}: {v}" for k, v in sorted(row.kernels.items())))
+    b32_line = "; ".join(f"{k}: {v.median_s * 1e3:.1f} ms/batch" for k, v in b32.items())
+    print(
+        f"batch 32 (per-row exit: rows that exit leave the batch): {b32_line}; "
+        f"ratio {b32['FP32'].median_s / b32['mixed + exit'].median_s:.2f}×"
+    )
+    print()
+    c, r, loss = chosen
+    print(
+        f"mixed plan chosen on CALIBRATION among {len(cand_rows)} frontier plans ({_LOW}–{_HIGH}×, "
+        f"greedy on the {_FRONTIER_METRIC} proxy): "
+        f"{rows[0].size_bytes / c.weight_bytes:.2f}×, calibration loss {loss:+.2f} pt, "
+        f"agreement {r.agreement:.3f}; "
+        f"exit threshold {thr}"
+    )
+    prec_count: dict[str, int] = {}
+    for _, s in c.plan.schemes:
+        prec_count[s.precision] = prec_count.get(s.precision, 0) + 1
+    emb = ", ".join(
+        f"{n.split('.')[1]}={s.precision}" for n, s in c.plan.schemes if n.startswith("embeddings.")
+    )
+    print(f"  tensors per precision: {dict(sorted(prec_count.items()))}; embeddings: {emb}")
+    print()
+    m_cos, m_dis, m_kl = (proxy[m]["spearman"] for m in ("cosine", "disagreement", "kl"))
+    print(
+        f"proxy (additive, {proxy['n_plans']} random mixed plans measured on the calibration subsample): "
+        "Spearman "
+        f"cosine {m_cos:.3f}, disagreement {m_dis:.3f}, KL {m_kl:.3f}"
+    )
+    print(
+        f"proxy speed: {speed['from_plans']:,.0f} plans/s from Plan objects (index_matrix + estimate_many); "
+        f"{speed['from_matrix']:,.0f} plans/s from an index matrix; vs {1 / real_eval_s:.2f} real plans/s "
+        f"→ {speed['from_plans'] * real_eval_s:,.0f}× faster"
+    )
+    print(
+        f"real evaluation of one plan on TEST (uncached, {gflop:.0f} GFLOP): {real_eval_s:.2f} s "
+        f"({1 / real_eval_s:.2f} plans/s; FP32 reference pass {ref_s:.2f} s)"
+    )
+    held_n = len(held)
+    print(
+        f"latency model on this host: fitted on {fitted.report.n_observations} (plan, text) observations of "
+        f"{len(errors)} training plans, checked on {held_n} held-out plans: "
+        f"{within10 * 100:.0f} % within ±10 %, "
+        f"MAPE {mape * 100:.1f} % (default params: MAPE {float(np.mean(np.abs(default_errors))) * 100:.0f} %)"
+    )
+    print(f"  fitted: {_fitted_summary(fitted.params)}")
+    print(
+        f"  host probe: {host.bandwidth_gbs:.1f} GB/s, fp32 {(host.fp32_tflops or 0) * 1e3:.0f} GFLOP/s, "
+        f"int8 {(host.int8_tops or 0) * 1e3:.0f} GOP/s"
+    )
+    print(f"total bench time {time.perf_counter() - started:.0f} s")
+
+    # The headline plan: the most aggressive row (table order) whose TEST loss is within the
+    # bound both as evaluated and as run by the runtime kernels.
+    def losses(row: _Row) -> tuple[float, float]:
+        assert row.eval_test is not None and row.runtime is not None
+        return (base_acc - row.eval_test.accuracy) * 100, (base_acc - row.runtime.accuracy) * 100
+
+    within = [row for row in rows if max(losses(row)) <= bound + 1e-9]
+    best = within[-1] if within else rows[0]
+    assert best.eval_test is not None and best.runtime is not None and best.latency is not None
+    loss_eval, loss_rt = losses(best)
+    print(
+        f"JSON headline plan (most aggressive row within {bound:.1f} pt on TEST, evaluator and runtime): "
+        f"{best.label}"
+    )
+    _print_targets(
+        rows, fp32, bound, base_acc, base_lat, m_cos, m_dis, speed, within10, mape, real_eval_s, gflop
+    )
+    return {
+        "compression_whole_model": fp32.size_bytes / best.size_bytes,
+        "accuracy_loss_points": max(loss_eval, loss_rt),
+        "agreement": min(best.eval_test.agreement, best.runtime.agreement),
+        "layers_speedup": fp32.eval_test.mean_layers / best.eval_test.mean_layers,
+        "host_latency_speedup": base_lat / best.latency.mean_s,
+        "proxy_spearman": max(m_cos, m_dis),
+        "proxy_plans_per_s": speed["from_plans"],
+        "latency_within_10pct_share": within10,
+        "latency_mape": mape,
+        "real_eval_seconds_per_plan": real_eval_s,
+        "fp32_accuracy": base_acc,
+    }
+
+
+def _print_targets(
+    rows: list[_Row],
+    fp32: _Row,
+    bound: float,
+    base_acc: float,
+    base_lat: float,
+    m_cos: float,
+    m_dis: float,
+    speed: dict[str, float],
+    within10: float,
+    mape: float,
+    real_eval_s: float,
+    gflop: float,
+) -> None:
+    """Every issue target with the figure reached in this run; for a miss, what would close it."""
+
+    def loss(row: _Row) -> float:
+        assert row.eval_test is not None and row.runtime is not None
+        return max(base_acc - row.eval_test.accuracy, base_acc - row.runtime.accuracy) * 100
+
+    def agree(row: _Row) -> float:
+        assert row.eval_test is not None and row.runtime is not None
+        return min(row.eval_test.agreement, row.runtime.agreement)
+
+    ok_rows = [r for r in rows if loss(r) <= bound + 1e-9]
+    comp = [r for r in ok_rows if agree(r) >= 0.95]
+    best_c = max(comp, key=lambda r: fp32.size_bytes / r.size_bytes) if comp else fp32
+    layers = [r for r in ok_rows if r.eval_test is not None and r.eval_test.mean_layers < 6]
+    best_l = min(layers, key=lambda r: r.eval_test.mean_layers if r.eval_test else 99.0) if layers else fp32
+    best_t = min(ok_rows, key=lambda r: r.latency.mean_s if r.latency else 1e9)
+    assert best_l.eval_test is not None and best_t.latency is not None and fp32.eval_test is not None
+    c_ratio = fp32.size_bytes / best_c.size_bytes
+    l_ratio = fp32.eval_test.mean_layers / best_l.eval_test.mean_layers
+    t_ratio = base_lat / best_t.latency.mean_s
+    spear = max(m_cos, m_dis)
+    items = [
+        (
+            "compression ≥ 6× (loss ≤ 1 pt, agreement ≥ 0.95)",
+            f"{c_ratio:.2f}× ({best_c.label}: loss {loss(best_c):.2f} pt, agreement {agree(best_c):.3f})",
+            c_ratio >= 6.0,
+            "int4 with groups of 64 on the sensitive Linears (a group-size rung in the ladder) and a "
+            "larger calibration split to select on",
+        ),
+        (
+            "early exit ≥ 1.5× fewer layers (loss ≤ 1 pt)",
+            f"{l_ratio:.2f}× ({best_l.label}: {best_l.eval_test.mean_layers:.2f} layers, "
+            f"loss {loss(best_l):.2f} pt)",
+            l_ratio >= 1.5,
+            "stronger intermediate heads (more training data / distillation) so early exits are confident",
+        ),
+        (
+            "host latency ≥ 2.5× at batch 1 (loss ≤ 1 pt)",
+            f"{t_ratio:.2f}× ({best_t.label}: {best_t.latency.mean_s * 1e3:.1f} vs {base_lat * 1e3:.1f} ms)",
+            t_ratio >= 2.5,
+            "a fused W8A8 kernel (activation quantization + _int_mm + rescale/bias in one op, e.g. inductor "
+            "or a C++ op) — eager per-op overhead eats most of _int_mm's 3–4× GEMM gain — and fused "
+            "attention/LayerNorm/GELU",
+        ),
+        (
+            "proxy Spearman ≥ 0.95, ≥ 10,000 plans/s",
+            f"{spear:.3f}, {speed['from_plans']:,.0f} plans/s",
+            spear >= 0.95 and speed["from_plans"] >= 1e4,
+            "per-tensor interaction terms in the proxy",
+        ),
+        (
+            "latency model ≥ 90 % within ±10 %, MAPE ≤ 6 %",
+            f"{within10 * 100:.0f} %, MAPE {mape * 100:.1f} %",
+            within10 >= 0.9 and mape <= 0.06,
+            "more training plans and a quiet machine (contention is the main error source)",
+        ),
+        (
+            "one real evaluation ≤ 2 s",
+            f"{real_eval_s:.2f} s for {gflop:.0f} GFLOP",
+            real_eval_s <= 2.0,
+            "changing the task: fewer or shorter held-out texts (the pass is compute-bound at ~150 GFLOP/s)",
+        ),
+    ]
+    print()
+    print("targets (this run):")
+    for name, figure, met, close in items:
+        print(f"  [{'met' if met else 'MISSED'}] {name}: {figure}")
+        if not met:
+            print(f"           to close: {close}")
+
+
+def _fitted_summary(p: CostParams) -> str:
+    return (
+        f"fp32 eff {p.regime_efficiency['fp32']:.2f}, w8a8 eff {p.regime_efficiency['w8a8']:.2f}, "
+        f"dequant eff {p.regime_efficiency['dequant']:.2f}, per-op {p.per_tensor_overhead_s * 1e6:.1f} µs, "
+        f"w8a8 per-call {p.regime_overhead_s['w8a8'] * 1e6:.1f} µs, "
+        f"act-quant {p.act_quant_s_per_element * 1e9:.2f} ns/elem, "
+        f"fixed {p.fixed_overhead_s * 1e3:.2f} ms"
+    )

@@ -1,0 +1,116 @@
+"""planner.cost kernel regimes: pricing per host kernel and recovering regime parameters by fit."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from planner.cost import REGIMES, CostParams, Observation, fit, predict
+from planner.specs import DeviceSpec, Plan, PlanError, TensorScheme
+from tests.planner.test_cost import minilm_spec
+
+HOST = DeviceSpec(
+    name="host",
+    ram_total_bytes=8 * 2**30,
+    ram_budget_bytes=2**30,
+    bandwidth_gbs=10.0,
+    fp32_tflops=0.1,
+    int8_tops=0.5,
+    weight_formats=("fp32", "int8", "int4"),
+)
+
+
+def _kernels(plan: Plan, spec_names: tuple[str, ...], dequant: bool) -> dict[str, str]:
+    out = {}
+    for name in spec_names:
+        if plan.scheme(name).is_integer and "embeddings" not in name:
+            out[name] = "dequant" if dequant else "w8a8"
+        elif "embeddings" in name:
+            out[name] = "gather" if plan.scheme(name).is_integer else "fp32"
+        else:
+            out[name] = "fp32"
+    return out
+
+
+def test_w8a8_is_priced_on_the_int8_peak_with_int8_bytes_and_activation_cost() -> None:
+    spec = minilm_spec()
+    name = "encoder.layer.0.intermediate.dense.weight"
+    plan = Plan.build({name: TensorScheme("int4", 128)})
+    params = CostParams(regime_overhead_s={"w8a8": 7e-6}, act_quant_s_per_element=1e-9)
+    w8 = predict(spec, plan, HOST, seq_len=40, params=params, kernels={name: "w8a8"})
+    dq = predict(spec, plan, HOST, seq_len=40, params=params, kernels={name: "dequant"})
+    plain = predict(spec, plan, HOST, seq_len=40, params=params)
+    op8 = next(o for o in w8.ops if o.name == name)
+    opd = next(o for o in dq.ops if o.name == name)
+    assert op8.regime == "w8a8" and op8.compute_precision == "int8"
+    assert opd.regime == "dequant" and opd.compute_precision == "fp32"
+    assert next(o for o in plain.ops if o.name == name).regime == ""
+    macs = 40 * 1536 * 384
+    assert op8.compute_s == pytest.approx(2 * macs / (0.5e12 * params.regime_efficiency["w8a8"]))
+    assert opd.compute_s == pytest.approx(2 * macs / (0.1e12 * params.regime_efficiency["dequant"]))
+    # Memory: W8A8 holds int8 per-channel weights, dequantized-at-load holds fp32.
+    act = 40 * (1536 + 384) * 4
+    assert op8.bytes_read == 1536 * 384 + 1536 * 2 + act
+    assert opd.bytes_read == 1536 * 384 * 4 + act
+    extra = params.per_tensor_overhead_s + 7e-6 + 1e-9 * 40 * (1536 + 384)
+    assert op8.seconds == pytest.approx(max(op8.memory_s, op8.compute_s) + extra)
+    assert w8.predicted and w8.weight_bytes == dq.weight_bytes  # package bytes do not change
+    with pytest.raises(PlanError, match="unknown kernel regime"):
+        predict(spec, plan, HOST, kernels={name: "magic"})
+    with pytest.raises(PlanError, match="unknown kernel regime"):
+        CostParams(regime_efficiency={"magic": 1.0})
+
+
+def test_params_round_trip_and_accept_version_1() -> None:
+    p = CostParams(
+        regime_efficiency={"w8a8": 0.7}, regime_overhead_s={"w8a8": 3e-6}, act_quant_s_per_element=4e-9
+    )
+    assert CostParams.from_dict(p.to_dict()) == p
+    old = {"_type": "CostParams", "_version": 1, "_data": {"mem_efficiency": 0.3}}
+    assert CostParams.from_dict(old).regime_efficiency == CostParams().regime_efficiency
+    assert set(REGIMES) == set(CostParams().regime_overhead_s)
+
+
+def test_fit_recovers_regime_efficiencies_and_overheads() -> None:
+    spec = minilm_spec()
+    true = CostParams(
+        mem_efficiency=0.5,
+        compute_efficiency={"fp32": 0.6},
+        per_tensor_overhead_s=8e-6,
+        fixed_overhead_s=4e-4,
+        regime_efficiency={"fp32": 0.6, "w8a8": 0.25, "dequant": 0.45, "gather": 1.0},
+        regime_overhead_s={"w8a8": 1.2e-5, "gather": 3e-5},
+        act_quant_s_per_element=1.5e-9,
+    )
+    rng = random.Random(0)
+    obs = []
+    for k in range(40):
+        schemes = {}
+        for name in spec.tensor_names:
+            p = rng.choice(["fp32", "int8", "int4"])
+            if p != "fp32":
+                schemes[name] = TensorScheme(p, 128 if p == "int4" else None)
+        plan = Plan.build(schemes, exit_threshold=0.8 if k % 3 == 0 else None)
+        kernels = _kernels(plan, spec.tensor_names, dequant=k % 4 == 3)
+        seq = rng.choice([12, 24, 48, 96])
+        probs = None
+        if plan.exit_threshold is not None:
+            stop = rng.randrange(len(spec.exit_points))
+            probs = [1.0 if i == stop else 0.0 for i in range(len(spec.exit_points))]
+        seconds = predict(
+            spec, plan, HOST, seq_len=seq, exit_probs=probs, params=true, kernels=kernels
+        ).latency_s
+        obs.append(Observation(spec, plan, 1, seq, probs, seconds, kernels))
+    result = fit(CostParams(), obs, HOST)
+    got = result.params
+    assert result.report.mape < 0.005 < result.report.mape_before
+    assert got.regime_efficiency["w8a8"] == pytest.approx(0.25, rel=0.05)
+    assert got.regime_efficiency["fp32"] == pytest.approx(0.6, rel=0.05)
+    assert got.regime_efficiency["dequant"] == pytest.approx(0.45, rel=0.05)
+    assert got.act_quant_s_per_element == pytest.approx(1.5e-9, rel=0.1)
+    assert got.regime_overhead_s["w8a8"] == pytest.approx(1.2e-5, rel=0.1)
+    assert got.fixed_overhead_s == pytest.approx(4e-4, rel=0.1)
+    # A regime never observed keeps its prior and is reported as such.
+    assert "regime_efficiency[weight-only]" in result.report.unidentified
+    assert got.regime_efficiency["weight-only"] == CostParams().regime_efficiency["weight-only"]

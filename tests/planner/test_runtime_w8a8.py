@@ -1,0 +1,207 @@
+"""planner.runtime W8A8 kernels and the early-exit runtime, on small tensors and the tiny BERT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from planner.data import TextDataset
+from planner.exits import ExitHeads
+from planner.models import TinyAdapter, TokenizedSplit
+from planner.quant import dequantize, quantize
+from planner.runtime import (
+    KERNEL_FP32,
+    KERNEL_W8A8,
+    KERNEL_W8A8_FROM_INT4,
+    KERNEL_W8A8_FROM_LOWBIT,
+    EarlyExitRunner,
+    Int8DynamicLinear,
+    build_runtime_model,
+    evaluate_runtime,
+    int_mm_supported,
+    measure_text_latency,
+    quantize_rows_int8,
+)
+from planner.specs import Plan, TensorScheme
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(
+    ("scheme", "exact"),
+    [
+        (TensorScheme("int8"), True),
+        (TensorScheme("int4"), True),
+        (TensorScheme("int4", None, False), True),
+        (TensorScheme("int2"), True),
+        (TensorScheme("int4", 32), False),
+        (TensorScheme("int8", None, False), False),
+    ],
+)
+def test_int8_dynamic_linear_matches_the_fp32_reference(
+    one_thread: None, scheme: TensorScheme, exact: bool
+) -> None:
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 64) * 0.1, torch.randn(48)
+    qt = quantize(w, scheme)
+    layer = Int8DynamicLinear(qt, b)
+    assert layer.exact is exact
+    assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8.shape == (48, 64)
+    if exact:  # the int8 weight is the quantized weight itself, not an approximation
+        assert torch.allclose(layer.weight, dequantize(qt), atol=1e-6)
+    else:
+        assert _rel_err(layer.weight, dequantize(qt)) < 0.01
+    x = torch.randn(2, 7, 64)
+    ref = F.linear(x, dequantize(qt), b)
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.shape == (2, 7, 48)
+    # Per-token int8 activations: ~0.5 % relative error on random data, far below int4's.
+    assert _rel_err(out, ref) < 0.02
+    assert layer.calls == 1 and layer.fallback_calls == 0
+
+
+def test_int8_dynamic_linear_falls_back_when_int_mm_cannot_run(
+    one_thread: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(1)
+    qt = quantize(torch.randn(16, 32), TensorScheme("int8"))
+    layer = Int8DynamicLinear(qt, None)
+    monkeypatch.setattr("planner.runtime.int_mm_supported", lambda *a, **k: False)
+    x = torch.randn(3, 32)
+    out = layer(x)
+    # The fallback runs unquantized activations against the same int8 weight: exact fp32.
+    assert torch.allclose(out, F.linear(x, dequantize(qt)), atol=1e-5)
+    assert layer.fallback_calls == 1
+
+
+def test_int_mm_shape_rules() -> None:
+    assert int_mm_supported(1, 7, 9)  # CPU: any shape
+    assert not int_mm_supported(0, 8, 8)
+    cuda = torch.device("cuda")
+    assert not int_mm_supported(16, 64, 64, cuda) and int_mm_supported(17, 64, 64, cuda)
+    assert not int_mm_supported(32, 60, 64, cuda)
+
+
+def test_row_quantization_is_within_half_a_step_and_handles_zero_rows() -> None:
+    x = torch.randn(5, 40)
+    x[2] = 0.0
+    q, scale = quantize_rows_int8(x)
+    assert q.dtype == torch.int8 and scale.shape == (5, 1)
+    assert int(q.abs().max()) <= 127
+    err = (q.float() * scale - x).abs()
+    assert bool((err <= scale / 2 + 1e-7).all())
+    assert bool(torch.isfinite(scale).all()) and int(q[2].abs().max()) == 0
+
+
+@pytest.fixture()
+def runtime_pair(
+    tiny_adapter: TinyAdapter, tiny_heads: ExitHeads
+) -> tuple[TinyAdapter, torch.nn.Module, Plan]:
+    spec = tiny_adapter.spec()
+    schemes = {}
+    for t in spec.tensors:
+        if t.kind == "linear":
+            schemes[t.name] = TensorScheme("int8" if t.block == 0 else "int4")
+    plan = Plan.build(schemes)
+    module, report = build_runtime_model(tiny_adapter.module, spec, plan, w8a8=True)
+    counts = report.by_kernel()
+    assert counts[KERNEL_W8A8] == 6 and counts[KERNEL_W8A8_FROM_INT4] == 6 and counts[KERNEL_FP32] == 3
+    assert KERNEL_W8A8_FROM_LOWBIT not in counts
+    regimes = report.regimes()
+    assert regimes["bert.encoder.layer.0.attention.self.query.weight".removeprefix("bert.")] == "w8a8"
+    assert regimes["embeddings.word_embeddings.weight"] == "fp32"
+    return tiny_adapter, module, plan
+
+
+def test_w8a8_runtime_tracks_the_fake_quantized_model(
+    one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan], tiny_heads: ExitHeads
+) -> None:
+    adapter, module, plan = runtime_pair
+    # Reference: the same quantized weights, dequantized at load, fp32 activations.
+    dense, _ = build_runtime_model(adapter.module, adapter.spec(), plan, dequant_all=True)
+    batch = adapter.tokenize(["the cat saw rain", "some bread with honey and cheese today"])
+    with torch.inference_mode():
+        got = EarlyExitRunner(adapter, module, tiny_heads, None).exit_logits(batch)
+        ref = EarlyExitRunner(adapter, dense, tiny_heads, None).exit_logits(batch)
+        fp32 = EarlyExitRunner(adapter, adapter.module, tiny_heads, None).exit_logits(batch)
+    assert got.shape == (2, 2, 3)
+    # Activation quantization adds a little on top of the weights' own error.
+    assert _rel_err(got, ref) < 0.05 < _rel_err(ref, fp32)
+    # Q, K and V read one hidden state: it was quantized once and reused twice per block.
+    shared = module.encoder.layer[0].attention.self.query.shared_input
+    assert shared is module.encoder.layer[0].attention.self.key.shared_input
+    assert shared is not None and shared.hits >= 2
+
+
+def test_early_exit_stops_at_the_first_confident_exit(
+    one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan], tiny_heads: ExitHeads
+) -> None:
+    adapter, module, _ = runtime_pair
+    texts = ["the cat saw rain", "some bread with honey", "a storm and fog on the goat", "we saw a lion"]
+    batch = adapter.tokenize(texts)
+    with torch.inference_mode():
+        logits = EarlyExitRunner(adapter, module, tiny_heads, None).exit_logits(batch)
+        conf = torch.softmax(logits, -1).amax(-1)  # (rows, exits)
+        # Forced thresholds: everything stops at block 0; nothing can reach 1.5 → last block.
+        low = EarlyExitRunner(adapter, module, tiny_heads, 1e-6).run(batch)
+        high = EarlyExitRunner(adapter, module, tiny_heads, 1.5).run(batch)
+        none = EarlyExitRunner(adapter, module, tiny_heads, None).run(batch)
+        # A threshold between the rows' first-exit confidences splits them.
+        mid = float(conf[:, 0].median())
+        split = EarlyExitRunner(adapter, module, tiny_heads, mid).run(batch)
+        one_by_one = [
+            EarlyExitRunner(adapter, module, tiny_heads, mid).run(adapter.tokenize([t]))[0] for t in texts
+        ]
+    assert [d.exit_index for d in low] == [0] * 4
+    assert [d.exit_index for d in high] == [1] * 4 == [d.exit_index for d in none]
+    expected = [0 if float(conf[r, 0]) >= mid else 1 for r in range(4)]
+    assert [d.exit_index for d in split] == expected and 0 in expected and 1 in expected
+    for r, d in enumerate(split):
+        assert d.prediction == int(logits[r, d.exit_index].argmax())
+        assert d.confidence == pytest.approx(float(conf[r, d.exit_index]), abs=1e-3)
+    assert [d.exit_index for d in one_by_one] == expected  # batch 1 decides like the batch
+
+
+def test_evaluate_runtime_applies_the_runners_threshold(
+    one_thread: None,
+    runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan],
+    tiny_heads: ExitHeads,
+    tiny_dataset: TextDataset,
+) -> None:
+    adapter, module, _ = runtime_pair
+    split = tiny_dataset.split("test")
+    tokens = TokenizedSplit.build(adapter, split.texts, 32, max_tokens_per_batch=64)
+    full = evaluate_runtime(
+        EarlyExitRunner(adapter, module, tiny_heads, None), tokens, split.labels, threads=1
+    )
+    assert full.mean_layers == 2.0 and full.agreement == 1.0  # agreement with itself
+    low = evaluate_runtime(
+        EarlyExitRunner(adapter, module, tiny_heads, 1e-6), tokens, split.labels, threads=1
+    )
+    assert low.mean_layers == 1.0 and low.exit_fraction == (1.0, 0.0)
+    mid_runner = EarlyExitRunner(adapter, module, tiny_heads, 0.6)
+    mid = evaluate_runtime(mid_runner, tokens, split.labels, threads=1)
+    with torch.inference_mode():
+        direct = [mid_runner.run(adapter.tokenize([t]))[0] for t in split.texts]
+    assert list(mid.predictions) == [d.prediction for d in direct]
+    assert mid.mean_layers == pytest.approx(sum(d.exit_index + 1 for d in direct) / len(direct))
+
+
+def test_text_latency_reports_per_text_medians_and_exits(
+    one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan], tiny_heads: ExitHeads
+) -> None:
+    adapter, module, _ = runtime_pair
+    runners = {
+        "early": EarlyExitRunner(adapter, module, tiny_heads, 1e-6),
+        "full": EarlyExitRunner(adapter, module, tiny_heads, None),
+    }
+    batches = [adapter.tokenize([t]) for t in ("the cat", "rain and snow", "bread")]
+    got = measure_text_latency(runners, batches, rounds=3, warmup=1, threads=1)
+    assert got["early"].exits == (0, 0, 0) and got["full"].exits == (1, 1, 1)
+    for lat in got.values():
+        assert len(lat.per_text_s) == 3 and lat.rounds == 3 and lat.threads == 1 and not lat.predicted
+        assert min(lat.per_text_s) <= lat.median_s <= max(lat.per_text_s)
