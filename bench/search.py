@@ -137,6 +137,7 @@ def _compare(
     from planner.recommend import Candidate
     from planner.search import hypervolume, scheme_for, spread
     from planner.specs import ModelSpec, Plan
+    from registry import fleet
     from registry.engine import bundle_for, sensitivity_of
     from registry.fleet import device_target, hypervolume_reference
 
@@ -178,12 +179,24 @@ def _compare(
     for _ in range(max_random):
         device_row = common_idx[rng.integers(0, len(common_idx), size=len(names))]
         random_plans.append(plan_of(device_row, groups[int(rng.integers(0, len(groups)))]))
-    measured: dict[str, float] = {}
+    measured: dict[str, list[tuple[Plan, float, list[float] | None]]] = {}
 
-    def accuracy_of(plan: Plan) -> float:
+    def options_of(plan: Plan) -> list[tuple[Plan, float, list[float] | None]]:
+        """The plan and its early-exit variants, exactly as a planning run derives them
+        (thresholds chosen on calibration, figures measured on test), so baselines and our
+        run are compared on the same footing."""
         key = plan.weights_key()
         if key not in measured:
-            measured[key] = evaluator.evaluate(plan, "test").accuracy
+            rows = []
+            for bound in fleet.EXIT_LOSS_BOUNDS:
+                chosen = plan if bound is None else evaluator.with_calibrated_exit(plan, bound)[0]
+                if bound is not None and chosen.exit_threshold is None:
+                    continue
+                result = evaluator.evaluate(chosen, "test")
+                rows.append(
+                    (chosen, result.accuracy, list(result.exit_fraction) if bound is not None else None)
+                )
+            measured[key] = rows
         return measured[key]
 
     print(
@@ -220,11 +233,12 @@ def _compare(
         def candidates_for(plans: list[Plan], target: Any = target) -> list[Candidate]:
             out = []
             for plan in plans:
-                cost = predict(spec, plan, target.device, seq_len=64)
-                if cost.memory_bytes <= target.budget and all(
-                    target.supports(s.precision) for _, s in plan.schemes
-                ):
-                    out.append(Candidate(plan.hash(), accuracy_of(plan), cost.latency_s, cost.memory_bytes))
+                if not all(target.supports(s.precision) for _, s in plan.schemes):
+                    continue
+                for variant, accuracy, exits in options_of(plan):
+                    cost = predict(spec, variant, target.device, seq_len=64, exit_probs=exits)
+                    if cost.memory_bytes <= target.budget:
+                        out.append(Candidate(variant.hash(), accuracy, cost.latency_s, cost.memory_bytes))
             return out
 
         ours_front = [
