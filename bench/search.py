@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--devices", type=int, default=DEFAULT_DEVICES, help="catalog devices to plan for (≥ 8)"
     )
-    parser.add_argument("--trials", type=int, default=150, help="Optuna trials per device")
+    parser.add_argument("--trials", type=int, default=130, help="Optuna trials per device")
     parser.add_argument("--real-evals", type=int, default=16, help="real-evaluation budget of the run")
     parser.add_argument("--reference-plans", type=int, default=20_000)
     parser.add_argument(
@@ -228,7 +228,7 @@ def _compare(
         ]
         front_idx = sorted(front_idx, key=lambda i: latency[i])
         confirm = spread(front_idx, args.reference_confirm)
-        floor, cap = hypervolume_reference(run_obj, device)
+        floor, cap, memory_cap = hypervolume_reference(run_obj, device)
 
         def candidates_for(plans: list[Plan], target: Any = target) -> list[Candidate]:
             out = []
@@ -245,9 +245,7 @@ def _compare(
             Candidate(c["key"], c["accuracy"], c["latency_s"], c["memory_bytes"])
             for c in run_result[str(device.pk)]["front"]
         ]
-        ours = hypervolume(
-            ours_front, accuracy_floor=floor, latency_cap_s=cap, memory_cap_bytes=target.budget
-        )
+        ours = hypervolume(ours_front, accuracy_floor=floor, latency_cap_s=cap, memory_cap_bytes=memory_cap)
         reference_plans = [plan_of(idx[i], groups[group_of[i]]) for i in confirm]
         reference_candidates = candidates_for(reference_plans)
         # The dense reference also includes uniform baselines, so no easy point is missing from it.
@@ -256,7 +254,7 @@ def _compare(
             [u for u in uniform if all(target.supports(s.precision) for _, s in u.schemes)]
         )
         reference = hypervolume(
-            reference_candidates, accuracy_floor=floor, latency_cap_s=cap, memory_cap_bytes=target.budget
+            reference_candidates, accuracy_floor=floor, latency_cap_s=cap, memory_cap_bytes=memory_cap
         )
         ratio = ours / reference if reference > 0 else float("inf")
         budget = max(1, run_obj.real_evaluations)
@@ -265,7 +263,7 @@ def _compare(
         pool: list[Candidate] = []
         for k, plan in enumerate(random_plans, start=1):
             pool += candidates_for([plan])
-            hv = hypervolume(pool, accuracy_floor=floor, latency_cap_s=cap, memory_cap_bytes=target.budget)
+            hv = hypervolume(pool, accuracy_floor=floor, latency_cap_s=cap, memory_cap_bytes=memory_cap)
             random_hv.append(hv)
             if needed is None and hv >= ours:
                 needed = k

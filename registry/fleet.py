@@ -282,13 +282,12 @@ def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch, trials
     spec = ModelSpec.from_dict(run.base_model.spec)
     study = optuna.load_study(study_name=search.study_name, storage=_storage())
     front = estimated_front(study, spec, _settings(run).method)
-    target = device_target(run, search.device_profile)
-    caps = hypervolume_reference(run, search.device_profile)
+    floor, latency_cap, memory_cap = hypervolume_reference(run, search.device_profile)
     value = hypervolume(
         [Candidate(str(n), s.accuracy, s.latency_s, s.memory_bytes) for n, _, s in front],
-        accuracy_floor=caps[0],
-        latency_cap_s=caps[1],
-        memory_cap_bytes=target.budget,
+        accuracy_floor=floor,
+        latency_cap_s=latency_cap,
+        memory_cap_bytes=memory_cap,
     )
     with transaction.atomic():
         locked = PlanningRun.objects.select_for_update().get(pk=run.pk)
@@ -315,11 +314,15 @@ def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch, trials
         locked.save(update_fields=["progress"])
 
 
-def hypervolume_reference(run: PlanningRun, profile: DeviceProfile) -> tuple[float, float]:
-    """Reference point for a device's hypervolume: 10 points below FP32, and FP32's latency."""
+def hypervolume_reference(run: PlanningRun, profile: DeviceProfile) -> tuple[float, float, float]:
+    """Reference point of a device's hypervolume, relative to the FP32 model on that device:
+    10 points below its accuracy, 1.5× its predicted latency and 1.5× its predicted memory.
+
+    (Against the device's RAM budget — gigabytes — variants differing by megabytes would all
+    score alike and compression would not count.)"""
     spec = ModelSpec.from_dict(run.base_model.spec)
-    fp32_latency = predict(spec, Plan(), profile.to_device_spec(), seq_len=_settings(run).seq_len).latency_s
-    return _fp32_accuracy(run.base_model) - 0.10, fp32_latency * 1.5
+    fp32 = predict(spec, Plan(), profile.to_device_spec(), seq_len=_settings(run).seq_len)
+    return _fp32_accuracy(run.base_model) - 0.10, fp32.latency_s * 1.5, fp32.memory_bytes * 1.5
 
 
 # --------------------------------------------------------------------------- stage 3
@@ -525,7 +528,7 @@ def _device_result(
             "hypervolume": 0.0,
         }
     rec = recommend(usable, policy, fp32_accuracy=fp32_accuracy, device_memory_budget=budget)
-    accuracy_floor, latency_cap = hypervolume_reference(run, profile)
+    accuracy_floor, latency_cap, memory_cap = hypervolume_reference(run, profile)
     front = pareto_front(usable)
     variants = _store_front(run, front)
     return {
@@ -549,7 +552,7 @@ def _device_result(
             "variant": variants.get(rec.chosen.key) if rec.chosen else None,
         },
         "hypervolume": hypervolume(
-            front, accuracy_floor=accuracy_floor, latency_cap_s=latency_cap, memory_cap_bytes=target.budget
+            front, accuracy_floor=accuracy_floor, latency_cap_s=latency_cap, memory_cap_bytes=memory_cap
         ),
     }
 
