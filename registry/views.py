@@ -14,7 +14,6 @@ from django.urls import reverse
 
 from accounts.decorators import viewer_required
 from accounts.roles import is_staff
-from registry import fleet
 from registry.charts import hypervolume_figure, pareto_data, pareto_figure
 from registry.forms import PlanningRunForm
 from registry.models import BaseModel, PlanningRun
@@ -53,6 +52,9 @@ def _device_figures(run: PlanningRun) -> list[dict[str, Any]]:
     cached = cache.get(key)
     if cached is not None:
         return list(cached)
+    # The fleet module pulls in torch and optuna: load it on the first chart, not at start-up.
+    from registry import fleet
+
     figures = []
     results = (run.result or {}).get("devices", {})
     for profile in run.device_profiles.order_by("name"):
