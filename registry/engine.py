@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from planner.builtin import BUNDLES, Bundle, load_bundle
+from planner.builtin import Bundle, load_bundle
 from planner.quant import plan_nbytes
 from planner.sensitivity import SensitivityProfile, profile_sensitivity
 from planner.specs import ModelSpec, Plan, TensorScheme
@@ -174,7 +174,3 @@ def sensitivity_of(model: BaseModel) -> SensitivityProfile | None:
         return None
     data = {k: v for k, v in model.sensitivity.items() if k != "provenance"}
     return SensitivityProfile.from_dict(data)
-
-
-def known_bundles() -> list[str]:
-    return sorted(BUNDLES)

@@ -27,7 +27,6 @@ __all__ = [
     "claim_run",
     "create_run",
     "finish_run",
-    "record_progress",
 ]
 
 MAX_TRIALS_PER_DEVICE = 20_000
@@ -144,10 +143,6 @@ def cancel_run(run: PlanningRun) -> PlanningRun:
 
 def cancel_requested(run_id: int) -> bool:
     return PlanningRun.objects.filter(pk=run_id, cancel_requested=True).exists()
-
-
-def record_progress(run_id: int, **fields: Any) -> None:
-    PlanningRun.objects.filter(pk=run_id).update(**fields)
 
 
 def finish_run(run_id: int, status: str, *, error: str = "", result: dict[str, Any] | None = None) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from devices.serializers import StrictFieldsMixin
-from registry.models import BaseModel, Measurement, PlanningRun, Prediction, Variant
+from registry.models import BaseModel, PlanningRun, Variant
 
 
 class BaseModelSerializer(serializers.ModelSerializer):
@@ -55,49 +55,6 @@ class VariantSerializer(serializers.ModelSerializer):
             "created_at",
         ]
         read_only_fields = fields
-
-
-class MeasurementSerializer(serializers.ModelSerializer):
-    class Meta:
-        model = Measurement
-        fields = [
-            "id",
-            "variant",
-            "device_profile",
-            "kind",
-            "host",
-            "batch_size",
-            "seq_len",
-            "latency_p50_s",
-            "latency_p90_s",
-            "peak_memory_bytes",
-            "accuracy",
-            "runtime",
-            "measured_at",
-        ]
-        read_only_fields = fields
-
-
-class PredictionSerializer(serializers.ModelSerializer):
-    predicted = serializers.SerializerMethodField()
-
-    class Meta:
-        model = Prediction
-        fields = [
-            "variant",
-            "device_profile",
-            "batch_size",
-            "latency_s",
-            "memory_bytes",
-            "cost_model_version",
-            "calibrated",
-            "predicted",
-            "predicted_at",
-        ]
-        read_only_fields = fields
-
-    def get_predicted(self, obj: Prediction) -> bool:
-        return True
 
 
 class PlanningRunSerializer(serializers.ModelSerializer):
