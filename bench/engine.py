@@ -54,6 +54,9 @@ _LOW, _HIGH = 6.0, 6.6  # compression window of the frontier candidates
 #: tracked top-1 agreement best at the ~6× point in our runs (the cosine proxy ranks plans
 #: well overall but chose plans with lower agreement there).
 _FRONTIER_METRIC = "kl"
+#: Top-1 agreement with FP32 (percentage points, on calibration) the headline plan's exit
+#: threshold may give up on top of what quantization already cost.
+_EXIT_AGREEMENT_POINTS = 1.0
 
 
 def _log(msg: str) -> None:
@@ -298,7 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     speed = _proxy_speed(profile, args.seed)
 
     # (3)+(4) plans -----------------------------------------------------------------------
-    calib = ev._calibration_inputs()  # the evaluator's own GPTQ inputs: runtime codes = evaluated codes
+    calib = ev.calibration_inputs()  # the evaluator's own GPTQ inputs: runtime codes = evaluated codes
     qcache = QuantCache()
     int8 = _uniform(spec, "int8", None, "rtn")
     int4_rtn = _uniform(spec, "int4", _GROUP, "rtn")
@@ -336,13 +339,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # bound on calibration (498 texts: one point is 5 texts, and the shift to test is noise).
     budget = max(bound - max(chosen[2], 0.0), 0.0) / 2
     curve = ev.curve(best_plan, "calibration")
-    thr = choose_threshold(curve, budget)
+    # Agreement too: quantization already costs some agreement with FP32, and early exit costs
+    # more on top; the exit may spend at most _EXIT_AGREEMENT_POINTS of it (calibration).
+    agreement_floor = curve.full_agreement - _EXIT_AGREEMENT_POINTS / 100
+    thr = choose_threshold(curve, budget, min_agreement=agreement_floor)
     best_exit = best_plan.with_threshold(thr)
     fp32_exit, _ = ev.with_calibrated_exit(fp32_plan, bound)
     _log(
         f"chosen mixed plan: {fp32_bytes / chosen[0].weight_bytes:.2f}× "
         f"(calibration loss {chosen[2]:+.2f} pt); "
-        f"exit threshold on calibration within the remaining {budget:.2f} pt: {thr}"
+        f"exit threshold on calibration within the remaining {budget:.2f} pt and agreement "
+        f"≥ {agreement_floor:.3f}: {thr}"
     )
 
     rows = [
@@ -451,7 +458,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # A real FP32 pass first (not the disk cache): it sets the cosine reference and the cached
     # stage activations the timed plan would resume from (it quantizes the embeddings, so it
     # resumes from none and runs every block).
-    fresh_eval._run(Plan(), "test")
+    fresh_eval.run_pass(Plan(), "test")
     ref_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     fresh_eval.outputs(fresh, "test", persist=False)

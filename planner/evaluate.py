@@ -338,12 +338,12 @@ class Evaluator:
                 except (OSError, ValueError, KeyError):
                     path.unlink(missing_ok=True)  # corrupt cache entry: recompute it
             if state.ref_final is None:
-                ref = self._run(Plan(), split)
+                ref = self.run_pass(Plan(), split)
                 state.outputs[Plan().weights_key()] = ref
                 self._store(split, Plan().weights_key(), ref)
                 if not plan.schemes:
                     return ref
-            out = self._run(plan, split)
+            out = self.run_pass(plan, split)
             state.outputs[wkey] = out
             if persist:
                 self._store(split, wkey, out)
@@ -393,7 +393,7 @@ class Evaluator:
         kind = self.spec.tensor(name).kind
         calib = None
         if scheme.method == "gptq" and kind == "linear":
-            calib = self._calibration_inputs()[name]
+            calib = self.calibration_inputs()[name]
         if self._quantizer is None:
             # planner.quant's own signature also takes the name (for errors) and the kind.
             raw = _default_quantizer()(weight.clone(), scheme, calib, name=name, kind=kind)
@@ -406,7 +406,7 @@ class Evaluator:
         self._weights.put(key, out)
         return out
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------- passes (run_pass, calibration_inputs) and internals
 
     def _split(self, split: str) -> _SplitState:
         state = self._splits.get(split)
@@ -453,8 +453,11 @@ class Evaluator:
             for name, data in saved.items():
                 module.get_parameter(name).data = data
 
-    def _run(self, plan: Plan, split: str) -> ExitOutputs:
-        """One pass of `plan` over `split`, resuming from the deepest cached stage.
+    def run_pass(self, plan: Plan, split: str) -> ExitOutputs:
+        """One real pass of `plan` over `split`, bypassing the per-plan output cache (what
+        `outputs` calls on a miss; public so benchmarks can time a real pass), resuming from
+        the deepest cached stage.  The FP32 reference (``Plan()``) must have run on `split` first:
+        it sets the cosine reference.
 
         Steps:
           1. stage keys of the plan; the deepest stage s whose activations are cached (the
@@ -514,7 +517,7 @@ class Evaluator:
         cosine = (final * state.ref_final).sum(-1).numpy().astype(np.float32)
         return ExitOutputs(logits=logits, cosine=cosine)
 
-    def _calibration_inputs(self) -> dict[str, torch.Tensor]:
+    def calibration_inputs(self) -> dict[str, torch.Tensor]:
         """Inputs of every Linear on the calibration split (FP32 model), ≤ _CALIB_ROWS real
         (non-padding) token rows each, sampled evenly over the buckets with a fixed seed;
         computed once, on first GPTQ use."""

@@ -139,19 +139,27 @@ def threshold_curve(
     )
 
 
-def choose_threshold(curve: ThresholdCurve, max_loss_points: float, metric: str = "accuracy") -> float | None:
-    """The cheapest threshold losing at most `max_loss_points` (percentage points) of `metric`.
+def choose_threshold(
+    curve: ThresholdCurve,
+    max_loss_points: float,
+    metric: str = "accuracy",
+    min_agreement: float | None = None,
+) -> float | None:
+    """The cheapest threshold losing at most `max_loss_points` (percentage points) of `metric`
+    and, when `min_agreement` is given, keeping top-1 agreement with FP32 at or above it.
 
     Use the CALIBRATION split's curve; report the chosen threshold's figures on the test split.
     Steps: loss = (figure without early exit − figure at t) × 100 per threshold; keep those
-    within the bound; take the lowest mean cost, ties to the highest (safest) threshold.
-    Returns None when no threshold saves anything.
+    within the bound (and the agreement floor); take the lowest mean cost, ties to the highest
+    (safest) threshold.  Returns None when no threshold saves anything.
     """
     if metric not in ("accuracy", "agreement"):
         raise ValueError(f"metric must be 'accuracy' or 'agreement', not {metric!r}")
     values = curve.accuracy if metric == "accuracy" else curve.agreement
     base = curve.full_accuracy if metric == "accuracy" else curve.full_agreement
     ok = (base - values) * 100.0 <= max_loss_points + 1e-9
+    if min_agreement is not None:
+        ok &= curve.agreement >= min_agreement - 1e-12
     if not ok.any():
         return None
     cost = np.where(ok, curve.mean_layers, np.inf)

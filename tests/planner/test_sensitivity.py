@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -87,15 +86,14 @@ def test_estimate_is_the_sum_of_tensor_losses(profiled: tuple[Evaluator, Sensiti
     assert prof.estimate(Plan()) == 0.0
 
 
-def test_batch_estimate_matches_single_and_is_fast(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
+def test_batch_estimate_matches_single(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
     _, prof = profiled
     plans, idx = random_plans(prof, 20, seed=3)
     batch = prof.estimate_many(idx, "cosine")
     np.testing.assert_allclose(batch, [prof.estimate(p, "cosine") for p in plans])
-    big = np.random.default_rng(0).integers(0, 6, size=(50_000, len(prof.tensors)))
-    started = time.perf_counter()
-    prof.estimate_many(big)
-    assert 50_000 / (time.perf_counter() - started) > 10_000
+    # Throughput (plans/s) is measured by `python -m bench engine`, not asserted here.
+    big = np.random.default_rng(0).integers(0, 6, size=(5_000, len(prof.tensors)))
+    assert prof.estimate_many(big).shape == (5_000,)
 
 
 def test_unprofiled_precision_is_refused(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
