@@ -2,7 +2,7 @@
 
 Unset variables give the embedded single-machine defaults: SQLite in ./var, a Celery broker
 on SQLite through kombu's SQLAlchemy transport (no server), task results in the database, a
-local-memory cache.  Set DATABASE_URL / CELERY_BROKER_URL / REDIS_URL for the real stack, and
+file cache in ./var/cache.  Set DATABASE_URL / CELERY_BROKER_URL / REDIS_URL for the real stack, and
 EDGEFIT_PRODUCTION=true to make every secret mandatory.
 """
 
@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from config.env import env_bool, env_int, env_list, env_str, env_url
+from config.openapi import APPEND_COMPONENTS as DELIVERY_COMPONENTS
+from config.openapi import APPEND_PATHS as DELIVERY_PATHS
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("EDGEFIT_VAR_DIR", str(BASE_DIR / "var"))).resolve()
@@ -64,6 +67,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "config.middleware.DevicePathMiddleware",  # device config + ping: nothing below runs for them
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -116,7 +120,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- cache ----------------------------------------------------------------------------------
 REDIS_URL = env_url("REDIS_URL", "", schemes=("redis", "rediss", "unix"))
 if REDIS_URL:
-    CACHES = {
+    CACHES: dict[str, dict[str, Any]] = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
@@ -124,7 +128,17 @@ if REDIS_URL:
         }
     }
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "edgefit"}}
+    # A file cache, not local memory: the web processes and the worker must see the same
+    # entries (the device config path is served from the cache and invalidated by whichever
+    # process commits a change).
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(VAR_DIR / "cache"),
+            "KEY_PREFIX": "edgefit",
+            "OPTIONS": {"MAX_ENTRIES": 100_000},
+        }
+    }
 
 # --- celery ---------------------------------------------------------------------------------
 CELERY_BROKER_URL = env_url(
@@ -190,6 +204,9 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # The delivery endpoints that are plain Django views (config/openapi.py).
+    "APPEND_PATHS": DELIVERY_PATHS,
+    "APPEND_COMPONENTS": DELIVERY_COMPONENTS,
 }
 
 # --- static files ---------------------------------------------------------------------------
@@ -239,3 +256,13 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # SQLAlchemy URL of Optuna's RDB storage; empty = the project database itself.
 OPTUNA_STORAGE_URL = env_str("EDGEFIT_OPTUNA_STORAGE_URL", "")
+
+# --- delivery (packages, device config) -------------------------------------------------------
+# Packages are stored content-addressed: <EDGEFIT_PACKAGE_DIR>/<digest>/{manifest.json,…}.
+PACKAGE_DIR = Path(env_str("EDGEFIT_PACKAGE_DIR", str(VAR_DIR / "packages"))).resolve()
+# Requests per device token per window on the device endpoints (429 + Retry-After beyond).
+# A device polls every EDGEFIT_POLL_INTERVAL_S ± EDGEFIT_POLL_JITTER_S; load tests raise the limit.
+EDGEFIT_DEVICE_RATE_LIMIT = env_int("EDGEFIT_DEVICE_RATE_LIMIT", 60, minimum=1)
+EDGEFIT_DEVICE_RATE_WINDOW_S = env_int("EDGEFIT_DEVICE_RATE_WINDOW_S", 60, minimum=1, maximum=86_400)
+EDGEFIT_POLL_INTERVAL_S = env_int("EDGEFIT_POLL_INTERVAL_S", 300, minimum=1)
+EDGEFIT_POLL_JITTER_S = env_int("EDGEFIT_POLL_JITTER_S", 60, minimum=0)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.core.cache import cache
 from django.db import connection
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
 
 def health(request: HttpRequest) -> JsonResponse:
@@ -23,3 +23,12 @@ def health(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {"status": "ok" if healthy else "degraded", "checks": checks}, status=200 if healthy else 503
     )
+
+
+_PING = b'{"status":"ok"}'
+
+
+def ping(request: HttpRequest) -> HttpResponse:
+    """GET /api/v1/ping — a constant JSON answer, open to anyone: the ceiling the device config
+    endpoint is measured against (same server, same middleware, no work)."""
+    return HttpResponse(_PING, content_type="application/json")

@@ -1,10 +1,35 @@
 from __future__ import annotations
 
-from rest_framework import viewsets
+from typing import Any, NoReturn
 
+from django.db.models import Count
+from drf_spectacular.utils import extend_schema
+from rest_framework import exceptions, mixins, permissions, status, views, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from devices.enrollment import (
+    EnrollmentError,
+    check_enrollment_key,
+    create_enrollment_key,
+    enroll_device,
+    preregister_device,
+    revoke_device,
+    revoke_enrollment_key,
+)
 from devices.filters import DeviceProfileFilter
-from devices.models import DeviceProfile
-from devices.serializers import DeviceProfileSerializer
+from devices.models import Device, DeviceProfile, EnrollmentKey
+from devices.serializers import (
+    DeviceCredentialsSerializer,
+    DevicePreregisterSerializer,
+    DeviceProfileSerializer,
+    DeviceSerializer,
+    EnrollmentKeyCreatedSerializer,
+    EnrollmentKeyCreateSerializer,
+    EnrollmentKeySerializer,
+    EnrollSerializer,
+)
 
 ORDERING_FIELDS = [
     "name",
@@ -31,3 +56,115 @@ class DeviceProfileViewSet(viewsets.ModelViewSet):
     ordering_fields = ORDERING_FIELDS
     ordering = ["name"]
     search_fields = ["name", "vendor", "soc"]
+
+
+def _raise_for(exc: EnrollmentError) -> NoReturn:
+    if exc.status == 401:
+        raise exceptions.AuthenticationFailed(next(iter(exc.errors.values())))
+    raise exceptions.ValidationError({k: [v] for k, v in exc.errors.items()})
+
+
+class DeviceViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
+    """Enrolled devices. Staff pre-register (the answer carries the token, shown once) and
+    revoke; viewers read. Filter with ?profile=<id>, ?channel=, ?revoked=true|false."""
+
+    queryset = Device.objects.select_related("profile", "enrollment_key", "enrolled_by")
+    serializer_class = DeviceSerializer
+    lookup_value_regex = "[0-9a-fA-F-]{36}"
+    filterset_fields = ["profile", "channel"]
+    ordering_fields = ["created_at", "last_seen_at", "name"]
+    ordering = ["-created_at"]
+    search_fields = ["name"]
+
+    def get_queryset(self) -> Any:
+        queryset = super().get_queryset()
+        revoked = self.request.query_params.get("revoked")
+        if revoked in ("true", "false"):
+            queryset = queryset.filter(revoked_at__isnull=revoked == "false")
+        return queryset
+
+    @extend_schema(request=DevicePreregisterSerializer, responses={201: DeviceCredentialsSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = DevicePreregisterSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            answer = preregister_device(**serializer.validated_data, by=request.user)
+        except EnrollmentError as exc:
+            _raise_for(exc)
+        return Response(answer, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses=DeviceSerializer)
+    @action(detail=True, methods=["post"])
+    def revoke(self, request: Request, pk: str | None = None) -> Response:
+        """Revoke the device and all its tokens: its next request gets a 401."""
+        device = revoke_device(self.get_object(), by=request.user)
+        return Response(DeviceSerializer(device).data)
+
+
+class EnrollmentKeyViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
+    """Enrollment keys, one per fleet (the key is shown once, at creation). Staff create and
+    revoke; viewers read."""
+
+    queryset = EnrollmentKey.objects.select_related("profile", "created_by").annotate(
+        device_count=Count("devices")
+    )
+    serializer_class = EnrollmentKeySerializer
+    ordering = ["-created_at"]
+    ordering_fields = ["created_at", "fleet"]
+    filterset_fields = ["profile"]
+
+    @extend_schema(request=EnrollmentKeyCreateSerializer, responses={201: EnrollmentKeyCreatedSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = EnrollmentKeyCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            key, raw = create_enrollment_key(**serializer.validated_data, created_by=request.user)
+        except EnrollmentError as exc:
+            _raise_for(exc)
+        body = {
+            "id": key.pk,
+            "key": raw,
+            "fleet": key.fleet,
+            "profile": key.profile.slug if key.profile else None,
+            "channel": key.channel,
+        }
+        return Response(body, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses=EnrollmentKeySerializer)
+    @action(detail=True, methods=["post"])
+    def revoke(self, request: Request, pk: str | None = None) -> Response:
+        """Revoke the key: no new device enrolls with it (enrolled devices keep their tokens)."""
+        revoke_enrollment_key(self.get_object(), by=request.user)
+        return Response(EnrollmentKeySerializer(self.get_object()).data)
+
+
+class EnrollView(views.APIView):
+    """A device enrolls with its fleet's enrollment key and receives its id and token."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [permissions.AllowAny]
+
+    @extend_schema(request=EnrollSerializer, responses={201: DeviceCredentialsSerializer}, auth=[])
+    def post(self, request: Request) -> Response:
+        serializer = EnrollSerializer(data=request.data)
+        try:
+            check_enrollment_key(
+                request.data.get("enrollment_key") if isinstance(request.data, dict) else None
+            )
+            serializer.is_valid(raise_exception=True)
+            answer = enroll_device(**serializer.validated_data)
+        except EnrollmentError as exc:
+            if exc.status == 401:
+                # (DRF would turn AuthenticationFailed into 403: this view has no authenticator.)
+                errors = {k: [v] for k, v in exc.errors.items()}
+                return Response(
+                    {"detail": next(iter(exc.errors.values())), "errors": errors},
+                    status=status.HTTP_401_UNAUTHORIZED,
+                    headers={"WWW-Authenticate": 'Bearer realm="enrollment"'},
+                )
+            _raise_for(exc)
+        return Response(answer, status=status.HTTP_201_CREATED)

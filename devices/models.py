@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+import uuid
+from typing import TYPE_CHECKING
+
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.utils import timezone
 from django.utils.text import slugify
 
 from devices.validation import KINDS, profile_errors
 from planner.specs import DeviceSpec
+
+if TYPE_CHECKING:
+    from planner.cost import CostParams
 
 
 class DeviceProfile(models.Model):
@@ -41,6 +51,16 @@ class DeviceProfile(models.Model):
     notes = models.TextField(blank=True)
     origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.MANUAL)
     measured_at = models.DateTimeField(null=True, blank=True)
+    cost_params = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="fitted planner.cost.CostParams (to_dict form); empty = the uncalibrated defaults",
+    )
+    calibration = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="last fit: observations, MAPE before/after, fitted_at, cost model version",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -85,6 +105,16 @@ class DeviceProfile(models.Model):
             activation_formats=tuple(self.activation_formats),
         )
 
+    def cost_params_or_default(self) -> CostParams:
+        """The profile's fitted cost-model parameters, or the uncalibrated defaults."""
+        from planner.cost import CostParams  # pulls in torch: only where a cost is computed
+
+        return CostParams.from_dict(self.cost_params) if self.cost_params else CostParams()
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.cost_params)
+
     @property
     def ram_total_gib(self) -> float:
         return self.ram_total_bytes / 1024**3
@@ -92,3 +122,111 @@ class DeviceProfile(models.Model):
     @property
     def ram_budget_gib(self) -> float:
         return self.ram_budget_bytes / 1024**3
+
+
+# --------------------------------------------------------------------------- enrolled devices
+
+#: Raw secrets are shown once and stored only as SHA-256 digests (like accounts.ApiToken).
+DEVICE_TOKEN_PREFIX = "efd_"
+ENROLLMENT_KEY_PREFIX = "efe_"
+
+
+def hash_secret(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def new_secret(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+class EnrollmentKey(models.Model):
+    """Lets devices of one fleet enroll themselves; optionally pins the profile they get."""
+
+    fleet = models.CharField(max_length=120, help_text="fleet the key enrolls devices into")
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=12, editable=False, help_text="first characters, to recognise it")
+    profile = models.ForeignKey(
+        DeviceProfile,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="enrollment_keys",
+        help_text="devices enrolled with this key get this profile (else they name one)",
+    )
+    channel = models.SlugField(max_length=40, default="stable", help_text="alias the devices follow")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.fleet} ({self.prefix}…)"
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+class Device(models.Model):
+    """One enrolled device: a member of a profile's fleet that fetches its config with a token.
+
+    `last_seen_at` is written when the device reports (measurements, enrollment), never on the
+    config path, which must not touch the database."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=120)
+    profile = models.ForeignKey(DeviceProfile, on_delete=models.PROTECT, related_name="devices")
+    channel = models.SlugField(max_length=40, default="stable", help_text="alias the device follows")
+    enrollment_key = models.ForeignKey(
+        EnrollmentKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="devices"
+    )
+    hardware = models.JSONField(default=dict, blank=True, help_text="what the device's probe reported")
+    enrolled_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="staff member who pre-registered it (empty: enrolled with a key)",
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["profile", "channel"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})"
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+class DeviceToken(models.Model):
+    """`Authorization: Bearer efd_…`: what a device authenticates with. Revocable."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="tokens")
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=12, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.device_id}: {self.prefix}…"
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None

@@ -4,7 +4,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from devices.models import DeviceProfile
+from devices.models import Device, DeviceProfile, EnrollmentKey
 from devices.validation import profile_errors
 
 
@@ -69,3 +69,107 @@ class DeviceProfileSerializer(StrictFieldsMixin, serializers.ModelSerializer):
         if errors:
             raise serializers.ValidationError(errors)
         return attrs
+
+
+class DeviceSerializer(serializers.ModelSerializer):
+    """An enrolled device as staff and viewers see it (never its token)."""
+
+    profile: serializers.SlugRelatedField[DeviceProfile] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
+    fleet = serializers.SerializerMethodField()
+    enrolled_by = serializers.SerializerMethodField()
+    active = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = Device
+        fields = [
+            "id",
+            "name",
+            "profile",
+            "channel",
+            "fleet",
+            "hardware",
+            "enrolled_by",
+            "active",
+            "created_at",
+            "last_seen_at",
+            "revoked_at",
+        ]
+        read_only_fields = fields
+
+    def get_fleet(self, device: Device) -> str | None:
+        return device.enrollment_key.fleet if device.enrollment_key else None
+
+    def get_enrolled_by(self, device: Device) -> str | None:
+        return device.enrolled_by.get_username() if device.enrolled_by else None
+
+
+class DevicePreregisterSerializer(StrictFieldsMixin, serializers.Serializer):
+    name = serializers.CharField(max_length=120)
+    profile = serializers.CharField(help_text="device profile slug")
+    channel = serializers.CharField(default="stable", max_length=40)
+
+
+class DeviceCredentialsSerializer(serializers.Serializer):
+    """The answer to enrollment and pre-registration: the token is shown this once."""
+
+    device_id = serializers.UUIDField()
+    token = serializers.CharField(help_text="efd_…; stored only as a hash, shown once")
+    profile = serializers.CharField()
+    channel = serializers.CharField()
+    config_url = serializers.CharField()
+
+
+class EnrollSerializer(StrictFieldsMixin, serializers.Serializer):
+    # Not required here: without a valid key the answer is a 401, before any field is judged.
+    enrollment_key = serializers.CharField(
+        required=False, allow_blank=True, help_text="efe_… from POST /api/v1/enrollment-keys/"
+    )
+    name = serializers.CharField(max_length=120)
+    profile = serializers.CharField(
+        required=False, allow_blank=True, help_text="slug; optional if the key pins one"
+    )
+    hardware = serializers.DictField(required=False, help_text="the agent's hardware probe")
+
+
+class EnrollmentKeySerializer(serializers.ModelSerializer):
+    profile: serializers.SlugRelatedField[DeviceProfile] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
+    created_by = serializers.SerializerMethodField()
+    active = serializers.BooleanField(read_only=True)
+    devices = serializers.IntegerField(read_only=True, source="device_count")
+
+    class Meta:
+        model = EnrollmentKey
+        fields = [
+            "id",
+            "fleet",
+            "prefix",
+            "profile",
+            "channel",
+            "active",
+            "devices",
+            "created_by",
+            "created_at",
+            "revoked_at",
+        ]
+        read_only_fields = fields
+
+    def get_created_by(self, key: EnrollmentKey) -> str | None:
+        return key.created_by.get_username() if key.created_by else None
+
+
+class EnrollmentKeyCreateSerializer(StrictFieldsMixin, serializers.Serializer):
+    fleet = serializers.CharField(max_length=120)
+    profile = serializers.CharField(required=False, allow_blank=True, allow_null=True)
+    channel = serializers.CharField(default="stable", max_length=40)
+
+
+class EnrollmentKeyCreatedSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    key = serializers.CharField(help_text="efe_…; stored only as a hash, shown once")
+    fleet = serializers.CharField()
+    profile = serializers.CharField(allow_null=True)
+    channel = serializers.CharField()

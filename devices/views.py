@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from django.db.models import Q
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import render
 
 from accounts.decorators import viewer_required
-from devices.charts import roofline_data, roofline_figure
 from devices.models import DeviceProfile
 from devices.validation import FORMATS, KINDS, LIMITS, SOURCED_FIELDS
 
@@ -91,10 +90,9 @@ def device_list(request: HttpRequest) -> HttpResponse:
     )
 
 
-@viewer_required
-def device_detail(request: HttpRequest, slug: str) -> HttpResponse:
-    profile = get_object_or_404(DeviceProfile, slug=slug)
-    figures = [{"id": "roofline", "figure": roofline_figure(roofline_data(profile))}]
+def profile_rows(profile: DeviceProfile) -> list[dict[str, str]]:
+    """Each sourced figure of a profile with its unit and source, for the device page (which
+    lives in `registry.pages`: it also shows the registry's recommendations)."""
     rows = []
     for field in SOURCED_FIELDS:
         value = getattr(profile, field)
@@ -113,8 +111,4 @@ def device_detail(request: HttpRequest, slug: str) -> HttpResponse:
                 "source": profile.sources.get(field, ""),
             }
         )
-    return render(
-        request,
-        "dashboard/device_detail.html",
-        {"profile": profile, "rows": rows, "figures": figures},
-    )
+    return rows

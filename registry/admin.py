@@ -1,6 +1,8 @@
+from typing import Any
+
 from django.contrib import admin
 
-from registry.models import BaseModel, Measurement, Prediction, Variant
+from registry.models import AuditEntry, BaseModel, Measurement, Package, Prediction, Release, Variant
 
 
 @admin.register(BaseModel)
@@ -37,3 +39,40 @@ class PredictionAdmin(admin.ModelAdmin):
         "cost_model_version",
     )
     list_select_related = ("variant", "device_profile")
+
+
+@admin.register(Package)
+class PackageAdmin(admin.ModelAdmin):
+    list_display = ("digest", "variant", "blob_bytes", "key_id", "build_seconds", "created_at")
+    list_select_related = ("variant",)
+    search_fields = ("digest",)
+    readonly_fields = [f.name for f in Package._meta.fields]
+
+
+@admin.register(Release)
+class ReleaseAdmin(admin.ModelAdmin):
+    """Read-only here: release changes go through the API or the releases page (audited)."""
+
+    list_display = ("pk", "profile", "alias", "variant", "rollout_percent", "status", "version", "created_at")
+    list_filter = ("status", "alias", "profile")
+    list_select_related = ("profile", "variant")
+    readonly_fields = [f.name for f in Release._meta.fields]
+
+    def has_add_permission(self, request: Any) -> bool:
+        return False
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    list_display = ("at", "actor_label", "action", "target_type", "target_id")
+    list_filter = ("action", "target_type")
+    readonly_fields = [f.name for f in AuditEntry._meta.fields]
+
+    def has_add_permission(self, request: Any) -> bool:
+        return False
+
+    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
+        return False

@@ -1,22 +1,37 @@
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NoReturn
 
 import django_filters
 from django.db.models import Count
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import APIException, NotFound, PermissionDenied, Throttled, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
-from registry.models import BaseModel, PlanningRun, Variant
+from devices import hotpath
+from devices.authentication import DevicePrincipal, DeviceTokenAuthentication, IsDevice
+from registry.measurements import MeasurementError, record_measurement
+from registry.models import AuditEntry, BaseModel, Package, PlanningRun, Release, Variant
 from registry.planning import RunInputError, cancel_run, create_run
+from registry.releases import ReleaseError, publish, rollback, set_rollout
 from registry.serializers import (
+    AuditEntrySerializer,
     BaseModelSerializer,
+    MeasurementAcceptedSerializer,
+    MeasurementBodySerializer,
+    PackageDetailSerializer,
+    PackageSerializer,
     PlanningRunCreateSerializer,
     PlanningRunSerializer,
+    ReleaseCreateSerializer,
+    ReleasePatchSerializer,
+    ReleaseSerializer,
+    RollbackSerializer,
     VariantSerializer,
 )
 
@@ -109,3 +124,155 @@ class PlanningRunViewSet(
                 raise NotFound("this run does not plan for that device profile")
             return Response({"device_profile": int(device_id or 0), "status": run.status, "front": None})
         return Response(entry)
+
+
+class _Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "conflict"
+
+
+class _PreconditionFailed(APIException):
+    status_code = status.HTTP_412_PRECONDITION_FAILED
+    default_detail = "If-Match does not name the current version"
+
+
+class _PreconditionRequired(APIException):
+    status_code = status.HTTP_428_PRECONDITION_REQUIRED
+    default_detail = "If-Match is required"
+
+
+def _release_error(exc: ReleaseError) -> NoReturn:
+    errors = {k: [v] for k, v in exc.errors.items()}
+    if exc.status == 404:
+        raise NotFound(next(iter(exc.errors.values())))
+    for code, kind in ((409, _Conflict), (412, _PreconditionFailed), (428, _PreconditionRequired)):
+        if exc.status == code:
+            raise kind(detail=errors)
+    raise ValidationError(errors)
+
+
+class PackageViewSet(viewsets.ReadOnlyModelViewSet):
+    """Built packages (content-addressed by the SHA-256 of their manifest). The files are at
+    /api/v1/packages/<digest>/{manifest.json,manifest.sig,model.safetensors}."""
+
+    queryset = Package.objects.select_related("variant__base_model")
+    lookup_field = "digest"
+    lookup_value_regex = "[0-9a-f]{64}"
+    filterset_fields = ["variant"]
+    ordering_fields = ["created_at", "blob_bytes"]
+    ordering = ["-created_at"]
+
+    def get_serializer_class(self) -> Any:
+        return PackageDetailSerializer if self.action == "retrieve" else PackageSerializer
+
+
+class ReleaseViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
+    """Releases: a variant published to a device profile under an alias with a rollout
+    percentage. Staff publish, change the rollout (PATCH with `If-Match: "<version>"`) and
+    roll back; viewers read. Every change is in /api/v1/audit/."""
+
+    queryset = Release.objects.select_related("profile", "variant", "package", "created_by")
+    serializer_class = ReleaseSerializer
+    filterset_fields = ["profile", "alias", "status", "variant"]
+    ordering_fields = ["created_at", "updated_at"]
+    ordering = ["-created_at"]
+
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        release = self.get_object()
+        return Response(ReleaseSerializer(release).data, headers={"ETag": release.etag})
+
+    @extend_schema(request=ReleaseCreateSerializer, responses={201: ReleaseSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = ReleaseCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = dict(serializer.validated_data)
+        profile = data.pop("profile")
+        try:
+            release = publish(profile=int(profile) if profile.isdigit() else profile, by=request.user, **data)
+        except ReleaseError as exc:
+            _release_error(exc)
+        return Response(
+            ReleaseSerializer(release).data, status=status.HTTP_201_CREATED, headers={"ETag": release.etag}
+        )
+
+    @extend_schema(
+        request=ReleasePatchSerializer,
+        responses=ReleaseSerializer,
+        parameters=[
+            OpenApiParameter(
+                "If-Match", str, OpenApiParameter.HEADER, required=True, description='"<version>" (the ETag)'
+            )
+        ],
+    )
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Change the rollout percentage. `If-Match` must carry the release's current ETag:
+        a stale one gets 412, a missing one 428."""
+        release = self.get_object()
+        serializer = ReleasePatchSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            release = set_rollout(
+                release,
+                serializer.validated_data["rollout_percent"],
+                if_match=request.headers.get("If-Match"),
+                by=request.user,
+            )
+        except ReleaseError as exc:
+            _release_error(exc)
+        release = self.get_queryset().get(pk=release.pk)
+        return Response(ReleaseSerializer(release).data, headers={"ETag": release.etag})
+
+    @extend_schema(request=None, responses=RollbackSerializer)
+    @action(detail=True, methods=["post"])
+    def rollback(self, request: Request, pk: str | None = None) -> Response:
+        """Roll the alias back to the release before this one (this one must be the head).
+        An `If-Match` header, when sent, must name the current version."""
+        try:
+            rolled, active = rollback(
+                self.get_object(), by=request.user, if_match=request.headers.get("If-Match")
+            )
+        except ReleaseError as exc:
+            _release_error(exc)
+        queryset = self.get_queryset()
+        return Response(
+            {
+                "rolled_back": ReleaseSerializer(queryset.get(pk=rolled.pk)).data,
+                "active": ReleaseSerializer(queryset.get(pk=active.pk)).data if active else None,
+            }
+        )
+
+
+class AuditViewSet(viewsets.ReadOnlyModelViewSet):
+    """The audit log: who changed what, when, before → after. Filter with ?action=,
+    ?target_type=release&target_id=3."""
+
+    queryset = AuditEntry.objects.all()
+    serializer_class = AuditEntrySerializer
+    filterset_fields = ["action", "target_type", "target_id"]
+    ordering = ["-at", "-id"]
+    ordering_fields = ["at"]
+
+
+class MeasurementView(APIView):
+    """A device reports what it measured running its package. Device token only; the device's
+    own data only (a `device_id` naming another device is a 403)."""
+
+    authentication_classes = [DeviceTokenAuthentication]
+    permission_classes = [IsDevice]
+
+    @extend_schema(request=MeasurementBodySerializer, responses={201: MeasurementAcceptedSerializer})
+    def post(self, request: Request) -> Response:
+        principal = request.user
+        assert isinstance(principal, DevicePrincipal)
+        wait = hotpath.rate.hit(principal.token.digest)
+        if wait is not None:
+            raise Throttled(wait=max(1, math.ceil(wait)))
+        try:
+            measurement = record_measurement(principal.device, request.data)
+        except MeasurementError as exc:
+            if exc.status == 403:
+                raise PermissionDenied(next(iter(exc.errors.values()))) from None
+            raise ValidationError({k: [v] for k, v in exc.errors.items()}) from None
+        return Response({"id": measurement.pk, "recalibration": "queued"}, status=status.HTTP_201_CREATED)

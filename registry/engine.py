@@ -47,7 +47,7 @@ def measured_provenance(what: str = "measured") -> str:
     return f"{what} on host {platform.node()} at {timezone.now():%Y-%m-%d %H:%M} UTC by planner.evaluate"
 
 
-def _metrics(result: Any) -> dict[str, Any]:
+def variant_metrics(result: Any) -> dict[str, Any]:
     keep = (
         "accuracy",
         "agreement",
@@ -115,7 +115,7 @@ def register_bundle(bundle_name: str) -> BaseModel:
                 "weights_sha256": bundle.weights_sha256(),
                 "eval_dataset": f"{bundle.dataset.name} ({split_sizes})",
                 "eval_dataset_sha256": bundle.dataset.sha256,
-                "fp32_metrics": {**_metrics(fp32), "provenance": measured_provenance()},
+                "fp32_metrics": {**variant_metrics(fp32), "provenance": measured_provenance()},
                 "tags": ["built-in"],
             },
         )
@@ -123,7 +123,7 @@ def register_bundle(bundle_name: str) -> BaseModel:
             model,
             Plan(),
             name="fp32",
-            metrics=_metrics(fp32),
+            metrics=variant_metrics(fp32),
             source="measured",
             provenance=measured_provenance(),
             tags=["baseline"],
@@ -132,7 +132,7 @@ def register_bundle(bundle_name: str) -> BaseModel:
             model,
             int8_plan,
             name="uniform int8 (RTN, per-channel)",
-            metrics=_metrics(int8),
+            metrics=variant_metrics(int8),
             source="measured",
             provenance=measured_provenance(),
             tags=["uniform"],

@@ -28,7 +28,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from devices.models import DeviceProfile
-from planner.cost import CostParams, predict
+from planner.cost import predict
 from planner.quant import plan_nbytes
 from planner.recommend import Candidate, Policy, pareto_front, recommend
 from planner.search import (
@@ -51,6 +51,7 @@ from registry.engine import (
     sensitivity_of,
 )
 from registry.models import BaseModel, DeviceSearch, PlanningRun, RealEvaluation
+from registry.predictions import record_run_predictions
 
 __all__ = [
     "EXIT_LOSS_BOUNDS",
@@ -146,7 +147,7 @@ def device_target(run: PlanningRun, profile: DeviceProfile) -> DeviceTarget:
     return DeviceTarget(
         key=str(profile.pk),
         device=profile.to_device_spec(),
-        cost_params=CostParams(),
+        cost_params=profile.cost_params_or_default(),  # fitted to its devices once they report
         memory_budget_bytes=policy.memory_budget_bytes,
         latency_slo_s=policy.latency_slo_ms / 1000 if policy.latency_slo_ms else None,
         accuracy_floor=floor,
@@ -450,6 +451,8 @@ def confirm_run(run_id: int) -> None:
                 run, search.device_profile, spec, evaluations, fronts[device], provenance_of, misses
             )
         planning.finish_run(run.pk, PlanningRun.Status.DONE, result=result)
+        # The dashboard filters and sorts variants by per-device latency in SQL.
+        record_run_predictions(PlanningRun.objects.get(pk=run.pk))
     except Exception:
         planning.finish_run(run.pk, PlanningRun.Status.FAILED, error=traceback.format_exc())
         raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 from django.db import models
 from django.utils.text import slugify
 
-from devices.models import DeviceProfile
+from devices.models import Device, DeviceProfile
 
 
 class BaseModel(models.Model):
@@ -86,6 +86,12 @@ class Measurement(models.Model):
     device_profile = models.ForeignKey(
         DeviceProfile, null=True, blank=True, on_delete=models.SET_NULL, related_name="measurements"
     )
+    device = models.ForeignKey(
+        Device, null=True, blank=True, on_delete=models.SET_NULL, related_name="measurements"
+    )
+    package = models.ForeignKey(
+        "Package", null=True, blank=True, on_delete=models.SET_NULL, related_name="measurements"
+    )
     kind = models.CharField(max_length=8, choices=Kind.choices)
     host = models.CharField(max_length=200, help_text="machine that ran it")
     batch_size = models.PositiveIntegerField()
@@ -94,11 +100,20 @@ class Measurement(models.Model):
     latency_p90_s = models.FloatField()
     peak_memory_bytes = models.PositiveBigIntegerField(null=True, blank=True)
     accuracy = models.FloatField(null=True, blank=True)
+    agreement = models.FloatField(null=True, blank=True, help_text="agreement with the FP32 predictions")
+    check_examples = models.PositiveIntegerField(
+        null=True, blank=True, help_text="examples of the package's check set behind accuracy/agreement"
+    )
+    samples = models.JSONField(
+        default=list, blank=True, help_text="per-text timings: tokens, exit layer, latency (ms)"
+    )
     runtime = models.JSONField(default=dict, blank=True, help_text="kernels per tensor, threads, versions")
     measured_at = models.DateTimeField()
+    received_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-measured_at"]
+        indexes = [models.Index(fields=["device_profile", "kind", "measured_at"])]
 
     def __str__(self) -> str:
         p50_ms = self.latency_p50_s * 1000
@@ -249,3 +264,126 @@ class RealEvaluation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.base_model_id}:{self.weights_key} ({self.status})"
+
+
+class Package(models.Model):
+    """A built, signed package of a variant: content-addressed by the SHA-256 of its manifest.
+
+    The files live under `storage_path` (`<EDGEFIT_PACKAGE_DIR>/<digest>/`); the row holds what
+    the API and the config answer need without opening them."""
+
+    digest = models.CharField(max_length=64, unique=True, help_text="SHA-256 of manifest.json")
+    variant = models.ForeignKey(Variant, on_delete=models.PROTECT, related_name="packages")
+    manifest = models.JSONField()
+    manifest_bytes = models.PositiveIntegerField()
+    blob_bytes = models.PositiveBigIntegerField(help_text="model.safetensors, bytes written")
+    blob_sha256 = models.CharField(max_length=64)
+    predicted_bytes = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="the engine's prediction of blob_bytes before writing"
+    )
+    signature = models.CharField(max_length=128, help_text="Ed25519 signature of manifest.json, hex")
+    key_id = models.CharField(max_length=16, help_text="first 16 hex of SHA-256 of the public key")
+    build_seconds = models.FloatField()
+    storage_path = models.CharField(max_length=500)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"package {self.digest[:12]} of variant {self.variant_id}"
+
+    @property
+    def size(self) -> int:
+        return int(self.blob_bytes)
+
+    @property
+    def precision_summary(self) -> dict[str, int]:
+        return dict(self.manifest.get("precision_summary") or {})
+
+
+class Release(models.Model):
+    """A variant published to a device profile under an alias, to a percentage of its devices.
+
+    Per (profile, alias) one release is `active` (the head); publishing makes the new one the
+    head and links the old one as `previous` (superseded); rollback marks the head rolled back
+    and makes its previous release the head again.  A device gets the head when its bucket
+    (a hash of seed and device id, 0–99) is below `rollout_percent`, else the nearest previous
+    release that is fully rolled out.  `version` counts changes (ETag / If-Match).
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending (package being built)"
+        ACTIVE = "active", "active (head of its alias)"
+        SUPERSEDED = "superseded", "superseded by a newer release"
+        ROLLED_BACK = "rolled_back", "rolled back"
+        FAILED = "failed", "failed (package build failed)"
+
+    profile = models.ForeignKey(DeviceProfile, on_delete=models.CASCADE, related_name="releases")
+    alias = models.SlugField(max_length=40)
+    variant = models.ForeignKey(Variant, on_delete=models.PROTECT, related_name="releases")
+    package = models.ForeignKey(
+        Package, null=True, blank=True, on_delete=models.PROTECT, related_name="releases"
+    )
+    rollout_percent = models.PositiveSmallIntegerField()
+    seed = models.CharField(max_length=32, help_text="bucket seed: sha256(f'{seed}:{device_id}')")
+    version = models.PositiveIntegerField(default=1)
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING)
+    previous = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="the head of the alias this release replaced",
+    )
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    activated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["profile", "alias"],
+                condition=models.Q(status="active"),
+                name="one_active_release_per_alias",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(rollout_percent__lte=100), name="rollout_percent_at_most_100"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"release {self.pk}: {self.alias} on {self.profile_id} at {self.rollout_percent} %"
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+
+class AuditEntry(models.Model):
+    """Who changed what, when, from what to what. Written in the transaction of the change."""
+
+    actor = models.ForeignKey("auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor_label = models.CharField(max_length=160, help_text="username, 'device <id>' or 'system'")
+    action = models.CharField(max_length=40, db_index=True)
+    target_type = models.CharField(max_length=40)
+    target_id = models.CharField(max_length=64)
+    target_label = models.CharField(max_length=200, blank=True)
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["target_type", "target_id"])]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.at:%Y-%m-%d %H:%M} {self.actor_label} {self.action} {self.target_type} {self.target_id}"
+        )

@@ -14,10 +14,12 @@ from django.urls import reverse
 
 from accounts.decorators import viewer_required
 from accounts.roles import is_staff
+from devices.models import Device
 from registry.charts import hypervolume_figure, pareto_data, pareto_figure
 from registry.forms import PlanningRunForm
-from registry.models import BaseModel, PlanningRun
+from registry.models import AuditEntry, BaseModel, PlanningRun, Release
 from registry.planning import RunInputError, cancel_run, create_run
+from registry.releases import ReleaseError, rollback, set_rollout
 
 
 @viewer_required
@@ -111,4 +113,62 @@ def plan_figures(request: HttpRequest, pk: int) -> JsonResponse:
 
 @viewer_required
 def release_list(request: HttpRequest) -> HttpResponse:
-    return render(request, "dashboard/release_list.html", {"releases": []})
+    """Per profile: each alias's head (rollout %, package digest and size), the release history
+    and, for staff, rollout and rollback forms (If-Match from the version shown); the audit trail."""
+    if request.method == "POST":
+        return _change_release(request)
+    releases = list(
+        Release.objects.select_related("profile", "variant__base_model", "package", "created_by").order_by(
+            "profile__name", "alias", "-created_at"
+        )[:500]
+    )
+    profiles: dict[int, dict[str, Any]] = {}
+    for release in releases:
+        entry = profiles.setdefault(
+            release.profile_id, {"profile": release.profile, "heads": [], "history": [], "pending": []}
+        )
+        entry["history"].append(release)
+        if release.status == Release.Status.ACTIVE:
+            entry["heads"].append(release)
+        elif release.status == Release.Status.PENDING:
+            entry["pending"].append(release)
+    devices = dict(
+        Device.objects.filter(revoked_at__isnull=True)
+        .values("profile_id")
+        .annotate(n=Count("pk"))
+        .values_list("profile_id", "n")
+    )
+    for pk, entry in profiles.items():
+        entry["devices"] = devices.get(pk, 0)
+    audit = AuditEntry.objects.filter(target_type="release")[:50]
+    return render(
+        request,
+        "dashboard/release_list.html",
+        {"profiles": list(profiles.values()), "audit": audit, "releases": releases},
+    )
+
+
+def _change_release(request: HttpRequest) -> HttpResponse:
+    if not is_staff(request.user):
+        raise PermissionDenied("only staff change releases")
+    release = get_object_or_404(Release, pk=request.POST.get("release") or 0)
+    version = f'"{request.POST.get("version", "")}"'
+    try:
+        if request.POST.get("action") == "rollback":
+            rolled, active = rollback(release, by=request.user, if_match=version)
+            restored = f"release {active.pk} is the head again" if active else "the alias has no release now"
+            messages.success(request, f"Release {rolled.pk} ({rolled.alias}) rolled back: {restored}.")
+        elif request.POST.get("action") == "rollout":
+            try:
+                percent = int(request.POST.get("rollout_percent", ""))
+            except ValueError:
+                percent = -1
+            changed = set_rollout(release, percent, if_match=version, by=request.user)
+            messages.success(
+                request, f"Release {changed.pk} ({changed.alias}) now reaches {percent} % of devices."
+            )
+        else:
+            messages.error(request, "Unknown action.")
+    except ReleaseError as exc:
+        messages.error(request, "; ".join(f"{k}: {v}" for k, v in exc.errors.items()))
+    return redirect("dashboard:releases")

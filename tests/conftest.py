@@ -119,3 +119,21 @@ def _fast_password_hashing(request: pytest.FixtureRequest) -> None:
         return
     settings = request.getfixturevalue("settings")
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(request: pytest.FixtureRequest) -> None:
+    # Each test gets its own empty cache: the device config path keeps entries there (and in
+    # a per-process memo, reset with it) keyed by database ids that repeat from test to test.
+    # Integration tests keep the configured cache (Redis): other processes must see it.
+    if not request.config.pluginmanager.hasplugin("django") or request.node.get_closest_marker("integration"):
+        return
+    import uuid
+
+    settings = request.getfixturevalue("settings")
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": f"test-{uuid.uuid4().hex}",
+        }
+    }

@@ -15,7 +15,7 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready
 
-from registry import fleet
+from registry import calibration, fleet, packages
 from registry.engine import compute_sensitivity
 from registry.models import BaseModel
 
@@ -74,3 +74,16 @@ def requeue_stale() -> dict[str, list[int]]:
 def _recover_on_start(sender: Any = None, **kwargs: Any) -> None:
     # A worker that starts after another died picks up what that one left behind.
     requeue_stale.delay()
+
+
+@shared_task(name="workers.build_package")
+def build_package(variant_id: int) -> dict[str, object] | None:
+    """Build (or reuse) the variant's signed package and activate the releases waiting for it."""
+    package = packages.build_for_variant(variant_id)
+    return None if package is None else {"digest": package.digest, "bytes": package.blob_bytes}
+
+
+@shared_task(name="workers.recalibrate_profile")
+def recalibrate_profile(profile_id: int) -> dict[str, object] | None:
+    """Re-fit the profile's cost model to its devices' measurements; re-predict and re-rank."""
+    return calibration.recalibrate_profile(profile_id)

@@ -10,6 +10,12 @@
     if (!target) { return; }
     var layout = Object.assign({}, item.figure.layout || {}, { autosize: true });
     Plotly.newPlot(target, item.figure.data, layout, { responsive: true, displaylogo: false })
-      .then(function () { target.setAttribute("data-rendered", "1"); });
+      .then(function () {
+        target.setAttribute("data-rendered", "1");
+        // ms since navigation start once the drawn frame is painted (read by bench/dashboard.py)
+        window.requestAnimationFrame(function () {
+          target.setAttribute("data-painted-ms", String(Math.round(performance.now())));
+        });
+      });
   });
 })();

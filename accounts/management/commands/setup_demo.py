@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import secrets
 from typing import Any
 
@@ -33,6 +34,12 @@ class Command(BaseCommand):
             self._ensure_user("viewer", viewer_password, staff=False)
         self.stdout.write(f"demo staff login:  demo / {staff_password}")
         self.stdout.write(f"demo viewer login: viewer / {viewer_password}")
+        # Devices enroll with it: python -m devices.agent enroll --key … (kept in ./var).
+        key = io.StringIO()
+        call_command(
+            "enrollment_key", "demo", "--keep-in", str(settings.VAR_DIR / "demo_enrollment_key"), stdout=key
+        )
+        self.stdout.write(f"demo enrollment key (fleet 'demo'): {key.getvalue().strip()}")
 
     def _demo_password(self, filename: str) -> str:
         # Kept in ./var so the printed login stays valid across restarts of the embedded setup.

@@ -1,0 +1,41 @@
+"""Middleware of the EdgeFit project."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
+
+__all__ = ["DevicePathMiddleware"]
+
+
+class DevicePathMiddleware:
+    """Answer the device config path (and its constant-JSON ceiling, /api/v1/ping) before the
+    rest of the stack.
+
+    Fleets poll the config path; it authenticates by device token, reads no session, cookie,
+    CSRF token or user, and must stay cheap.  The middleware below it would still build a
+    message store, a lazy session and user, resolve the URL and add HTML-page headers on every
+    poll — about a fifth of the request's time.  So, first in MIDDLEWARE, this dispatches those
+    two exact paths straight to their views (the URLconf routes them too, for reverse() and the
+    test client) and adds the one header that matters for a JSON answer.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        from config.views import ping
+        from registry.device_views import device_config
+
+        self.get_response = get_response
+        self.routes: dict[str, Callable[[HttpRequest], HttpResponse]] = {
+            "/api/v1/device/config": device_config,
+            "/api/v1/ping": ping,
+        }
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        view = self.routes.get(request.path_info)
+        if view is None:
+            return self.get_response(request)
+        response = view(request)
+        response["X-Content-Type-Options"] = "nosniff"
+        return response

@@ -1,0 +1,265 @@
+"""Services for enrolled devices: enrollment keys, enrollment, pre-registration, revocation.
+
+Every write runs in a transaction; the config path's cache entries it affects are dropped once
+the transaction commits (`devices.hotpath`).  Secrets (enrollment keys, device tokens) are
+returned once and stored only as SHA-256 digests.  Each change is announced on
+`devices.signals.audit_event` so the registry's audit log records it (devices never imports
+the registry).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from devices import hotpath
+from devices.models import (
+    DEVICE_TOKEN_PREFIX,
+    ENROLLMENT_KEY_PREFIX,
+    Device,
+    DeviceProfile,
+    DeviceToken,
+    EnrollmentKey,
+    hash_secret,
+    new_secret,
+)
+from devices.signals import audit_event
+
+__all__ = [
+    "MAX_HARDWARE_BYTES",
+    "EnrollmentError",
+    "check_enrollment_key",
+    "create_enrollment_key",
+    "enroll_device",
+    "issue_device_token",
+    "preregister_device",
+    "revoke_device",
+    "revoke_enrollment_key",
+]
+
+#: The hardware probe a device sends is stored as given, up to this size (JSON bytes).
+MAX_HARDWARE_BYTES = 16_384
+_ALIAS = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+
+class EnrollmentError(ValueError):
+    """Bad input: `errors` maps each field to the rule it breaks; `status` is the HTTP status."""
+
+    def __init__(self, errors: dict[str, str], status: int = 400) -> None:
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        self.errors = errors
+        self.status = status
+
+
+def _actor(user: Any) -> Any:
+    return user if getattr(user, "is_authenticated", False) else None
+
+
+def _check_name(name: Any, errors: dict[str, str]) -> str:
+    if not isinstance(name, str) or not name.strip():
+        errors["name"] = "give the device a name (1–120 characters)"
+        return ""
+    if len(name.strip()) > 120:
+        errors["name"] = "at most 120 characters"
+    return name.strip()
+
+
+def _check_channel(channel: Any, errors: dict[str, str]) -> str:
+    if not isinstance(channel, str) or not _ALIAS.match(channel):
+        errors["channel"] = "an alias: lowercase letters, digits, '-' or '_', at most 40 characters"
+        return ""
+    return channel
+
+
+def _profile(value: Any, errors: dict[str, str], field: str = "profile") -> DeviceProfile | None:
+    if isinstance(value, DeviceProfile):
+        return value
+    if isinstance(value, str) and value:
+        profile = DeviceProfile.objects.filter(slug=value).first()
+    elif isinstance(value, int) and not isinstance(value, bool):
+        profile = DeviceProfile.objects.filter(pk=value).first()
+    else:
+        errors[field] = "name a device profile by its slug"
+        return None
+    if profile is None:
+        errors[field] = f"unknown device profile {value!r}"
+    return profile
+
+
+def issue_device_token(device: Device) -> str:
+    """A new token for `device` (the raw value, shown once)."""
+    raw = new_secret(DEVICE_TOKEN_PREFIX)
+    DeviceToken.objects.create(device=device, digest=hash_secret(raw), prefix=raw[:10])
+    return raw
+
+
+def create_enrollment_key(
+    *, fleet: str, profile: DeviceProfile | str | int | None = None, channel: str = "stable", created_by: Any
+) -> tuple[EnrollmentKey, str]:
+    errors: dict[str, str] = {}
+    if not isinstance(fleet, str) or not fleet.strip() or len(fleet.strip()) > 120:
+        errors["fleet"] = "name the fleet (1–120 characters)"
+    pinned = _profile(profile, errors) if profile not in (None, "") else None
+    channel = _check_channel(channel, errors)
+    if errors:
+        raise EnrollmentError(errors)
+    raw = new_secret(ENROLLMENT_KEY_PREFIX)
+    with transaction.atomic():
+        key = EnrollmentKey.objects.create(
+            fleet=fleet.strip(),
+            digest=hash_secret(raw),
+            prefix=raw[:10],
+            profile=pinned,
+            channel=channel,
+            created_by=_actor(created_by),
+        )
+        audit_event.send(
+            EnrollmentKey,
+            actor=_actor(created_by),
+            action="enrollment_key.create",
+            target=key,
+            before=None,
+            after={"fleet": key.fleet, "profile": pinned.slug if pinned else None, "channel": channel},
+        )
+    return key, raw
+
+
+def revoke_enrollment_key(key: EnrollmentKey, *, by: Any) -> EnrollmentKey:
+    with transaction.atomic():
+        if EnrollmentKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now()):
+            audit_event.send(
+                EnrollmentKey,
+                actor=_actor(by),
+                action="enrollment_key.revoke",
+                target=key,
+                before={"revoked": False},
+                after={"revoked": True},
+            )
+    key.refresh_from_db()
+    return key
+
+
+def _device_answer(device: Device, raw_token: str) -> dict[str, Any]:
+    return {
+        "device_id": str(device.id),
+        "token": raw_token,
+        "profile": device.profile.slug,
+        "channel": device.channel,
+        "config_url": "/api/v1/device/config",
+    }
+
+
+def _check_hardware(hardware: Any, errors: dict[str, str]) -> dict[str, Any]:
+    import json
+
+    if hardware is None:
+        return {}
+    if not isinstance(hardware, dict):
+        errors["hardware"] = "must be an object (the probe's report)"
+        return {}
+    if len(json.dumps(hardware)) > MAX_HARDWARE_BYTES:
+        errors["hardware"] = f"at most {MAX_HARDWARE_BYTES} bytes of JSON"
+    return hardware
+
+
+def check_enrollment_key(raw: Any) -> EnrollmentKey:
+    """The active enrollment key `raw` names; a missing, unknown or revoked one is a 401."""
+    if not isinstance(raw, str) or not raw.startswith(ENROLLMENT_KEY_PREFIX):
+        raise EnrollmentError({"enrollment_key": "missing or not an enrollment key (efe_…)"}, status=401)
+    key = EnrollmentKey.objects.select_related("profile").filter(digest=hash_secret(raw)).first()
+    if key is None or not key.active:
+        raise EnrollmentError({"enrollment_key": "unknown or revoked enrollment key"}, status=401)
+    return key
+
+
+def enroll_device(
+    *, enrollment_key: Any, name: Any, profile: Any = None, hardware: Any = None
+) -> dict[str, Any]:
+    """A device presents a fleet's enrollment key and gets an id and a token.
+
+    A missing, unknown or revoked key is a 401 (`status`), bad fields a 400 naming them."""
+    key = check_enrollment_key(enrollment_key)
+    errors: dict[str, str] = {}
+    name = _check_name(name, errors)
+    hardware = _check_hardware(hardware, errors)
+    if key.profile is not None:
+        if profile not in (None, "", key.profile.slug):
+            errors["profile"] = f"this enrollment key pins the profile {key.profile.slug!r}"
+        chosen = key.profile
+    elif profile in (None, ""):
+        errors["profile"] = "this enrollment key pins no profile: name one (its slug)"
+        chosen = None
+    else:
+        chosen = _profile(profile, errors)
+    if errors:
+        raise EnrollmentError(errors)
+    assert chosen is not None
+    with transaction.atomic():
+        device = Device.objects.create(
+            name=name,
+            profile=chosen,
+            channel=key.channel,
+            enrollment_key=key,
+            hardware=hardware,
+            last_seen_at=timezone.now(),
+        )
+        raw = issue_device_token(device)
+        audit_event.send(
+            Device,
+            actor=None,
+            action="device.enroll",
+            target=device,
+            before=None,
+            after={"name": name, "profile": chosen.slug, "channel": device.channel, "fleet": key.fleet},
+        )
+    return _device_answer(device, raw)
+
+
+def preregister_device(*, name: Any, profile: Any, channel: Any = "stable", by: Any) -> dict[str, Any]:
+    """Staff create a device ahead of time; the answer carries its token (shown once)."""
+    errors: dict[str, str] = {}
+    name = _check_name(name, errors)
+    chosen = _profile(profile, errors)
+    channel = _check_channel(channel if channel is not None else "stable", errors)
+    if errors:
+        raise EnrollmentError(errors)
+    assert chosen is not None
+    with transaction.atomic():
+        device = Device.objects.create(name=name, profile=chosen, channel=channel, enrolled_by=_actor(by))
+        raw = issue_device_token(device)
+        audit_event.send(
+            Device,
+            actor=_actor(by),
+            action="device.preregister",
+            target=device,
+            before=None,
+            after={"name": name, "profile": chosen.slug, "channel": channel},
+        )
+    return _device_answer(device, raw)
+
+
+def revoke_device(device: Device, *, by: Any) -> Device:
+    """Revoke the device and all its tokens; its next request gets a 401 (the config path's
+    cache entries for its tokens are dropped on commit)."""
+    now = timezone.now()
+    with transaction.atomic():
+        digests = list(device.tokens.values_list("digest", flat=True))
+        device.tokens.filter(revoked_at__isnull=True).update(revoked_at=now)
+        changed = Device.objects.filter(pk=device.pk, revoked_at__isnull=True).update(
+            revoked_at=now, revoked_by=_actor(by)
+        )
+        if changed:
+            audit_event.send(
+                Device,
+                actor=_actor(by),
+                action="device.revoke",
+                target=device,
+                before={"revoked": False},
+                after={"revoked": True, "tokens_revoked": len(digests)},
+            )
+        transaction.on_commit(lambda: hotpath.forget_tokens(digests))
+    device.refresh_from_db()
+    return device

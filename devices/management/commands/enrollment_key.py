@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from devices.enrollment import EnrollmentError, create_enrollment_key
+from devices.models import EnrollmentKey, hash_secret
+
+
+class Command(BaseCommand):
+    help = (
+        "Create an enrollment key for a fleet and print it (shown once, stored hashed). Devices "
+        "enroll with it: POST /api/v1/device/enroll."
+    )
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("fleet", help="fleet name, e.g. 'lab boards'")
+        parser.add_argument("--profile", default=None, help="pin the device profile (slug)")
+        parser.add_argument("--channel", default="stable", help="alias the devices follow")
+        parser.add_argument(
+            "--keep-in",
+            type=Path,
+            default=None,
+            help="file holding the key: reused while it is valid, else replaced (the demo setup)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        keep: Path | None = options["keep_in"]
+        if keep is not None and keep.exists():
+            raw = keep.read_text().strip()
+            if EnrollmentKey.objects.filter(digest=hash_secret(raw), revoked_at__isnull=True).exists():
+                self.stdout.write(raw)
+                return
+        try:
+            _, raw = create_enrollment_key(
+                fleet=options["fleet"],
+                profile=options["profile"],
+                channel=options["channel"],
+                created_by=None,
+            )
+        except EnrollmentError as exc:
+            raise CommandError(str(exc)) from None
+        if keep is not None:
+            keep.write_text(raw)
+            keep.chmod(0o600)
+        self.stdout.write(raw)

@@ -1,0 +1,129 @@
+"""The device config answer: which package a device gets, rendered once and served from memory.
+
+A profile's *delivery state* — per alias, the head release and the nearest previous release
+that is fully rolled out, each with its package's config entry — is built from the database on
+a miss, kept in the shared cache (`profile_key`) and in the process memo (`devices.hotpath`),
+and dropped on commit of any release change (`forget_profile`).  A device's answer depends only
+on that state and on (device id, channel), so its JSON bytes and ETag are rendered once per
+state and reused for every poll until the state changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+
+from devices import hotpath
+from devices.models import DeviceProfile
+from registry.models import Release
+from registry.packages import package_answer
+
+__all__ = [
+    "PROFILE_TTL_S",
+    "RenderedConfig",
+    "bucket",
+    "build_profile_state",
+    "config_for",
+    "forget_profile",
+    "profile_key",
+    "profile_state",
+    "render_config",
+]
+
+#: Safety net: a profile's state is rebuilt after this long even if no change was seen.
+PROFILE_TTL_S = 3600
+
+#: (body bytes, strong ETag, the state object it was rendered from)
+RenderedConfig = tuple[bytes, str, dict[str, Any]]
+
+
+def profile_key(profile_id: int) -> str:
+    return f"delivery:profile:{profile_id}"
+
+
+def _choice(release: Release) -> list[Any]:
+    assert release.package is not None
+    return [release.rollout_percent, release.seed, package_answer(release.package, release.pk)]
+
+
+def build_profile_state(profile_id: int) -> dict[str, Any]:
+    """{"slug", "aliases": {alias: [head, fallback?]}} with each entry
+    [rollout_percent, seed, package answer]; the fallback is the nearest previous release of
+    the head that is fully rolled out (what devices outside the head's buckets get)."""
+    slug = DeviceProfile.objects.filter(pk=profile_id).values_list("slug", flat=True).first() or ""
+    heads = (
+        Release.objects.filter(profile_id=profile_id, status=Release.Status.ACTIVE, package__isnull=False)
+        .select_related("package__variant__base_model", "previous__package__variant__base_model")
+        .order_by("alias")
+    )
+    aliases: dict[str, list[list[Any]]] = {}
+    for head in heads:
+        chain = [_choice(head)]
+        if head.rollout_percent < 100:
+            previous = head.previous
+            while previous is not None and not (
+                previous.status == Release.Status.SUPERSEDED
+                and previous.rollout_percent == 100
+                and previous.package is not None
+            ):
+                previous = previous.previous
+            if previous is not None:
+                chain.append(_choice(previous))
+        aliases[head.alias] = chain
+    return {"slug": slug, "aliases": aliases}
+
+
+def profile_state(profile_id: int, epoch: int) -> dict[str, Any]:
+    """The profile's delivery state: process memo → shared cache → database. `epoch`: the
+    memo's epoch at the start of the request (see `devices.hotpath`)."""
+    state = hotpath.memo.profiles.get(profile_id)
+    if state is not None:
+        return state
+    state = cache.get(profile_key(profile_id))
+    if state is None:
+        before = cache.get(hotpath.GEN_KEY)
+        state = build_profile_state(profile_id)
+        if cache.get(hotpath.GEN_KEY) == before:  # no change committed meanwhile
+            cache.set(profile_key(profile_id), state, PROFILE_TTL_S)
+    hotpath.memo.remember("profiles", profile_id, state, epoch)
+    return state
+
+
+def bucket(seed: str, device_id: str) -> int:
+    """The device's bucket (0–99) for a release seed: stable, uniform, independent per seed."""
+    return int(hashlib.sha256(f"{seed}:{device_id}".encode()).hexdigest()[:8], 16) % 100
+
+
+def config_for(device_id: str, channel: str, state: dict[str, Any]) -> dict[str, Any]:
+    """The config answer of one device (docs/delivery.md, "Config answer")."""
+    package = None
+    chain = state["aliases"].get(channel) or []
+    if chain:
+        percent, seed, answer = chain[0]
+        if bucket(seed, device_id) < percent:
+            package = answer
+        elif len(chain) > 1:
+            package = chain[1][2]
+    return {
+        "device_id": device_id,
+        "profile": state["slug"],
+        "channel": channel,
+        "package": package,
+        "poll_interval_s": settings.EDGEFIT_POLL_INTERVAL_S,
+        "poll_jitter_s": settings.EDGEFIT_POLL_JITTER_S,
+    }
+
+
+def render_config(device_id: str, channel: str, state: dict[str, Any]) -> RenderedConfig:
+    body = json.dumps(config_for(device_id, channel, state), sort_keys=True, separators=(",", ":")).encode()
+    return body, '"' + hashlib.sha256(body).hexdigest()[:40] + '"', state
+
+
+def forget_profile(profile_id: int) -> None:
+    """Drop the profile's shared state, then replace the marker (every process re-reads)."""
+    cache.delete(profile_key(profile_id))
+    hotpath.bump_generation()

@@ -1,0 +1,236 @@
+"""Plain Django views of the delivery protocol's hot and heavy paths (docs/delivery.md).
+
+`device_config` is the busiest endpoint of a fleet: no DRF, no session, no SQL (see
+`devices.hotpath` and `registry.delivery`), the answer's bytes and ETag rendered once per
+profile state.  Package files stream from disk with HTTP Range support and immutable caching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from django.conf import settings
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.views.decorators.http import require_safe
+
+from accounts.models import TOKEN_PREFIX, ApiToken, hash_token
+from accounts.roles import is_viewer
+from devices import hotpath
+from devices.models import DEVICE_TOKEN_PREFIX
+from registry import delivery
+from registry.models import Package, Release
+from registry.packages import DIGEST_RE, FILES, file_path, signing_key_info
+from registry.releases import etag_matches
+
+__all__ = ["device_config", "package_file", "signing_key"]
+
+_JSON = "application/json"
+_CHUNK = 256 * 1024
+_IMMUTABLE = "public, max-age=31536000, immutable"
+_CONTENT_TYPES = {
+    "manifest.json": _JSON,
+    "manifest.sig": "application/octet-stream",
+    "model.safetensors": "application/octet-stream",
+}
+_BEARER_DEVICE = "Bearer " + DEVICE_TOKEN_PREFIX
+
+
+def _error(status: int, detail: str, **headers: str) -> HttpResponse:
+    response = JsonResponse({"detail": detail, "errors": {}}, status=status)
+    for name, value in headers.items():
+        response[name.replace("_", "-")] = value
+    return response
+
+
+def _unauthorized(detail: str) -> HttpResponse:
+    return _error(401, detail, WWW_Authenticate='Bearer realm="device"')
+
+
+def device_config(request: HttpRequest) -> HttpResponse:
+    """GET /api/v1/device/config — the caller's package, poll interval, strong ETag / 304.
+
+    Per request: hash the token and look up dictionaries of this process (plus a read of the
+    invalidation marker when the process is not subscribed to the Redis channel).  No SQL and,
+    on Redis, no shared-cache operation once the entries are warm (`devices.hotpath`)."""
+    if request.method not in ("GET", "HEAD"):
+        return _error(405, f"method {request.method} not allowed", Allow="GET, HEAD")
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    if not header.startswith(_BEARER_DEVICE):
+        return _unauthorized("a device token is required: Authorization: Bearer efd_…")
+    digest = hashlib.sha256(header[7:].strip().encode()).hexdigest()
+    hotpath.store().check()
+    epoch = hotpath.memo.epoch
+    entry = hotpath.resolve_token(digest, epoch)
+    if entry is None:
+        return _unauthorized("invalid or revoked device token")
+    wait = hotpath.rate.hit(digest)
+    if wait is not None:
+        return _error(
+            429,
+            f"more than {settings.EDGEFIT_DEVICE_RATE_LIMIT} requests in "
+            f"{settings.EDGEFIT_DEVICE_RATE_WINDOW_S} s from this device",
+            Retry_After=str(max(1, math.ceil(wait))),
+        )
+    device_id, profile_id, channel = entry
+    state = delivery.profile_state(profile_id, epoch)
+    rendered = hotpath.memo.bodies.get(device_id)
+    if rendered is None or rendered[2] is not state:
+        rendered = delivery.render_config(device_id, channel, state)
+        hotpath.memo.remember("bodies", device_id, rendered, epoch)
+    body, etag, _ = rendered
+    inm = request.META.get("HTTP_IF_NONE_MATCH")
+    if inm is not None and (inm == etag or etag_matches(inm, etag)):
+        response = HttpResponse(status=304)
+    else:
+        response = HttpResponse(body, content_type=_JSON)
+    response["ETag"] = etag
+    response["Cache-Control"] = "private, no-cache"
+    return response
+
+
+@require_safe
+def signing_key(request: HttpRequest) -> HttpResponse:
+    """GET /api/v1/signing-key — the Ed25519 public key that verifies package manifests."""
+    response = JsonResponse(signing_key_info())
+    response["Cache-Control"] = "public, max-age=300"
+    return response
+
+
+# --------------------------------------------------------------------------- package files
+
+
+def _reader(request: HttpRequest) -> tuple[str, Any] | None:
+    """Who is downloading: ("device", (device id, profile id, channel)) or ("person", user)."""
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    if header.startswith(_BEARER_DEVICE):
+        digest = hashlib.sha256(header[7:].strip().encode()).hexdigest()
+        hotpath.store().check()
+        entry = hotpath.resolve_token(digest, hotpath.memo.epoch)
+        return ("device", entry) if entry else None
+    if header.startswith("Bearer " + TOKEN_PREFIX):
+        token = (
+            ApiToken.objects.select_related("user")
+            .filter(digest=hash_token(header[7:].strip()), revoked_at__isnull=True)
+            .first()
+        )
+        if token is None or not token.user.is_active:
+            return None
+        return "person", token.user
+    user = getattr(request, "user", None)
+    return ("person", user) if user is not None and user.is_authenticated else None
+
+
+def _file_etag(package: Package, name: str) -> str:
+    if name == "manifest.json":
+        return f'"{package.digest}"'
+    if name == "model.safetensors":
+        return f'"{package.blob_sha256}"'
+    return '"' + hashlib.sha256(bytes.fromhex(package.signature)).hexdigest() + '"'
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
+    """One byte range → (first, last) inclusive; None = ignore the header (serve everything);
+    False = unsatisfiable (416)."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None  # other units and multiple ranges: answer with the whole file
+    first_s, dash, last_s = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if first_s == "":
+            suffix = int(last_s)
+            if suffix <= 0:
+                return False
+            first, last = max(0, size - suffix), size - 1
+        else:
+            first = int(first_s)
+            last = int(last_s) if last_s else size - 1
+    except ValueError:
+        return None
+    if last_s and first > last:
+        return None  # not a valid range: ignore the header
+    if first >= size:
+        return False
+    return first, min(last, size - 1)
+
+
+def _stream(path: str, first: int, length: int) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        handle.seek(first)
+        remaining = length
+        while remaining > 0:
+            chunk = handle.read(min(_CHUNK, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            yield chunk
+
+
+@require_safe
+def package_file(request: HttpRequest, digest: str, name: str) -> HttpResponseBase:
+    """GET /api/v1/packages/<digest>/<file> — streamed from disk, immutable, Range → 206.
+
+    Devices may fetch the packages released to their profile; staff and viewers any package."""
+    reader = _reader(request)
+    if reader is None:
+        return _unauthorized("a device token, a script token or a session is required")
+    if name not in FILES or not DIGEST_RE.match(digest):
+        return _error(404, "no such package file")
+    package = Package.objects.filter(digest=digest).first()
+    if package is None:
+        return _error(404, "no such package")
+    kind, who = reader
+    if kind == "device":
+        if not Release.objects.filter(profile_id=who[1], package=package).exists():
+            return _error(404, "no such package for this device")
+    elif not is_viewer(who):
+        return _error(403, "viewer role required to download packages")
+    path = str(file_path(package, name))
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return _error(410, "the package's files are no longer on disk")
+    etag = _file_etag(package, name)
+    headers = {
+        "ETag": etag,
+        "Cache-Control": _IMMUTABLE,
+        "Accept-Ranges": "bytes",
+    }
+    inm = request.META.get("HTTP_IF_NONE_MATCH")
+    if inm is not None and etag_matches(inm, etag):
+        response = HttpResponse(status=304)
+        for key, value in headers.items():
+            response[key] = value
+        return response
+    wanted = request.META.get("HTTP_RANGE")
+    if_range = request.META.get("HTTP_IF_RANGE")
+    if wanted and if_range and if_range.strip() != etag:
+        wanted = None  # the client's partial copy is of another version: send it all
+    span = _parse_range(wanted, size) if wanted else None
+    if span is False:
+        response = _error(416, f"range not satisfiable: the file has {size} bytes")
+        response["Content-Range"] = f"bytes */{size}"
+        for key, value in headers.items():
+            response[key] = value
+        return response
+    if not isinstance(span, tuple):
+        full = FileResponse(open(path, "rb"), content_type=_CONTENT_TYPES[name])  # noqa: SIM115
+        full["Content-Length"] = str(size)
+        for key, value in headers.items():
+            full[key] = value
+        return full
+    first, last = span
+    partial = StreamingHttpResponse(
+        _stream(path, first, last - first + 1), status=206, content_type=_CONTENT_TYPES[name]
+    )
+    partial["Content-Range"] = f"bytes {first}-{last}/{size}"
+    partial["Content-Length"] = str(last - first + 1)
+    for key, value in headers.items():
+        partial[key] = value
+    return partial

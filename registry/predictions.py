@@ -1,0 +1,78 @@
+"""Per-device predictions of stored variants, as rows the dashboard can filter and sort in SQL.
+
+A finished planning run scores every confirmed plan on every device of the run (the cost model's
+predicted latency and memory; see `registry.fleet`).  Those figures live in the run's result JSON;
+`record_run_predictions` copies the ones that belong to a stored variant into `Prediction` rows
+(batch 1), so "variants of model M sorted by latency on device D" is one query.  A row already
+fitted to the device's measurements (`calibrated=True`) is left alone: an uncalibrated run
+must not overwrite a calibrated figure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+
+from registry.models import PlanningRun, Prediction, Variant
+
+__all__ = ["record_run_predictions"]
+
+#: Candidates of a run whose memory is this large were scored for precisions the device cannot run.
+UNSUPPORTED_MEMORY = 2**60
+
+
+def _cost_model_version() -> str:
+    from planner.cost import COST_MODEL_VERSION
+
+    return COST_MODEL_VERSION
+
+
+def record_run_predictions(run: PlanningRun) -> int:
+    """Upsert batch-1 Prediction rows for every (stored variant, device) pair the finished run
+    scored. Returns the number of rows written. Idempotent."""
+    if run.status != PlanningRun.Status.DONE:
+        return 0
+    devices: dict[str, Any] = (run.result or {}).get("devices", {})
+    scored: dict[tuple[str, int], dict[str, Any]] = {}
+    for device_id, entry in devices.items():
+        for candidate in entry.get("candidates", []):
+            if candidate.get("memory_bytes", 0) >= UNSUPPORTED_MEMORY:
+                continue
+            if (candidate.get("extra") or {}).get("unsupported_precisions"):
+                continue
+            scored[(candidate["key"], int(device_id))] = candidate
+    if not scored:
+        return 0
+    variant_of = dict(
+        Variant.objects.filter(
+            base_model_id=run.base_model_id, plan_hash__in={key for key, _ in scored}
+        ).values_list("plan_hash", "pk")
+    )
+    calibrated = set(
+        Prediction.objects.filter(
+            variant_id__in=variant_of.values(), batch_size=1, calibrated=True
+        ).values_list("variant_id", "device_profile_id")
+    )
+    version = _cost_model_version()
+    rows = [
+        Prediction(
+            variant_id=variant_of[key],
+            device_profile_id=device_id,
+            batch_size=1,
+            latency_s=float(candidate["latency_s"]),
+            memory_bytes=int(candidate["memory_bytes"]),
+            cost_model_version=version,
+            calibrated=False,
+        )
+        for (key, device_id), candidate in scored.items()
+        if key in variant_of and (variant_of[key], device_id) not in calibrated
+    ]
+    with transaction.atomic():
+        Prediction.objects.bulk_create(
+            rows,
+            update_conflicts=True,
+            unique_fields=["variant", "device_profile", "batch_size"],
+            update_fields=["latency_s", "memory_bytes", "cost_model_version", "calibrated", "predicted_at"],
+        )
+    return len(rows)

@@ -1,0 +1,271 @@
+"""Releases: publish a variant to a device profile under an alias, roll it out, roll it back.
+
+Rules (docs/delivery.md):
+  * per (profile, alias) one release is `active` — the head; publishing makes the new release
+    the head once its package exists (`pending` until `workers.build_package` has built it),
+    and links the old head as `previous`;
+  * a device's bucket is `int(sha256(f"{seed}:{device_id}")[:8], 16) % 100`; it gets the head
+    when its bucket < rollout_percent, else the nearest previous release that is fully rolled
+    out (or nothing) — so raising the percentage only ever adds devices;
+  * rollback marks the head rolled back and makes its previous release the head again;
+  * every change is audited (who, when, before → after) in its own transaction, and drops the
+    profile's cached config state on commit;
+  * edits name the version they change (`If-Match: "<version>"`): a stale one is refused (412),
+    a missing one too (428).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Any
+
+from celery import current_app
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from devices.models import DeviceProfile
+from registry import audit
+from registry.delivery import bucket, forget_profile
+from registry.models import Package, Release, Variant
+
+__all__ = [
+    "ReleaseError",
+    "activate_pending",
+    "bucket",
+    "etag_matches",
+    "fail_pending",
+    "publish",
+    "rollback",
+    "set_rollout",
+]
+
+_ALIAS = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+
+class ReleaseError(ValueError):
+    """A refused release change: `errors` maps fields to rules; `status` is the HTTP status."""
+
+    def __init__(self, errors: dict[str, str], status: int = 400) -> None:
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        self.errors = errors
+        self.status = status
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    """Does an If-Match / If-None-Match header name `etag`? (`*` matches; W/ is ignored.)"""
+    if header.strip() == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    return any(part.strip().removeprefix("W/") == bare for part in header.split(","))
+
+
+def _state(release: Release) -> dict[str, Any]:
+    return {
+        "status": release.status,
+        "rollout_percent": release.rollout_percent,
+        "variant": release.variant_id,
+        "package": release.package.digest if release.package_id and release.package else None,
+        "previous": release.previous_id,
+        "version": release.version,
+    }
+
+
+def _check_percent(value: Any, errors: dict[str, str]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        errors["rollout_percent"] = "an integer percentage from 0 to 100"
+        return 0
+    return value
+
+
+def publish(
+    *,
+    variant: Variant | int,
+    profile: DeviceProfile | int | str,
+    alias: str = "stable",
+    rollout_percent: int = 100,
+    by: Any = None,
+) -> Release:
+    """Create a release; it becomes the alias's head at once when the variant's package exists,
+    else when `workers.build_package` (enqueued on commit) has built it."""
+    from registry.packages import usable_package
+
+    errors: dict[str, str] = {}
+    if isinstance(variant, int):
+        variant_obj = Variant.objects.select_related("base_model").filter(pk=variant).first()
+        if variant_obj is None:
+            errors["variant"] = f"unknown variant {variant}"
+    else:
+        variant_obj = variant
+    if isinstance(profile, DeviceProfile):
+        profile_obj: DeviceProfile | None = profile
+    else:
+        lookup = {"slug": profile} if isinstance(profile, str) else {"pk": profile}
+        profile_obj = DeviceProfile.objects.filter(**lookup).first()
+        if profile_obj is None:
+            errors["profile"] = f"unknown device profile {profile!r}"
+    if not isinstance(alias, str) or not _ALIAS.match(alias):
+        errors["alias"] = "lowercase letters, digits, '-' or '_', starting with a letter or digit, ≤ 40"
+    percent = _check_percent(rollout_percent, errors)
+    if variant_obj is not None and not variant_obj.base_model.adapter:
+        errors["variant"] = "its model is spec-only (no weights): nothing to package"
+    if errors:
+        raise ReleaseError(errors)
+    assert variant_obj is not None and profile_obj is not None
+    package = usable_package(variant_obj)
+    try:
+        with transaction.atomic():
+            release = Release.objects.create(
+                profile=profile_obj,
+                alias=alias,
+                variant=variant_obj,
+                rollout_percent=percent,
+                seed=secrets.token_hex(8),
+                created_by=by if getattr(by, "is_authenticated", False) else None,
+            )
+            audit.record(by, "release.publish", release, None, _state(release))
+            if package is not None:
+                _activate(release, package, by)
+            else:
+                variant_id = variant_obj.pk
+                transaction.on_commit(
+                    lambda: current_app.signature("workers.build_package", args=[variant_id]).delay()
+                )
+    except IntegrityError:
+        raise ReleaseError(
+            {"alias": "another release of this alias was published at the same moment"}, 409
+        ) from None
+    release.refresh_from_db()
+    return release
+
+
+def _activate(release: Release, package: Package, by: Any) -> None:
+    """Make `release` the head of its alias (inside the caller's transaction)."""
+    head = (
+        Release.objects.select_for_update()
+        .filter(profile_id=release.profile_id, alias=release.alias, status=Release.Status.ACTIVE)
+        .exclude(pk=release.pk)
+        .first()
+    )
+    if head is not None:
+        before = _state(head)
+        head.status = Release.Status.SUPERSEDED
+        head.version += 1
+        head.save(update_fields=["status", "version", "updated_at"])
+        audit.record(by, "release.supersede", head, before, _state(head))
+    before = _state(release)
+    release.package = package
+    release.previous = head
+    release.status = Release.Status.ACTIVE
+    release.activated_at = timezone.now()
+    release.version += 1
+    release.save(update_fields=["package", "previous", "status", "activated_at", "version", "updated_at"])
+    audit.record(by, "release.activate", release, before, _state(release))
+    profile_id = release.profile_id
+    transaction.on_commit(lambda: forget_profile(profile_id))
+
+
+def activate_pending(variant: Variant, package: Package) -> list[Release]:
+    """The package of `variant` exists: its pending releases become heads, oldest first."""
+    done = []
+    with transaction.atomic():
+        pending = Release.objects.select_for_update().filter(variant=variant, status=Release.Status.PENDING)
+        for release in pending.order_by("created_at", "pk"):
+            _activate(release, package, None)
+            done.append(release)
+    return done
+
+
+def fail_pending(variant: Variant, error: str) -> None:
+    with transaction.atomic():
+        for release in Release.objects.select_for_update().filter(
+            variant=variant, status=Release.Status.PENDING
+        ):
+            before = _state(release)
+            release.status = Release.Status.FAILED
+            release.error = error[:5000]
+            release.version += 1
+            release.save(update_fields=["status", "error", "version", "updated_at"])
+            audit.record(None, "release.fail", release, before, {**_state(release), "error": error[:500]})
+
+
+def _locked(release: Release | int) -> Release:
+    pk = release.pk if isinstance(release, Release) else release
+    found = Release.objects.select_for_update(of=("self",)).select_related("package").filter(pk=pk).first()
+    if found is None:
+        raise ReleaseError({"release": "not found"}, 404)
+    return found
+
+
+def _check_version(locked: Release, if_match: str | None, required: bool) -> None:
+    if if_match is None or not if_match.strip():
+        if required:
+            raise ReleaseError(
+                {"If-Match": f"send If-Match: {locked.etag} (the version you are changing)"}, 428
+            )
+        return
+    if not etag_matches(if_match, locked.etag):
+        raise ReleaseError(
+            {"If-Match": f"stale: the release is now at version {locked.etag}, you sent {if_match.strip()}"},
+            412,
+        )
+
+
+def set_rollout(release: Release | int, rollout_percent: Any, *, if_match: str | None, by: Any) -> Release:
+    """Change the head's (or a pending release's) rollout percentage; `if_match` is required."""
+    errors: dict[str, str] = {}
+    percent = _check_percent(rollout_percent, errors)
+    with transaction.atomic():
+        locked = _locked(release)
+        _check_version(locked, if_match, required=True)
+        if errors:
+            raise ReleaseError(errors)
+        if locked.status not in (Release.Status.ACTIVE, Release.Status.PENDING):
+            raise ReleaseError(
+                {"status": f"a {locked.status} release cannot change; publish a new release instead"}, 409
+            )
+        before = _state(locked)
+        locked.rollout_percent = percent
+        locked.version += 1
+        locked.save(update_fields=["rollout_percent", "version", "updated_at"])
+        audit.record(by, "release.rollout", locked, before, _state(locked))
+        profile_id = locked.profile_id
+        transaction.on_commit(lambda: forget_profile(profile_id))
+    return locked
+
+
+def rollback(
+    release: Release | int, *, by: Any, if_match: str | None = None
+) -> tuple[Release, Release | None]:
+    """Roll the head back: it is marked rolled back and its previous release (skipping any that
+    were rolled back or failed) is the head again. Returns (rolled back, new head or None)."""
+    with transaction.atomic():
+        locked = _locked(release)
+        _check_version(locked, if_match, required=False)
+        if locked.status != Release.Status.ACTIVE:
+            raise ReleaseError(
+                {"status": f"only the head of an alias can be rolled back (this one is {locked.status})"},
+                409,
+            )
+        restored = locked.previous
+        while restored is not None and restored.status != Release.Status.SUPERSEDED:
+            restored = restored.previous
+        before = {"head": locked.pk, **_state(locked)}
+        locked.status = Release.Status.ROLLED_BACK
+        locked.version += 1
+        locked.save(update_fields=["status", "version", "updated_at"])
+        if restored is not None:
+            restored = _locked(restored)
+            restored.status = Release.Status.ACTIVE
+            restored.version += 1
+            restored.save(update_fields=["status", "version", "updated_at"])
+        after = {
+            "head": restored.pk if restored else None,
+            "package": restored.package.digest if restored and restored.package else None,
+            "rollout_percent": restored.rollout_percent if restored else None,
+            **{f"rolled_back_{k}": v for k, v in _state(locked).items() if k in ("status", "version")},
+        }
+        audit.record(by, "release.rollback", locked, before, after)
+        profile_id = locked.profile_id
+        transaction.on_commit(lambda: forget_profile(profile_id))
+    return locked, restored

@@ -1,0 +1,184 @@
+"""Enrollment keys, enrollment, pre-registration, revocation; who may do what."""
+
+from __future__ import annotations
+
+import pytest
+
+from devices.models import Device, DeviceToken, EnrollmentKey, hash_secret
+from registry.models import AuditEntry
+from tests.delivery.conftest import bearer
+
+pytestmark = pytest.mark.django_db
+KEYS = "/api/v1/enrollment-keys/"
+DEVICES = "/api/v1/devices/"
+ENROLL = "/api/v1/device/enroll"
+CONFIG = "/api/v1/device/config"
+
+
+@pytest.fixture
+def enrollment_key(api_as, staff, profile):
+    response = api_as(staff).post(KEYS, {"fleet": "lab boards", "profile": profile.slug}, format="json")
+    assert response.status_code == 201, response.json()
+    return response.json()
+
+
+def test_staff_create_an_enrollment_key_shown_once_and_stored_hashed(api_as, staff, enrollment_key, profile):
+    assert enrollment_key["key"].startswith("efe_") and enrollment_key["profile"] == profile.slug
+    stored = EnrollmentKey.objects.get()
+    assert stored.digest == hash_secret(enrollment_key["key"]) and enrollment_key["key"] not in str(
+        stored.__dict__
+    )
+    listed = api_as(staff).get(KEYS).json()["results"]
+    assert "key" not in listed[0] and listed[0]["prefix"] == enrollment_key["key"][:10]
+    assert AuditEntry.objects.filter(action="enrollment_key.create").count() == 1
+
+
+@pytest.mark.parametrize(("role", "status"), [("viewer", 403), ("outsider", 403), ("anonymous", 401)])
+def test_only_staff_create_enrollment_keys(api_as, staff, viewer, outsider, profile, role, status):
+    user = {"viewer": viewer, "outsider": outsider, "anonymous": None}[role]
+    assert api_as(user).post(KEYS, {"fleet": "f"}, format="json").status_code == status
+    assert not EnrollmentKey.objects.exists()
+
+
+def test_a_device_enrolls_with_a_key_and_gets_an_id_and_a_token(client, enrollment_key, profile):
+    response = client.post(
+        ENROLL,
+        {"enrollment_key": enrollment_key["key"], "name": "board-7", "hardware": {"cpus": 2}},
+        content_type="application/json",
+    )
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert body["token"].startswith("efd_") and body["profile"] == profile.slug
+    assert body["channel"] == "stable" and body["config_url"] == "/api/v1/device/config"
+    device = Device.objects.get(pk=body["device_id"])
+    assert device.hardware == {"cpus": 2} and device.enrollment_key.fleet == "lab boards"
+    assert DeviceToken.objects.get().digest == hash_secret(body["token"])
+    assert client.get(CONFIG, **bearer(body["token"])).status_code == 200
+
+
+@pytest.mark.parametrize("key", [None, "", "efe_unknown", "efu_not-an-enrollment-key"])
+def test_enrolling_without_a_valid_key_is_401_and_creates_nothing(client, enrollment_key, key):
+    body = {"name": "x"} | ({"enrollment_key": key} if key is not None else {})
+    response = client.post(ENROLL, body, content_type="application/json")
+    assert response.status_code == 401 and response["WWW-Authenticate"].startswith("Bearer")
+    assert "enrollment_key" in response.json()["errors"]
+    assert not Device.objects.exists()
+
+
+def test_a_revoked_enrollment_key_enrolls_nobody(api_as, client, staff, enrollment_key):
+    assert api_as(staff).post(f"{KEYS}{enrollment_key['id']}/revoke/").status_code == 200
+    response = client.post(
+        ENROLL, {"enrollment_key": enrollment_key["key"], "name": "x"}, content_type="application/json"
+    )
+    assert response.status_code == 401 and not Device.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": ""}, "name"),
+        ({"name": "x" * 121}, "name"),
+        ({"name": "x", "profile": "some-other-profile"}, "profile"),
+        ({"name": "x", "hardware": "not an object"}, "hardware"),
+        ({"name": "x", "shoe_size": 44}, "shoe_size"),
+    ],
+)
+def test_bad_enrollment_fields_are_400_naming_the_field(client, enrollment_key, body, field):
+    response = client.post(
+        ENROLL, {"enrollment_key": enrollment_key["key"], **body}, content_type="application/json"
+    )
+    assert response.status_code == 400, response.json()
+    assert field in response.json()["errors"]
+    assert not Device.objects.exists()
+
+
+def test_a_key_without_a_pinned_profile_needs_the_device_to_name_one(api_as, client, staff, profile):
+    key = api_as(staff).post(KEYS, {"fleet": "open"}, format="json").json()["key"]
+    missing = client.post(ENROLL, {"enrollment_key": key, "name": "x"}, content_type="application/json")
+    assert missing.status_code == 400 and "profile" in missing.json()["errors"]
+    named = client.post(
+        ENROLL, {"enrollment_key": key, "name": "x", "profile": profile.slug}, content_type="application/json"
+    )
+    assert named.status_code == 201
+
+
+def test_staff_pre_register_a_device_and_the_token_is_shown_only_then(api_as, staff, viewer, profile):
+    response = api_as(staff).post(DEVICES, {"name": "kiosk", "profile": profile.slug}, format="json")
+    assert response.status_code == 201, response.json()
+    token = response.json()["token"]
+    device_id = response.json()["device_id"]
+    detail = api_as(viewer).get(f"{DEVICES}{device_id}/")
+    assert detail.status_code == 200 and token not in detail.content.decode()
+    assert detail.json()["enrolled_by"] == staff.username
+    assert api_as(viewer).get(DEVICES).json()["count"] == 1
+
+
+@pytest.mark.parametrize(("role", "status"), [("viewer", 403), ("outsider", 403), ("anonymous", 401)])
+def test_only_staff_pre_register_devices(api_as, viewer, outsider, profile, role, status):
+    user = {"viewer": viewer, "outsider": outsider, "anonymous": None}[role]
+    response = api_as(user).post(DEVICES, {"name": "k", "profile": profile.slug}, format="json")
+    assert response.status_code == status and not Device.objects.exists()
+
+
+def test_revoking_a_device_answers_401_to_its_next_request(
+    api_as, client, staff, viewer, profile, make_device, committed
+):
+    device = make_device(profile)
+    assert client.get(CONFIG, **bearer(device["token"])).status_code == 200
+    assert api_as(viewer).post(f"{DEVICES}{device['device_id']}/revoke/").status_code == 403
+    with committed():
+        response = api_as(staff).post(f"{DEVICES}{device['device_id']}/revoke/")
+    assert response.status_code == 200 and response.json()["active"] is False
+    assert client.get(CONFIG, **bearer(device["token"])).status_code == 401
+    entry = AuditEntry.objects.get(action="device.revoke")
+    assert entry.actor_label == staff.username and entry.after["revoked"] is True
+
+
+def test_device_tokens_open_no_person_endpoint(client, profile, make_device):
+    device = make_device(profile)
+    for url in (DEVICES, KEYS, "/api/v1/releases/", "/api/v1/audit/", "/api/v1/devices/profiles/"):
+        assert client.get(url, **bearer(device["token"])).status_code in (401, 403), url
+    assert client.get("/releases/", **bearer(device["token"])).status_code == 302  # login page
+
+
+def test_people_cannot_use_device_endpoints(api_as, staff):
+    assert api_as(staff).post("/api/v1/device/measurements", {}, format="json").status_code in (401, 403)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        DEVICES,
+        KEYS,
+        "/api/v1/packages/",
+        "/api/v1/releases/",
+        "/api/v1/audit/",
+        CONFIG,
+        "/api/v1/device/measurements",
+    ],
+)
+def test_anonymous_callers_get_nothing(client, url):
+    method = client.post if url.endswith("measurements") else client.get
+    assert method(url).status_code in (401, 403)
+
+
+def test_anonymous_callers_may_read_health_ping_signing_key_and_schema(client):
+    for url in ("/health/", "/api/v1/ping", "/api/v1/signing-key", "/api/v1/schema/"):
+        assert client.get(url).status_code == 200, url
+
+
+def test_the_enrollment_key_command_prints_a_key_and_reuses_the_kept_one(tmp_path):
+    import io
+
+    from django.core.management import call_command
+
+    def run() -> str:
+        out = io.StringIO()
+        call_command("enrollment_key", "demo", "--keep-in", str(tmp_path / "key"), stdout=out)
+        return out.getvalue().strip()
+
+    first = run()
+    assert first.startswith("efe_") and run() == first
+    assert EnrollmentKey.objects.get().fleet == "demo"
+    EnrollmentKey.objects.update(revoked_at="2026-01-01T00:00:00Z")
+    assert run() != first  # a revoked key is replaced
