@@ -85,7 +85,12 @@ def optuna_storage_url() -> str:
             auth += f":{db['PASSWORD']}"
         host = f"{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}"
         return f"postgresql+psycopg://{auth}@{host}/{db['NAME']}"
-    return f"sqlite:///{db['NAME']}"
+    name = str(db["NAME"])
+    if name.startswith("file:"):
+        # Django's in-memory test database ("file:memorydb_default?mode=memory&cache=shared"):
+        # without uri=true SQLAlchemy would create a file of that name in the working directory.
+        return f"sqlite:///{name}{'&' if '?' in name else '?'}uri=true"
+    return f"sqlite:///{name}"
 
 
 _STORAGES: dict[str, Any] = {}
