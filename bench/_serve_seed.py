@@ -10,7 +10,7 @@ import tempfile
 import time
 from typing import Any
 
-_PROFILE = "raspberry-pi-5-8gb"
+_PROFILE = "raspberry-pi-5-8-gb"
 
 
 def _mixed_plan(spec: Any) -> Any:
@@ -71,8 +71,8 @@ def seed(n_devices: int) -> dict[str, Any]:
         provenance=measured_provenance(),
         tags=["bench"],
     )
-    # Build once outside the timing (the check set's FP32 answers are computed and cached on
-    # the very first build of a model), then time a build from scratch of a fresh copy.
+    # Build through the registry (as the worker does), then the same plan again into a scratch
+    # directory: both timed, and the second must give the same digest.
     started = time.perf_counter()
     package = packages.build_for_variant(variant.pk)
     first_build_s = time.perf_counter() - started
@@ -99,6 +99,6 @@ def seed(n_devices: int) -> dict[str, Any]:
         "digest": package.digest,
         "package_bytes": package.blob_bytes,
         "predicted_bytes": predict_bundle_package_bytes(bundle, plan),
-        "package_build_seconds": info.seconds,
-        "package_first_build_seconds": first_build_s,
+        "package_build_seconds": first_build_s,
+        "package_rebuild_seconds": info.seconds,
     }
