@@ -19,7 +19,9 @@ class DevicePathMiddleware:
     message store, a lazy session and user, resolve the URL and add HTML-page headers on every
     poll — about a fifth of the request's time.  So, first in MIDDLEWARE, this dispatches those
     two exact paths straight to their views (the URLconf routes them too, for reverse() and the
-    test client) and adds the one header that matters for a JSON answer.
+    test client) after the one check of the skipped stack that protects them — the Host header
+    against ALLOWED_HOSTS (400, as Django answers) — and adds the one header that matters for a
+    JSON answer.
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
@@ -36,6 +38,9 @@ class DevicePathMiddleware:
         view = self.routes.get(request.path_info)
         if view is None:
             return self.get_response(request)
+        # The ALLOWED_HOSTS check CommonMiddleware would make: DisallowedHost becomes Django's
+        # own 400 (and security log entry) in the handler's exception conversion.
+        request.get_host()
         response = view(request)
         response["X-Content-Type-Options"] = "nosniff"
         return response

@@ -152,11 +152,12 @@ class EnrollView(views.APIView):
     def post(self, request: Request) -> Response:
         serializer = EnrollSerializer(data=request.data)
         try:
-            check_enrollment_key(
+            # The key first (a 401 before any field is judged), checked once: its row is handed on.
+            key = check_enrollment_key(
                 request.data.get("enrollment_key") if isinstance(request.data, dict) else None
             )
             serializer.is_valid(raise_exception=True)
-            answer = enroll_device(**serializer.validated_data)
+            answer = enroll_device(**{**serializer.validated_data, "enrollment_key": key})
         except EnrollmentError as exc:
             if exc.status == 401:
                 # (DRF would turn AuthenticationFailed into 403: this view has no authenticator.)

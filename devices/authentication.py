@@ -10,7 +10,7 @@ from typing import Any
 
 from rest_framework import authentication, exceptions, permissions
 
-from devices.models import DEVICE_TOKEN_PREFIX, Device, DeviceToken, hash_secret
+from devices.models import DEVICE_TOKEN_PREFIX, Device, DeviceToken, device_token_digest
 
 __all__ = ["DevicePrincipal", "DeviceTokenAuthentication", "IsDevice", "bearer_token"]
 
@@ -50,9 +50,12 @@ class DeviceTokenAuthentication(authentication.BaseAuthentication):
         raw = bearer_token(header, DEVICE_TOKEN_PREFIX)
         if raw is None:
             return None
+        digest = device_token_digest(f"Bearer {raw}")
         token = (
-            DeviceToken.objects.select_related("device__profile")
-            .filter(digest=hash_secret(raw), revoked_at__isnull=True, device__revoked_at__isnull=True)
+            None
+            if digest is None  # malformed: no query
+            else DeviceToken.objects.select_related("device__profile")
+            .filter(digest=digest, revoked_at__isnull=True, device__revoked_at__isnull=True)
             .first()
         )
         if token is None:

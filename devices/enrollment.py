@@ -180,8 +180,11 @@ def enroll_device(
 ) -> dict[str, Any]:
     """A device presents a fleet's enrollment key and gets an id and a token.
 
+    `enrollment_key` is the raw key, or the row `check_enrollment_key` already returned for it.
     A missing, unknown or revoked key is a 401 (`status`), bad fields a 400 naming them."""
-    key = check_enrollment_key(enrollment_key)
+    key = (
+        enrollment_key if isinstance(enrollment_key, EnrollmentKey) else check_enrollment_key(enrollment_key)
+    )
     errors: dict[str, str] = {}
     name = _check_name(name, errors)
     hardware = _check_hardware(hardware, errors)

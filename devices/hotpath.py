@@ -5,22 +5,31 @@ endpoint, and it must not run a single SQL query.  Three layers serve it:
 
 1. the **shared cache** (Django's default cache: Redis on the real stack, a file cache under
    ./var on one machine — both seen by every web process and the worker) holds what a token
-   resolves to (`token_key`) and, in `registry.delivery`, each profile's releases;
+   resolves to (`token_key`) and, in `registry.delivery`, each profile's delivery state.  Every
+   shared entry is stored with the **generation marker** (`GEN_KEY`) that was current when its
+   build *started* (`shared_read` / `shared_write`), and a reader accepts it only if that is
+   still the current marker — so a value read from the database just before a change, and
+   written after it, is never served (no check-then-set race);
 2. a **per-process memo** (`memo`) keeps copies of those entries, plus the rendered config body
-   and ETag per device, so a warm request reads nothing outside the process;
-3. **invalidation**: a writer changes the database, then *on commit* deletes the shared entries
-   it touched and replaces the **generation marker** (`GEN_KEY`, a random value) —
-   `forget_tokens`, `bump_generation` — and, on Redis, publishes it on `CHANNEL`.  Each web
+   and ETag per device, so a warm request reads nothing outside the process; unknown tokens go
+   to a small separate table (`memo.negative`) that can never push out a known one;
+3. **invalidation**: a writer changes the database, then *on commit* replaces the marker (a
+   random value) and deletes the shared entries it touched — `bump_generation`,
+   `forget_tokens` — and, on Redis, publishes the marker on `CHANNEL` (retried once).  Each web
    process listens on that channel in a background thread and empties its memo when a message
-   arrives.  Until its subscription is confirmed (start-up, lost connection) and always with
-   the file cache, a process instead reads the marker on every request and empties its memo
-   when it changed.  Either way the request after a change sees it.
+   arrives.
 
-A memo entry is only stored if no invalidation happened since the request started
-(`memo.epoch`), so a value read just before a change cannot outlive it.  Entries missing from
+How soon a process sees a committed change (the bound is what matters, the channel is the fast
+path): with the file cache, or until the subscription is confirmed, the process reads the
+marker on every request, so *the next request* sees the change.  Once subscribed it usually
+sees it within milliseconds (the message), and in any case — a lost message, a failed publish —
+within `MARKER_RECHECK_S` (1 s), because it still re-reads the marker at most that often.
+Independently, no memo entry is older than `MEMO_MAX_AGE_S`.
+
+A memo entry is only stored if the memo was not emptied since the request started
+(`memo.epoch`) and still believes in the marker the entry was built at.  Entries missing from
 the shared cache are rebuilt from the database — the only queries this path can make (the
-first request after a change or an expiry) — and written back only if the marker did not
-change meanwhile.
+first request after a change or an expiry, or an unknown but well-formed token).
 
 Throttling: `EDGEFIT_DEVICE_RATE_LIMIT` requests per device token per
 `EDGEFIT_DEVICE_RATE_WINDOW_S`-second window.  Each process counts a token's requests itself;
@@ -32,30 +41,36 @@ fleet-wide (to at most the limit plus an eighth per web process).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.core.cache import cache
 from django.core.signals import setting_changed
 
+from devices.models import device_token_digest
+
 __all__ = [
     "CHANNEL",
     "GEN_KEY",
+    "MARKER_RECHECK_S",
+    "MEMO_MAX_AGE_S",
+    "MISS",
     "TokenEntry",
     "bump_generation",
+    "device_token_digest",
     "forget_tokens",
     "memo",
     "rate",
     "resolve_token",
+    "shared_read",
+    "shared_write",
     "store",
-    "token_digest",
     "token_key",
 ]
 
@@ -63,34 +78,64 @@ log = logging.getLogger(__name__)
 
 GEN_KEY = "delivery:gen"
 CHANNEL = "delivery:invalidate"
-#: A positive token entry lives this long in the shared cache (rebuilt from the database after).
+#: A token entry lives this long in the shared cache (rebuilt from the database after).
 TOKEN_TTL_S = 6 * 3600
-#: An unknown or revoked token is remembered as such for this long.
-NEGATIVE_TTL_S = 600
-#: Per-process memo dictionaries are emptied when they grow past this many entries.
+#: Per-process memo dictionaries of known entries are emptied when they grow past this.
 MEMO_MAX_ENTRIES = 200_000
+#: Unknown or revoked tokens remembered per process (emptied, alone, when full).
+NEGATIVE_MAX_ENTRIES = 10_000
+#: A subscribed process still re-reads the marker at most this often (bounded staleness).
+MARKER_RECHECK_S = 1.0
+#: No memo entry outlives this, whatever happens to the marker and the channel.
+MEMO_MAX_AGE_S = 300.0
 
-#: What a device token resolves to: (device id, profile id, channel alias).
-TokenEntry = tuple[str, int, str]
 
-_MISS = object()
+class TokenEntry(NamedTuple):
+    """What a device token resolves to."""
+
+    device_id: str
+    profile_id: int
+    channel: str
 
 
-def token_digest(raw: str) -> str:
-    return hashlib.sha256(raw.encode()).hexdigest()
+class _Miss:
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+#: "Nothing usable": no entry, or one built at another generation.
+MISS: Any = _Miss()
 
 
 def token_key(digest: str) -> str:
     return f"delivery:token:{digest}"
 
 
+def shared_read(key: str) -> tuple[object, Any]:
+    """(the current marker, the shared entry under `key` if it was built at that marker, else
+    MISS) — one round trip."""
+    found = cache.get_many([GEN_KEY, key])
+    gen = found.get(GEN_KEY)
+    tagged = found.get(key)
+    if isinstance(tagged, tuple) and len(tagged) == 2 and tagged[0] == gen:
+        return gen, tagged[1]
+    return gen, MISS
+
+
+def shared_write(key: str, gen: object, value: Any, ttl: float) -> None:
+    """Store `value`, built from the database *after* `gen` was read by `shared_read`."""
+    cache.set(key, (gen, value), ttl)
+
+
 class LocalMemo:
     """Per-process copies of shared entries and rendered answers, dropped on invalidation."""
 
     def __init__(self) -> None:
-        self.gen: object = _MISS
+        self.gen: object = MISS
         self.epoch = 0
-        self.tokens: dict[str, TokenEntry | None] = {}
+        self.born = time.monotonic()
+        self.tokens: dict[str, TokenEntry] = {}
+        self.negative: dict[str, None] = {}
         self.profiles: dict[int, Any] = {}
         self.bodies: dict[str, Any] = {}
 
@@ -102,18 +147,21 @@ class LocalMemo:
 
     def clear(self) -> None:
         self.epoch += 1
-        self.gen = _MISS
+        self.gen = MISS
+        self.born = time.monotonic()
         self.tokens = {}
+        self.negative = {}
         self.profiles = {}
         self.bodies = {}
 
-    def remember(self, table: str, key: Any, value: Any, epoch: int) -> None:
-        """Store unless the memo was emptied since `epoch` (the value may predate a change)."""
+    def remember(self, table: str, key: Any, value: Any, epoch: int, gen: object = MISS) -> None:
+        """Store unless the memo was emptied since `epoch`, or (when `gen` is given) the value
+        was built at another marker than the one the memo holds (it may predate a change)."""
         entries = getattr(self, table)
-        if epoch != self.epoch:
+        if epoch != self.epoch or (gen is not MISS and gen != self.gen):
             return
-        if len(entries) >= MEMO_MAX_ENTRIES:
-            entries.clear()
+        if len(entries) >= (NEGATIVE_MAX_ENTRIES if table == "negative" else MEMO_MAX_ENTRIES):
+            entries.clear()  # tables are separate: unknown tokens never evict known ones
         entries[key] = value
 
 
@@ -128,10 +176,11 @@ class Store:
 
     def __init__(self, redis_location: str | None) -> None:
         self.redis_location = redis_location
-        self.live = False  # subscribed: the memo is dropped by messages, no per-request read
+        self.live = False  # subscribed: messages drop the memo, the marker is read ≤ 1/s
         self._client: Any = None
         self._client_pid = 0
         self._pid = 0  # the process whose listener runs (0: none yet)
+        self._read_at = 0.0  # monotonic time of the last marker read
         self._lock = threading.Lock()
 
     def generation(self) -> object:
@@ -139,10 +188,15 @@ class Store:
 
     def check(self) -> None:
         """Called at the start of every hot-path request."""
-        if self.live:
-            return
+        # The pid first: a forked child inherits `live` but not the listener thread.
         if self.redis_location and self._pid != os.getpid():
             self._start_listener()
+        now = time.monotonic()
+        if now - memo.born > MEMO_MAX_AGE_S:
+            memo.clear()
+        elif self.live and memo.gen is not MISS and now - self._read_at < MARKER_RECHECK_S:
+            return
+        self._read_at = now
         memo.sync(cache.get(GEN_KEY))
 
     def _redis(self) -> Any:
@@ -156,11 +210,17 @@ class Store:
         return self._client
 
     def publish(self, marker: str) -> None:
-        if self.redis_location:
+        if not self.redis_location:
+            return
+        for attempt in (1, 2):
             try:
                 self._redis().publish(cache.make_key(CHANNEL), marker)
-            except Exception:  # the marker is set: listeners fall back to reading it
-                log.exception("could not publish a delivery invalidation")
+                return
+            except Exception:
+                if attempt == 2:  # the marker is set: listeners see it within MARKER_RECHECK_S
+                    log.exception("could not publish a delivery invalidation")
+                else:
+                    self._client = None  # a fresh connection for the retry
 
     def _start_listener(self) -> None:
         with self._lock:
@@ -285,28 +345,32 @@ def _token_from_db(digest: str) -> TokenEntry | None:
         .values_list("device_id", "device__profile_id", "device__channel")
         .first()
     )
-    return (str(row[0]), int(row[1]), str(row[2])) if row else None
+    return TokenEntry(str(row[0]), int(row[1]), str(row[2])) if row else None
 
 
 def resolve_token(digest: str, epoch: int) -> TokenEntry | None:
     """The device a token digest belongs to, or None (unknown or revoked). `epoch` is
-    `memo.epoch` read after `store().check()` at the start of the request."""
+    `memo.epoch` read after `store().check()` at the start of the request.  Only known tokens
+    are written to the shared cache; an unknown one is remembered in this process alone."""
     # (.get, not `in` + [ ]: another thread may empty the memo in between)
-    known = memo.tokens.get(digest, _MISS)
-    if known is not _MISS:
-        return cast("TokenEntry | None", known)
-    shared = cache.get(token_key(digest), _MISS)
-    if shared is _MISS:
-        before = cache.get(GEN_KEY)
-        found = _token_from_db(digest)
-        # A change committed while we read the database has replaced the marker: do not
-        # put what we read back into the shared cache (it may be older than the change).
-        if cache.get(GEN_KEY) == before:
-            cache.set(token_key(digest), found or False, TOKEN_TTL_S if found else NEGATIVE_TTL_S)
-        shared = found or False
-    result: TokenEntry | None = (str(shared[0]), int(shared[1]), str(shared[2])) if shared else None
-    memo.remember("tokens", digest, result, epoch)
-    return result
+    known = memo.tokens.get(digest)
+    if known is not None:
+        return known
+    if digest in memo.negative:
+        return None
+    key = token_key(digest)
+    gen, shared = shared_read(key)
+    if shared is MISS:
+        entry = _token_from_db(digest)
+        if entry is not None:
+            shared_write(key, gen, tuple(entry), TOKEN_TTL_S)
+    else:
+        entry = TokenEntry(str(shared[0]), int(shared[1]), str(shared[2]))
+    if entry is None:
+        memo.remember("negative", digest, None, epoch, gen)
+    else:
+        memo.remember("tokens", digest, entry, epoch, gen)
+    return entry
 
 
 # --------------------------------------------------------------------------- writers

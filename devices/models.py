@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import uuid
 from typing import TYPE_CHECKING
@@ -131,8 +132,23 @@ DEVICE_TOKEN_PREFIX = "efd_"
 ENROLLMENT_KEY_PREFIX = "efe_"
 
 
+#: A device token as `new_secret` makes it: the prefix and 43 URL-safe base64 characters.
+DEVICE_TOKEN_RE = re.compile(r"efd_[A-Za-z0-9_-]{43}")
+_BEARER = "Bearer "
+
+
 def hash_secret(raw: str) -> str:
+    """The digest a secret (device token, enrollment key) is stored and looked up by."""
     return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def device_token_digest(header: str) -> str | None:
+    """`hash_secret` of the device token an `Authorization` header value carries, or None when
+    it carries no well-formed one — checked before hashing, so garbage costs no lookup."""
+    if not header.startswith(_BEARER):
+        return None
+    raw = header[len(_BEARER) :].strip()
+    return hash_secret(raw) if DEVICE_TOKEN_RE.fullmatch(raw) else None
 
 
 def new_secret(prefix: str) -> str:

@@ -48,6 +48,13 @@ class PackageAdmin(admin.ModelAdmin):
     search_fields = ("digest",)
     readonly_fields = [f.name for f in Package._meta.fields]
 
+    # Content-addressed and referenced by releases, measurements and devices' downloads.
+    def has_add_permission(self, request: Any) -> bool:
+        return False
+
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
 
 @admin.register(Release)
 class ReleaseAdmin(admin.ModelAdmin):
@@ -59,6 +66,11 @@ class ReleaseAdmin(admin.ModelAdmin):
     readonly_fields = [f.name for f in Release._meta.fields]
 
     def has_add_permission(self, request: Any) -> bool:
+        return False
+
+    # A deletion would be unaudited, leave devices' cached config stale and break the
+    # `previous` chain rollbacks follow: retire a release by rolling it back instead.
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
         return False
 
 

@@ -188,9 +188,12 @@ class ReleaseViewSet(
         serializer = ReleaseCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
-        profile = data.pop("profile")
+        profile: str | int = data.pop("profile")
+        raw = request.data.get("profile") if isinstance(request.data, dict) else None
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            profile = raw  # a JSON number is a profile id; a string is always a slug ("2024" too)
         try:
-            release = publish(profile=int(profile) if profile.isdigit() else profile, by=request.user, **data)
+            release = publish(profile=profile, by=request.user, **data)
         except ReleaseError as exc:
             _release_error(exc)
         return Response(

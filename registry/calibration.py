@@ -28,8 +28,10 @@ from django.utils import timezone
 
 from devices.models import DeviceProfile
 from registry.engine import record_variant
+from registry.exits import exit_fractions, variant_exit_fraction
 from registry.measurements import clear_recalibration_flag
-from registry.models import Measurement, PlanningRun, Prediction, RealEvaluation, Variant
+from registry.models import Measurement, PlanningRun, Prediction, Variant
+from registry.predictions import UNSUPPORTED_MEMORY, error_pct
 
 if TYPE_CHECKING:
     from planner.cost import CostParams, CostPrediction, Observation
@@ -52,7 +54,8 @@ MAX_MEASUREMENTS = 50
 
 
 def _seq_len() -> int:
-    from planner.search import DEFAULT_SEQ_LEN  # the planner's own scoring length
+    """The planner's default scoring length: a variant's predictions outside any run use it."""
+    from planner.search import DEFAULT_SEQ_LEN
 
     return DEFAULT_SEQ_LEN
 
@@ -139,26 +142,22 @@ def predict_samples(
     return out
 
 
-def _variant_exit_probs(variant: Variant) -> list[float] | None:
-    plan = variant.plan or {}
-    if plan.get("exit_threshold") is None:
-        return None
-    fraction = (variant.metrics or {}).get("exit_fraction")
-    if fraction:
-        return [float(x) for x in fraction]
-    for evaluation in RealEvaluation.objects.filter(
-        base_model_id=variant.base_model_id, status=RealEvaluation.Status.DONE
-    ).only("result"):
-        for option in (evaluation.result or {}).get("options", []):
-            if option.get("exit_fraction") and _plan_hash(option.get("plan")) == variant.plan_hash:
-                return [float(x) for x in option["exit_fraction"]]
-    return None
-
-
-def _plan_hash(plan: Any) -> str | None:
+def _exits_index(variants: Sequence[Variant]) -> dict[tuple[int, str], list[float]]:
+    """The evaluations' exit fractions of the early-exit variants without their own (one query)."""
     from planner.specs import Plan
 
-    return Plan.from_dict(plan).hash() if isinstance(plan, dict) else None
+    need = [
+        v
+        for v in variants
+        if (v.plan or {}).get("exit_threshold") is not None and not (v.metrics or {}).get("exit_fraction")
+    ]
+    if not need:
+        return {}
+    return exit_fractions(
+        {v.base_model_id for v in need},
+        {v.plan_hash for v in need},
+        {Plan.from_dict(v.plan).weights_key() for v in need},
+    )
 
 
 def _regime_map(measurements: Sequence[Measurement]) -> list[list[str]]:
@@ -193,24 +192,39 @@ def _variant_kernels(spec: ModelSpec, plan: Plan, profile: DeviceProfile) -> dic
 
 
 def predict_variant(
-    variant: Variant, profile: DeviceProfile, params: CostParams | None = None
+    variant: Variant,
+    profile: DeviceProfile,
+    params: CostParams | None = None,
+    exits: dict[tuple[int, str], list[float]] | None = None,
 ) -> CostPrediction | None:
     """Batch-1 prediction of `variant` on `profile` at the planner's sequence length, with the
     profile's cost model (or `params`) and the kernel regimes its devices use for each kind of
-    tensor and precision; None when the profile cannot run the plan."""
+    tensor and precision; None when the profile cannot run the plan.  `exits`: the
+    `_exits_index` of a batch of variants (read here when not given)."""
     from planner.specs import ModelSpec, Plan
 
+    plan = Plan.from_dict(variant.plan)
+    probs = None
+    if plan.exit_threshold is not None:
+        index = _exits_index([variant]) if exits is None else exits
+        probs = variant_exit_fraction(variant.metrics, variant.base_model_id, variant.plan_hash, index)
     return _predict_plan(
         ModelSpec.from_dict(variant.base_model.spec),
-        Plan.from_dict(variant.plan),
+        plan,
         profile,
         params or profile.cost_params_or_default(),
-        _variant_exit_probs(variant),
+        probs,
+        _seq_len(),
     )
 
 
 def _predict_plan(
-    spec: ModelSpec, plan: Plan, profile: DeviceProfile, params: CostParams, exit_probs: list[float] | None
+    spec: ModelSpec,
+    plan: Plan,
+    profile: DeviceProfile,
+    params: CostParams,
+    exit_probs: list[float] | None,
+    seq_len: int,
 ) -> CostPrediction | None:
     from planner.cost import predict
     from planner.specs import PlanError
@@ -220,7 +234,7 @@ def _predict_plan(
     for attempt in (kernels, None) if kernels else (None,):
         try:
             return predict(
-                spec, plan, device, seq_len=_seq_len(), exit_probs=exit_probs, params=params, kernels=attempt
+                spec, plan, device, seq_len=seq_len, exit_probs=exit_probs, params=params, kernels=attempt
             )
         except PlanError:  # a regime computes at a precision the profile has no peak for
             continue
@@ -313,9 +327,11 @@ def _store_predictions(profile: DeviceProfile) -> int:
     from planner.cost import COST_MODEL_VERSION
 
     params = profile.cost_params_or_default()
+    variants = variants_on_profile(profile)
+    exits = _exits_index(variants)
     rows = []
-    for variant in variants_on_profile(profile):
-        cost = predict_variant(variant, profile, params)
+    for variant in variants:
+        cost = predict_variant(variant, profile, params, exits)
         if cost is None:
             continue
         rows.append(
@@ -342,14 +358,6 @@ def _store_predictions(profile: DeviceProfile) -> int:
 # --------------------------------------------------------------------------- re-ranking
 
 
-def _option_exit_probs(model_id: int, weights_key: str, plan_hash: str) -> list[float] | None:
-    evaluation = RealEvaluation.objects.filter(base_model_id=model_id, weights_key=weights_key).first()
-    for option in (evaluation.result if evaluation else {}).get("options", []):
-        if _plan_hash(option.get("plan")) == plan_hash:
-            return list(option.get("exit_fraction") or []) or None
-    return None
-
-
 def rerank_profile(profile: DeviceProfile) -> int:
     """Re-score the confirmed candidates of every finished run covering `profile` with its
     calibrated cost model and store the new front and recommendation. Returns runs updated."""
@@ -372,19 +380,29 @@ def rerank_profile(profile: DeviceProfile) -> int:
 
 
 def _reranked(run: PlanningRun, profile: DeviceProfile, entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry re-scored as `registry.fleet` scored it (same sequence length, the measured
+    exit fractions of early-exit plans), with the profile's calibrated cost model."""
     from planner.recommend import Candidate, Policy, pareto_front, recommend
     from planner.specs import ModelSpec, Plan
+    from registry.fleet import search_settings
 
     spec = ModelSpec.from_dict(run.base_model.spec)
     params = profile.cost_params_or_default()
     policy = Policy.from_dict(run.policy)
     fp32_accuracy = float(run.base_model.fp32_metrics["accuracy"])
+    seq_len = search_settings(run).seq_len
+    plans = {old["key"]: Plan.from_dict(old["extra"]["plan"]) for old in entry["candidates"]}
+    exits = exit_fractions(
+        [run.base_model_id],
+        [key for key, plan in plans.items() if plan.exit_threshold is not None],
+        {(old.get("extra") or {}).get("weights_key", "") for old in entry["candidates"]},
+    )
     candidates = []
     for old in entry["candidates"]:
         extra = dict(old.get("extra") or {})
-        plan = Plan.from_dict(extra["plan"])
-        probs = _option_exit_probs(run.base_model_id, extra.get("weights_key", ""), old["key"])
-        cost = _predict_plan(spec, plan, profile, params, probs)
+        plan = plans[old["key"]]
+        probs = exits.get((run.base_model_id, old["key"])) if plan.exit_threshold is not None else None
+        cost = _predict_plan(spec, plan, profile, params, probs, seq_len)
         if cost is None:
             continue
         unsupported = bool(extra.get("unsupported_precisions"))
@@ -394,7 +412,7 @@ def _reranked(run: PlanningRun, profile: DeviceProfile, entry: dict[str, Any]) -
                 key=old["key"],
                 accuracy=old["accuracy"],
                 latency_s=cost.latency_s,
-                memory_bytes=cost.memory_bytes if not unsupported else 2**62,
+                memory_bytes=cost.memory_bytes if not unsupported else UNSUPPORTED_MEMORY,
                 accuracy_source=old.get("accuracy_source", "measured"),
                 latency_source="predicted",
                 label=old.get("label", ""),
@@ -507,7 +525,7 @@ def predicted_vs_measured(profile: DeviceProfile) -> list[dict[str, Any]]:
                     "label": f"{m.variant.name} · {m.package.digest[:12] if m.package else '—'} · {m.host}",
                     "measured_ms": measured_ms,
                     "predicted_ms": predicted_ms,
-                    "error_pct": (predicted_ms / measured_ms - 1) * 100,
+                    "error_pct": error_pct(predicted_ms, measured_ms),
                     "calibrated": calibrated,
                     "measured_mean_ms": statistics.fmean(measured),
                     "predicted_mean_ms": statistics.fmean(predicted),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,11 +32,15 @@ from django.db.models.functions import Cast
 from devices.models import DeviceProfile
 from planner.recommend import POLICY_KINDS, Candidate, Policy, recommend
 from planner.specs import PlanError
-from registry.models import BaseModel, Measurement, PlanningRun, Prediction, RealEvaluation, Variant
+from registry.exits import exit_fractions, variant_exit_fraction
+from registry.models import BaseModel, Measurement, PlanningRun, Prediction, Variant
+from registry.predictions import UNSUPPORTED_MEMORY, error_pct
 
 __all__ = [
     "DEFAULT_LOSS_POINTS",
     "DEFAULT_SLO_MS",
+    "MEASURED_BATCH",
+    "MIB",
     "Params",
     "compare_data",
     "coverage",
@@ -49,8 +52,8 @@ __all__ = [
     "policy_from_params",
     "predicted_vs_measured_rows",
     "recommendation",
-    "trial_points",
     "variant_devices",
+    "variant_figures",
 ]
 
 DEFAULT_LOSS_POINTS = 1.0
@@ -59,7 +62,9 @@ MIB = 2**20
 #: Most recent finished runs looked at for the latest entry of each (model, device).
 RUNS_SCANNED = 200
 _ENTRY_TTL = 600
-log = logging.getLogger(__name__)
+#: The batch size whose device p50 is "the measured latency" on every page (agents report batch 1;
+#: a larger batch is a throughput test, not what one request waits).
+MEASURED_BATCH = 1
 
 
 # --------------------------------------------------------------------------- query-string values
@@ -114,7 +119,8 @@ class Params:
             part = part.strip()
             if not part:
                 continue
-            if not part.isdigit() or len(part) > 12:
+            # str.isdigit accepts "²" and other digits int() rejects: ASCII digits only
+            if not (part.isascii() and part.isdigit()) or len(part) > 12:
                 self.notices.append(f"{label}: {part[:20]!r} is not an id; ignored.")
                 continue
             if int(part) not in out:
@@ -205,7 +211,7 @@ def _slim(candidate: dict[str, Any], variant_of: dict[str, int]) -> dict[str, An
 
 def _usable(candidate: dict[str, Any]) -> bool:
     extra = candidate.get("extra") or {}
-    return not extra.get("unsupported_precisions") and candidate.get("memory_bytes", 0) < 2**60
+    return not extra.get("unsupported_precisions") and candidate.get("memory_bytes", 0) < UNSUPPORTED_MEMORY
 
 
 def _entries_key(run_id: int, finished_at: Any) -> str:
@@ -320,6 +326,15 @@ def latest_entries(
     return out
 
 
+def device_measurements(**filters: Any) -> QuerySet[Measurement]:
+    """Device measurements that count as a variant's measured latency on a profile, newest
+    first: the one rule behind every "measured" figure (overview, variants table, variant and
+    device pages)."""
+    return Measurement.objects.filter(
+        kind=Measurement.Kind.DEVICE, batch_size=MEASURED_BATCH, **filters
+    ).order_by("-measured_at", "-pk")
+
+
 def overlay_device_figures(entries: Iterable[dict[str, Any]]) -> None:
     """Replace predicted latencies by what devices measured (or by calibrated predictions), in
     place. Two queries for any number of entries."""
@@ -329,16 +344,9 @@ def overlay_device_figures(entries: Iterable[dict[str, Any]]) -> None:
     if not variant_ids:
         return
     measured: dict[tuple[int, int], float] = {}
-    for variant_id, device_id, p50 in (
-        Measurement.objects.filter(
-            kind=Measurement.Kind.DEVICE,
-            variant_id__in=variant_ids,
-            device_profile_id__in=device_ids,
-            batch_size=1,
-        )
-        .order_by("-measured_at")
-        .values_list("variant_id", "device_profile_id", "latency_p50_s")
-    ):
+    for variant_id, device_id, p50 in device_measurements(
+        variant_id__in=variant_ids, device_profile_id__in=device_ids
+    ).values_list("variant_id", "device_profile_id", "latency_p50_s"):
         measured.setdefault((variant_id, device_id), p50)
     calibrated = {
         (v, d): (lat, mem)
@@ -615,9 +623,7 @@ def variant_table_queryset(model: BaseModel, device: DeviceProfile | None) -> Qu
     latency / memory and the latest measured p50 (NULL without a device): one query per page."""
     device_id = device.pk if device else -1
     predictions = Prediction.objects.filter(variant=OuterRef("pk"), device_profile_id=device_id, batch_size=1)
-    measured = Measurement.objects.filter(
-        variant=OuterRef("pk"), device_profile_id=device_id, kind=Measurement.Kind.DEVICE
-    ).order_by("-measured_at")
+    measured = device_measurements(variant=OuterRef("pk"), device_profile_id=device_id)
     return (
         Variant.objects.filter(base_model=model)
         .defer("plan")
@@ -631,26 +637,34 @@ def variant_table_queryset(model: BaseModel, device: DeviceProfile | None) -> Qu
     )
 
 
+def variant_figures(v: Variant) -> dict[str, Any]:
+    """A row of `variant_table_queryset` as numbers: accuracy, latency (measured, else
+    predicted) and its source, predicted latency and memory on the chosen device."""
+    measured = getattr(v, "measured_p50_s", None)
+    predicted = getattr(v, "pred_latency_s", None)
+    latency = measured if measured is not None else predicted
+    source = "measured" if measured is not None else ("predicted" if predicted is not None else "")
+    return {
+        "accuracy": getattr(v, "accuracy", None),
+        "latency_ms": latency * 1000 if latency is not None else None,
+        "latency_source": source,
+        "predicted_ms": predicted * 1000 if predicted is not None else None,
+        "calibrated": bool(getattr(v, "pred_calibrated", False)),
+        "memory_bytes": getattr(v, "pred_memory_bytes", None),
+    }
+
+
 def variant_rows(page: Iterable[Variant], fp32: float) -> list[dict[str, Any]]:
     rows = []
     for v in page:
-        acc = getattr(v, "accuracy", None)
-        measured = getattr(v, "measured_p50_s", None)
-        predicted = getattr(v, "pred_latency_s", None)
-        latency = measured if measured is not None else predicted
-        memory = getattr(v, "pred_memory_bytes", None)
+        figures = variant_figures(v)
+        acc, memory = figures["accuracy"], figures["memory_bytes"]
         rows.append(
             {
+                **figures,
                 "variant": v,
-                "accuracy": acc,
                 "delta_points": (acc - fp32) * 100 if acc is not None else None,
                 "size_mib": v.weight_bytes / MIB,
-                "latency_ms": latency * 1000 if latency is not None else None,
-                "latency_source": "measured"
-                if measured is not None
-                else ("predicted" if predicted is not None else ""),
-                "predicted_ms": predicted * 1000 if predicted is not None else None,
-                "calibrated": bool(getattr(v, "pred_calibrated", False)),
                 "memory_mib": memory / MIB if memory else None,
             }
         )
@@ -674,18 +688,16 @@ VARIANT_CSV_HEADER = [
 
 def variant_csv_rows(queryset: Iterable[Variant]) -> Iterable[list[Any]]:
     for v in queryset:
-        measured = getattr(v, "measured_p50_s", None)
-        predicted = getattr(v, "pred_latency_s", None)
-        latency = measured if measured is not None else predicted
+        figures = variant_figures(v)
         yield [
             v.pk,
             v.name,
-            getattr(v, "accuracy", None),
+            figures["accuracy"],
             v.metrics_source,
             v.weight_bytes,
-            latency * 1000 if latency is not None else "",
-            "measured" if measured is not None else ("predicted" if predicted is not None else ""),
-            getattr(v, "pred_memory_bytes", None) or "",
+            figures["latency_ms"],
+            figures["latency_source"],
+            figures["memory_bytes"],
             (v.metrics or {}).get("exit_threshold"),
             v.provenance,
             v.created_at.isoformat(),
@@ -703,27 +715,18 @@ def exit_variants(model: BaseModel, selected: list[Variant]) -> list[dict[str, A
             .exclude(metrics__exit_threshold=None)
             .order_by("-created_at")[:6]
         )
-    # The no-exit reference: the full model answers everything at the last exit.
     need = [v for v in chosen if not (v.metrics or {}).get("exit_fraction")]
-    fractions: dict[str, list[float]] = {}
+    fractions: dict[tuple[int, str], list[float]] = {}
     if need:
         from planner.specs import Plan
 
-        keys: dict[str, str] = {}
+        keys: set[str] = set()
         for v in need:
             try:
-                keys[v.plan_hash] = Plan.from_dict(v.plan).weights_key()
-            except (PlanError, TypeError, KeyError):
+                keys.add(Plan.from_dict(v.plan).weights_key())
+            except (TypeError, KeyError, ValueError):  # PlanError is a ValueError
                 continue
-        for result in RealEvaluation.objects.filter(
-            base_model=model, weights_key__in=set(keys.values()), status=RealEvaluation.Status.DONE
-        ).values_list("result", flat=True):
-            for option in (result or {}).get("options", []):
-                try:
-                    plan_hash = Plan.from_dict(option["plan"]).hash()
-                except (PlanError, TypeError, KeyError):
-                    continue
-                fractions.setdefault(plan_hash, option.get("exit_fraction") or [])
+        fractions = exit_fractions([model.pk], {v.plan_hash for v in need}, keys)
     out = []
     for v in chosen:
         metrics = v.metrics or {}
@@ -731,7 +734,7 @@ def exit_variants(model: BaseModel, selected: list[Variant]) -> list[dict[str, A
             {
                 "id": v.pk,
                 "name": v.name,
-                "exit_fraction": metrics.get("exit_fraction") or fractions.get(v.plan_hash),
+                "exit_fraction": variant_exit_fraction(metrics, model.pk, v.plan_hash, fractions),
                 "exit_threshold": metrics.get("exit_threshold"),
                 "mean_layers": metrics.get("mean_layers"),
             }
@@ -743,14 +746,16 @@ def exit_variants(model: BaseModel, selected: list[Variant]) -> list[dict[str, A
 
 
 def variant_devices(variant: Variant) -> list[dict[str, Any]]:
-    """Per device profile: predicted latency / memory (batch 1) and the latest device measurement."""
+    """Per device profile: predicted latency / memory (batch 1) and the latest device measurement
+    (`device_measurements`: batch 1, as every page counts "measured")."""
     predictions = {
         p.device_profile_id: p
         for p in Prediction.objects.filter(variant=variant, batch_size=1).select_related("device_profile")
     }
     measurements: dict[int, Measurement] = {}
-    for reported in Measurement.objects.filter(variant=variant, kind=Measurement.Kind.DEVICE).select_related(
-        "device_profile"
+    # per-text samples and the runtime report are up to 64 KiB each: not read for a table row
+    for reported in (
+        device_measurements(variant=variant).defer("samples", "runtime").select_related("device_profile")
     ):
         if reported.device_profile_id is not None:
             measurements.setdefault(reported.device_profile_id, reported)
@@ -776,7 +781,7 @@ def variant_devices(variant: Variant) -> list[dict[str, Any]]:
                 "measured_p90_ms": m.latency_p90_s * 1000 if m else None,
                 "measured_memory_bytes": m.peak_memory_bytes if m else None,
                 "measured_at": m.measured_at if m else None,
-                "error_pct": (predicted_ms / measured_ms - 1) * 100 if predicted_ms and measured_ms else None,
+                "error_pct": error_pct(predicted_ms, measured_ms),
             }
         )
     rows.sort(key=lambda r: r["profile"].name)
@@ -811,163 +816,14 @@ def packages_for(variant: Variant) -> dict[str, Any]:
 # --------------------------------------------------------------------------- device page
 
 
-def trial_points(run_id: int, device_id: int) -> list[dict[str, Any]]:
-    """Every finished search trial of a device in a run (accuracy estimated, latency and memory
-    predicted, feasibility). Cached for finished runs; read straight from Optuna's tables
-    (one query for values, one for constraints), falling back to Optuna's API."""
-    key = f"edgefit:dash:trials:{run_id}:{device_id}"
-    cached = cache.get(key)
-    if cached is not None:
-        return list(cached)
-    run = PlanningRun.objects.filter(pk=run_id).only("pk", "status").first()
-    if run is None:
-        return []
-    from registry.models import DeviceSearch
-
-    if not DeviceSearch.objects.filter(run_id=run_id, device_profile_id=device_id).exists():
-        cache.set(key, [], 3600 if run.finished else 10)
-        return []  # the study is created with the device's search: nothing to read
-    study_name = f"edgefit-run-{run_id}-device-{device_id}"
-    try:
-        points = _trial_points_sql(study_name)
-    except Exception:
-        points = None
-    if points is None:
-        from registry import fleet  # pulls in optuna: only when the fast path cannot be used
-
-        try:
-            points = fleet.device_trials(run, device_id)
-        except Exception:
-            points = []
-    cache.set(key, points, 3600 if run.finished else 10)
-    return points
-
-
-_ENGINES: dict[str, Any] = {}
-
-
-def optuna_url() -> str:
-    """The URL `registry.fleet.optuna_storage_url` gives (same rules), without importing the
-    fleet module: it pulls in torch and optuna, seconds of start-up a page should not pay."""
-    from django.conf import settings
-
-    if settings.OPTUNA_STORAGE_URL:
-        return str(settings.OPTUNA_STORAGE_URL)
-    db = settings.DATABASES["default"]
-    if db["ENGINE"].endswith("postgresql"):
-        auth = db.get("USER") or ""
-        if db.get("PASSWORD"):
-            auth += f":{db['PASSWORD']}"
-        host = f"{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}"
-        return f"postgresql+psycopg://{auth}@{host}/{db['NAME']}"
-    return f"sqlite:///{db['NAME']}"
-
-
-def _optuna_engine() -> Any:
-    """A read-only SQLAlchemy engine on Optuna's storage (one per URL and process)."""
-    url = optuna_url()
-    if url not in _ENGINES:
-        from sqlalchemy import create_engine
-
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 30}
-        _ENGINES[url] = create_engine(url, **kwargs)
-    return _ENGINES[url]
-
-
-def _trial_points_sql(study_name: str) -> list[dict[str, Any]] | None:
-    """Optuna's schema (studies, trials, trial_values, trial_system_attributes), read directly:
-    `study.get_trials` builds a FrozenTrial with ~40 parameters per trial, which for 10,000
-    trials takes seconds; the chart needs three numbers and a flag."""
-    import json as _json
-
-    from sqlalchemy import text
-
-    with _optuna_engine().connect() as conn:
-        study = conn.execute(
-            text("SELECT study_id FROM studies WHERE study_name = :n"), {"n": study_name}
-        ).first()
-        if study is None:
-            return []
-        values = conn.execute(
-            text(
-                "SELECT t.trial_id, t.number, v.objective, v.value FROM trials t "
-                "JOIN trial_values v ON v.trial_id = t.trial_id "
-                "WHERE t.study_id = :s AND t.state = 'COMPLETE' ORDER BY t.number"
-            ),
-            {"s": study[0]},
-        ).all()
-        attrs = conn.execute(
-            text(
-                "SELECT a.trial_id, a.value_json FROM trial_system_attributes a "
-                "JOIN trials t ON t.trial_id = a.trial_id "
-                "WHERE t.study_id = :s AND a.key LIKE 'constraints:%'"
-            ),
-            {"s": study[0]},
-        ).all()
-    infeasible = {trial_id for trial_id, value in attrs if float(_json.loads(value)) > 0}
-    trials: dict[int, dict[str, Any]] = {}
-    for trial_id, number, objective, value in values:
-        row = trials.setdefault(trial_id, {"trial": number, "values": [None, None, None]})
-        if value is not None and 0 <= objective < 3:
-            row["values"][objective] = float(value)
-    points = []
-    for trial_id, row in trials.items():
-        acc, lat, mem = row["values"]
-        if acc is None or lat is None or mem is None:
-            continue
-        points.append(
-            {
-                "trial": row["trial"],
-                "accuracy": acc,
-                "latency_ms": lat,
-                "memory_bytes": int(mem * MIB),
-                "feasible": trial_id not in infeasible,
-            }
-        )
-    return points
-
-
 def predicted_vs_measured_rows(profile: DeviceProfile) -> list[dict[str, Any]]:
     """Device measurements of this profile against the cost model's predictions (default and
-    calibrated), from `registry.calibration`; if that fails, the latest device p50 per variant
-    against its batch-1 Prediction row."""
-    try:
-        from registry import calibration
+    calibrated) for the same texts: `registry.calibration.predicted_vs_measured`, with each
+    row's variant id under the name the page links with. [] (the page's empty state) when the
+    profile has no device measurement with samples."""
+    from registry import calibration
 
-        rows = [dict(r) for r in calibration.predicted_vs_measured(profile)]
-        for r in rows:
-            r.setdefault("variant_id", r.get("variant"))
-        if rows:
-            return rows
-    except Exception:  # keep the device page up; the local reading below still answers
-        log.exception("predicted_vs_measured failed for profile %s", profile.pk)
-    latest: dict[int, Measurement] = {}
-    for m in Measurement.objects.filter(
-        device_profile=profile, kind=Measurement.Kind.DEVICE, batch_size=1
-    ).select_related("variant"):
-        latest.setdefault(m.variant_id, m)
-    if not latest:
-        return []
-    predictions = {
-        p.variant_id: p
-        for p in Prediction.objects.filter(device_profile=profile, batch_size=1, variant_id__in=list(latest))
-    }
-    rows = []
-    for variant_id, m in latest.items():
-        p = predictions.get(variant_id)
-        rows.append(
-            {
-                "variant_id": variant_id,
-                "label": f"#{variant_id} {m.variant.name}",
-                "measured_ms": m.latency_p50_s * 1000,
-                "predicted_ms": p.latency_s * 1000 if p else None,
-                "calibrated": bool(p and p.calibrated),
-                "measured_at": m.measured_at,
-            }
-        )
-    return sorted(rows, key=lambda r: r["label"])
+    return [{**r, "variant_id": r["variant"]} for r in calibration.predicted_vs_measured(profile)]
 
 
 # --------------------------------------------------------------------------- compare / what-if

@@ -17,11 +17,13 @@ from django.conf import settings
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_safe
+from rest_framework.exceptions import AuthenticationFailed
 
-from accounts.models import TOKEN_PREFIX, ApiToken, hash_token
+from accounts.authentication import ApiTokenAuthentication
+from accounts.models import TOKEN_PREFIX
 from accounts.roles import is_viewer
 from devices import hotpath
-from devices.models import DEVICE_TOKEN_PREFIX
+from devices.models import DEVICE_TOKEN_PREFIX, device_token_digest
 from registry import delivery
 from registry.models import Package, Release
 from registry.packages import DIGEST_RE, FILES, file_path, signing_key_info
@@ -54,15 +56,15 @@ def _unauthorized(detail: str) -> HttpResponse:
 def device_config(request: HttpRequest) -> HttpResponse:
     """GET /api/v1/device/config — the caller's package, poll interval, strong ETag / 304.
 
-    Per request: hash the token and look up dictionaries of this process (plus a read of the
-    invalidation marker when the process is not subscribed to the Redis channel).  No SQL and,
-    on Redis, no shared-cache operation once the entries are warm (`devices.hotpath`)."""
+    Per request: check the token's form, hash it and look up dictionaries of this process (plus
+    a read of the invalidation marker: every request when the process is not subscribed to the
+    Redis channel, at most once a second when it is).  No SQL once the entries are warm
+    (`devices.hotpath`)."""
     if request.method not in ("GET", "HEAD"):
         return _error(405, f"method {request.method} not allowed", Allow="GET, HEAD")
-    header = request.META.get("HTTP_AUTHORIZATION", "")
-    if not header.startswith(_BEARER_DEVICE):
+    digest = device_token_digest(request.META.get("HTTP_AUTHORIZATION", ""))
+    if digest is None:  # no or malformed token: refused before any lookup
         return _unauthorized("a device token is required: Authorization: Bearer efd_…")
-    digest = hashlib.sha256(header[7:].strip().encode()).hexdigest()
     hotpath.store().check()
     epoch = hotpath.memo.epoch
     entry = hotpath.resolve_token(digest, epoch)
@@ -76,18 +78,17 @@ def device_config(request: HttpRequest) -> HttpResponse:
             f"{settings.EDGEFIT_DEVICE_RATE_WINDOW_S} s from this device",
             Retry_After=str(max(1, math.ceil(wait))),
         )
-    device_id, profile_id, channel = entry
-    state = delivery.profile_state(profile_id, epoch)
-    rendered = hotpath.memo.bodies.get(device_id)
-    if rendered is None or rendered[2] is not state:
-        rendered = delivery.render_config(device_id, channel, state)
-        hotpath.memo.remember("bodies", device_id, rendered, epoch)
-    body, etag, _ = rendered
+    state = delivery.profile_state(entry.profile_id, epoch)
+    rendered = hotpath.memo.bodies.get(entry.device_id)
+    if rendered is None or rendered.state is not state:
+        rendered = delivery.render_config(entry.device_id, entry.channel, state)
+        hotpath.memo.remember("bodies", entry.device_id, rendered, epoch)
+    etag = rendered.etag
     inm = request.META.get("HTTP_IF_NONE_MATCH")
     if inm is not None and (inm == etag or etag_matches(inm, etag)):
         response = HttpResponse(status=304)
     else:
-        response = HttpResponse(body, content_type=_JSON)
+        response = HttpResponse(rendered.body, content_type=_JSON)
     response["ETag"] = etag
     response["Cache-Control"] = "private, no-cache"
     return response
@@ -105,22 +106,21 @@ def signing_key(request: HttpRequest) -> HttpResponse:
 
 
 def _reader(request: HttpRequest) -> tuple[str, Any] | None:
-    """Who is downloading: ("device", (device id, profile id, channel)) or ("person", user)."""
+    """Who is downloading: ("device", TokenEntry) or ("person", user)."""
     header = request.META.get("HTTP_AUTHORIZATION", "")
     if header.startswith(_BEARER_DEVICE):
-        digest = hashlib.sha256(header[7:].strip().encode()).hexdigest()
+        digest = device_token_digest(header)
+        if digest is None:
+            return None
         hotpath.store().check()
         entry = hotpath.resolve_token(digest, hotpath.memo.epoch)
         return ("device", entry) if entry else None
     if header.startswith("Bearer " + TOKEN_PREFIX):
-        token = (
-            ApiToken.objects.select_related("user")
-            .filter(digest=hash_token(header[7:].strip()), revoked_at__isnull=True)
-            .first()
-        )
-        if token is None or not token.user.is_active:
+        try:  # the API's own authentication (it also records last_used_at)
+            found = ApiTokenAuthentication().authenticate(request)
+        except AuthenticationFailed:
             return None
-        return "person", token.user
+        return ("person", found[0]) if found else None
     user = getattr(request, "user", None)
     return ("person", user) if user is not None and user.is_authenticated else None
 
@@ -187,7 +187,7 @@ def package_file(request: HttpRequest, digest: str, name: str) -> HttpResponseBa
         return _error(404, "no such package")
     kind, who = reader
     if kind == "device":
-        if not Release.objects.filter(profile_id=who[1], package=package).exists():
+        if not Release.objects.filter(profile_id=who.profile_id, package=package).exists():
             return _error(404, "no such package for this device")
     elif not is_viewer(who):
         return _error(403, "viewer role required to download packages")

@@ -428,10 +428,10 @@ def exit_rate_figure(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def predicted_vs_measured_data(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """`rows`: {"label", "predicted_ms", "measured_ms", "calibrated"} per measured variant."""
-    points = [r for r in rows if r.get("predicted_ms") is not None and r.get("measured_ms") is not None]
-    for p in points:
-        p["error_pct"] = (p["predicted_ms"] / p["measured_ms"] - 1) * 100 if p["measured_ms"] else None
+    """`rows`: {"label", "predicted_ms", "measured_ms", "error_pct", "calibrated"} per measured
+    variant (`registry.calibration.predicted_vs_measured`); rows are not modified."""
+    needed = ("predicted_ms", "measured_ms", "error_pct")
+    points = [r for r in rows if all(r.get(k) is not None for k in needed)]
     top = max([p["predicted_ms"] for p in points] + [p["measured_ms"] for p in points], default=1.0)
     return {"points": points, "top": top}
 

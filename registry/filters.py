@@ -15,11 +15,11 @@ import django_filters
 from django.db.models import Q, QuerySet
 from django.db.models.functions import Coalesce
 
+from registry.dashboard import MIB
 from registry.models import Variant
 
 __all__ = ["SORT_FIELDS", "VariantTableFilter", "filter_variants"]
 
-MIB = 2**20
 #: query value → (annotation / field, column title)
 SORT_FIELDS: dict[str, tuple[str, str]] = {
     "name": ("name", "Variant"),

@@ -51,7 +51,8 @@ from registry.engine import (
     sensitivity_of,
 )
 from registry.models import BaseModel, DeviceSearch, PlanningRun, RealEvaluation
-from registry.predictions import record_run_predictions
+from registry.predictions import UNSUPPORTED_MEMORY, record_run_predictions
+from registry.studies import optuna_storage_url
 
 __all__ = [
     "EXIT_LOSS_BOUNDS",
@@ -61,6 +62,7 @@ __all__ = [
     "hypervolume_reference",
     "optuna_storage_url",
     "search_device",
+    "search_settings",
     "stale_work",
     "start_run",
 ]
@@ -72,25 +74,6 @@ log = logging.getLogger(__name__)
 EXIT_LOSS_BOUNDS: tuple[float | None, ...] = (None, 0.5, 1.0)
 HEARTBEAT_EVERY_TRIALS = 10
 PROGRESS_EVERY_TRIALS = 50
-
-
-def optuna_storage_url() -> str:
-    """Optuna's RDB storage lives in the project database (SQLAlchemy URL of the same DB)."""
-    if settings.OPTUNA_STORAGE_URL:
-        return str(settings.OPTUNA_STORAGE_URL)
-    db = settings.DATABASES["default"]
-    if db["ENGINE"].endswith("postgresql"):
-        auth = db.get("USER") or ""
-        if db.get("PASSWORD"):
-            auth += f":{db['PASSWORD']}"
-        host = f"{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}"
-        return f"postgresql+psycopg://{auth}@{host}/{db['NAME']}"
-    name = str(db["NAME"])
-    if name.startswith("file:"):
-        # Django's in-memory test database ("file:memorydb_default?mode=memory&cache=shared"):
-        # without uri=true SQLAlchemy would create a file of that name in the working directory.
-        return f"sqlite:///{name}{'&' if '?' in name else '?'}uri=true"
-    return f"sqlite:///{name}"
 
 
 _STORAGES: dict[str, Any] = {}
@@ -159,7 +142,8 @@ def device_target(run: PlanningRun, profile: DeviceProfile) -> DeviceTarget:
     )
 
 
-def _settings(run: PlanningRun) -> SearchSettings:
+def search_settings(run: PlanningRun) -> SearchSettings:
+    """How the run searches (and at which sequence length its candidates are priced)."""
     return SearchSettings(trials=run.trials_per_device, sampler=run.sampler, seed=run.seed)
 
 
@@ -255,7 +239,7 @@ def search_device(search_id: int) -> int | None:
             device_target(run, search.device_profile),
             profile,
             _fp32_accuracy(model),
-            _settings(run),
+            search_settings(run),
             lambda plan: plan_nbytes(spec, plan),
             on_trial=on_trial,
             should_stop=lambda: planning.cancel_requested(run.pk),
@@ -287,7 +271,7 @@ def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch, trials
 
     spec = ModelSpec.from_dict(run.base_model.spec)
     study = optuna.load_study(study_name=search.study_name, storage=_storage())
-    front = estimated_front(study, spec, _settings(run).method)
+    front = estimated_front(study, spec, search_settings(run).method)
     floor, latency_cap, memory_cap = hypervolume_reference(run, search.device_profile)
     value = hypervolume(
         [Candidate(str(n), s.accuracy, s.latency_s, s.memory_bytes) for n, _, s in front],
@@ -327,7 +311,7 @@ def hypervolume_reference(run: PlanningRun, profile: DeviceProfile) -> tuple[flo
     (Against the device's RAM budget — gigabytes — variants differing by megabytes would all
     score alike and compression would not count.)"""
     spec = ModelSpec.from_dict(run.base_model.spec)
-    fp32 = predict(spec, Plan(), profile.to_device_spec(), seq_len=_settings(run).seq_len)
+    fp32 = predict(spec, Plan(), profile.to_device_spec(), seq_len=search_settings(run).seq_len)
     return _fp32_accuracy(run.base_model) - 0.10, fp32.latency_s * 1.5, fp32.memory_bytes * 1.5
 
 
@@ -420,7 +404,7 @@ def confirm_run(run_id: int) -> None:
         model = run.base_model
         spec = ModelSpec.from_dict(model.spec)
         searches = list(DeviceSearch.objects.filter(run=run).select_related("device_profile"))
-        method = _settings(run).method
+        method = search_settings(run).method
         studies = {
             s.device_profile_id: optuna.load_study(study_name=s.study_name, storage=_storage())
             for s in searches
@@ -475,7 +459,7 @@ def _device_result(
     target = device_target(run, profile)
     policy = _policy(run)
     fp32_accuracy = _fp32_accuracy(run.base_model)
-    seq_len = _settings(run).seq_len
+    seq_len = search_settings(run).seq_len
     candidates: list[Candidate] = []
     for evaluation in evaluations:
         for option in evaluation.result.get("options", []):
@@ -490,7 +474,7 @@ def _device_result(
                     key=plan.hash(),
                     accuracy=option["accuracy"],
                     latency_s=cost.latency_s,
-                    memory_bytes=cost.memory_bytes if not unsupported else 2**62,
+                    memory_bytes=cost.memory_bytes if not unsupported else UNSUPPORTED_MEMORY,
                     accuracy_source="measured",
                     latency_source="predicted",
                     label=_label(plan),

@@ -3,9 +3,10 @@
 Rules (docs/delivery.md, "Measurement body"): latencies > 0 and < 600,000 ms with p90 ≥ p50;
 batch size 1–1024; memory 1 B–1 TiB; accuracies in [0, 1]; 1–1024 samples, each with tokens
 1–4096, an exit layer inside the model and a latency like the above; unknown fields anywhere
-are refused.  Any broken rule is a 400 naming the field (`samples[3].latency_ms`) and nothing
-is stored.  A stored measurement enqueues `workers.recalibrate_profile` for the device's
-profile once the transaction commits (at most one queued per profile at a time).
+are refused (`runtime` takes only `RUNTIME_FIELDS`).  Any broken rule is a 400 naming the
+field (`samples[3].latency_ms`) and nothing is stored.  A stored measurement enqueues
+`workers.recalibrate_profile` for the device's profile once the transaction commits (at most
+one queued per profile at a time).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from registry.models import Measurement, Package, Release
 __all__ = [
     "KERNEL_REGIMES",
     "LIMITS",
+    "RUNTIME_FIELDS",
     "MeasurementError",
     "clear_recalibration_flag",
     "record_measurement",
@@ -131,7 +133,10 @@ def _check_field(name: str, kind: str, value: Any) -> Any:
     elif kind == "datetime":
         from django.utils.dateparse import parse_datetime
 
-        parsed = parse_datetime(value) if isinstance(value, str) else None
+        try:
+            parsed = parse_datetime(value) if isinstance(value, str) else None
+        except ValueError:  # well-formed but impossible ("2026-13-01T00:00:00Z")
+            parsed = None
         if parsed is not None:
             if timezone.is_naive(parsed):
                 parsed = timezone.make_aware(parsed, UTC)
@@ -168,6 +173,33 @@ def _check_samples(value: Any, errors: dict[str, str]) -> list[dict[str, Any]]:
     return samples
 
 
+def _is_str_int_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _integer(v) is not None and v >= 0 for k, v in value.items()
+    )
+
+
+#: runtime key → (check, rule): what the agent sends (devices/agent/commands.py `bench`).
+#: `regimes` is checked in detail by validate_measurement.
+RUNTIME_FIELDS: dict[str, tuple[Any, str]] = {
+    "torch": (lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a version string (≤ 64 characters)"),
+    "threads": (lambda v: _integer(v) is not None and 1 <= v <= 1024, "an integer from 1 to 1024"),
+    "kernels": (_is_str_int_map, "an object: kernel name → count (a non-negative integer)"),
+    "regimes": (lambda v: True, ""),
+    "host": (lambda v: isinstance(v, str) and len(v) <= 200, "a host name (≤ 200 characters)"),
+}
+
+
+def _check_runtime(runtime: dict[str, Any], errors: dict[str, str]) -> None:
+    for key, value in runtime.items():
+        if key not in RUNTIME_FIELDS:
+            errors[f"runtime.{key}"] = f"unknown field (known: {', '.join(RUNTIME_FIELDS)})"
+            continue
+        check, rule = RUNTIME_FIELDS[key]
+        if value is not None and not check(value):
+            errors[f"runtime.{key}"] = rule
+
+
 def validate_measurement(data: Any) -> dict[str, Any]:
     """Check every rule that needs no database; {field: parsed value} or MeasurementError."""
     if not isinstance(data, dict):
@@ -191,6 +223,7 @@ def validate_measurement(data: Any) -> dict[str, Any]:
     p50, p90 = clean.get("latency_p50_ms"), clean.get("latency_p90_ms")
     if p50 is not None and p90 is not None and p90 < p50:
         errors["latency_p90_ms"] = f"must be at least latency_p50_ms ({p50:g} ms)"
+    _check_runtime(clean.get("runtime") or {}, errors)
     regimes = (clean.get("runtime") or {}).get("regimes")
     if regimes is not None and (
         not isinstance(regimes, dict)

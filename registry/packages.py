@@ -90,9 +90,14 @@ def package_answer(package: Package, release_id: int | None) -> dict[str, Any]:
 
 
 def predicted_block(variant: Variant) -> dict[str, dict[str, Any]]:
-    """{profile slug: {latency_ms, memory_bytes, cost_model_version, calibrated}} for the
-    profiles the variant is released or predicted for, from each profile's current cost
-    model (a profile whose formats cannot run the plan is left out)."""
+    """{profile slug: {latency_ms, memory_bytes, cost_model_version, calibrated, calibration}}
+    for the profiles the variant is released or predicted for, from each profile's cost model
+    *as of the build* (a profile whose formats cannot run the plan is left out).
+
+    The signed manifest is immutable, so these go stale when a profile is recalibrated; each
+    entry names what it was computed with — the cost model version and `calibration`, the
+    fit's `fitted_at` or "default" — which keeps the bytes a function of the database state.
+    Current predictions are the registry's `Prediction` rows (the variant and device pages)."""
     from registry.calibration import predict_variant
 
     ids = set(Release.objects.filter(variant=variant).values_list("profile_id", flat=True))
@@ -107,6 +112,9 @@ def predicted_block(variant: Variant) -> dict[str, dict[str, Any]]:
             "memory_bytes": int(cost.memory_bytes),
             "cost_model_version": cost.cost_model_version,
             "calibrated": profile.calibrated,
+            "calibration": str((profile.calibration or {}).get("fitted_at") or "default")
+            if profile.calibrated
+            else "default",
         }
     return block
 

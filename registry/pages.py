@@ -20,6 +20,7 @@ from devices.models import DeviceProfile
 from devices.views import profile_rows
 from registry import dashboard as dash
 from registry import figures as figs
+from registry import studies
 from registry.filters import SORT_FIELDS, filter_variants
 from registry.models import BaseModel, Measurement, PlanningRun, Variant
 
@@ -102,7 +103,8 @@ def model_detail(request: HttpRequest, slug: str) -> HttpResponse:
         page = paginator.page(1)
     except EmptyPage:
         last = paginator.num_pages
-        if str(raw_page).lstrip("-").isdigit() and int(raw_page) > last:
+        digits = str(raw_page).lstrip("-")
+        if digits.isascii() and digits.isdigit() and int(raw_page) > last:
             notices.append(f"Page {raw_page} is past the last page: showing page {last}.")
             page = paginator.page(last)
         else:
@@ -317,12 +319,19 @@ def variant_plan_csv(request: HttpRequest, pk: int) -> HttpResponse:
 # --------------------------------------------------------------------------- device page
 
 
-def _device_sections(profile: DeviceProfile) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    models = {m.pk: m for m in BaseModel.objects.order_by("name").only("pk", "name", "slug", "fp32_metrics")}
+def _device_sections(
+    profile: DeviceProfile, *, with_figures: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per model: the device's entry and recommendation under its run's policy and, unless
+    `with_figures` is off (the CSV), the Pareto front chart with the search's trial points."""
+    models = BaseModel.objects.order_by("name").only("pk", "name", "slug", "fp32_metrics")
     entries = dash.device_entries(device_ids=[profile.pk])
-    sections = []
+    trials_of = (
+        studies.trial_points_many((e["run_id"], profile.pk) for e in entries.values()) if with_figures else {}
+    )
+    sections: list[dict[str, Any]] = []
     figures = []
-    for model in models.values():
+    for model in models:
         entry = entries.get((model.pk, profile.pk))
         if entry is None:
             sections.append({"model": model, "entry": None, "rec": None})
@@ -330,7 +339,10 @@ def _device_sections(profile: DeviceProfile) -> tuple[list[dict[str, Any]], list
         fp32 = dash.fp32_accuracy_of(model)
         policy = dash.run_policy(entry)
         rec = dash.recommendation(entry, policy, fp32, profile.ram_budget_bytes)
-        trials = dash.trial_points(entry["run_id"], profile.pk)
+        if not with_figures:
+            sections.append({"model": model, "entry": entry, "rec": rec})
+            continue
+        trials = trials_of[(entry["run_id"], profile.pk)]
         chosen = rec.get("chosen")
         data = figs.front_data(
             trials,
@@ -394,7 +406,7 @@ def device_detail(request: HttpRequest, slug: str) -> HttpResponse:
 @viewer_required
 def device_csv(request: HttpRequest, slug: str) -> HttpResponse:
     profile = get_object_or_404(DeviceProfile, slug=slug)
-    sections, _ = _device_sections_light(profile)
+    sections, _ = _device_sections(profile, with_figures=False)
     header = [
         "model",
         "status",
@@ -447,23 +459,6 @@ def device_csv(request: HttpRequest, slug: str) -> HttpResponse:
                 ]
             )
     return _csv(f"edgefit-{profile.slug}-recommendations.csv", header, rows)
-
-
-def _device_sections_light(profile: DeviceProfile) -> tuple[list[dict[str, Any]], None]:
-    """Recommendations only (no trial points, no figures): for the CSV."""
-    entries = dash.device_entries(device_ids=[profile.pk])
-    sections = []
-    for model in BaseModel.objects.order_by("name").only("pk", "name", "slug", "fp32_metrics"):
-        entry = entries.get((model.pk, profile.pk))
-        rec = (
-            dash.recommendation(
-                entry, dash.run_policy(entry), dash.fp32_accuracy_of(model), profile.ram_budget_bytes
-            )
-            if entry
-            else None
-        )
-        sections.append({"model": model, "entry": entry, "rec": rec})
-    return sections, None
 
 
 # --------------------------------------------------------------------------- compare

@@ -16,10 +16,18 @@ from django.db import transaction
 
 from registry.models import PlanningRun, Prediction, Variant
 
-__all__ = ["record_run_predictions"]
+__all__ = ["UNSUPPORTED_MEMORY", "error_pct", "record_run_predictions"]
 
-#: Candidates of a run whose memory is this large were scored for precisions the device cannot run.
-UNSUPPORTED_MEMORY = 2**60
+#: The memory a run gives a candidate that uses precisions the device cannot run: larger than
+#: any budget, so no policy picks it. Readers treat anything this large as "unsupported".
+UNSUPPORTED_MEMORY = 2**62
+
+
+def error_pct(predicted: float | None, measured: float | None) -> float | None:
+    """How far a prediction is from the measurement, in % of the measurement (+ = too slow)."""
+    if predicted is None or not measured:
+        return None
+    return (predicted / measured - 1) * 100
 
 
 def _cost_model_version() -> str:

@@ -52,10 +52,15 @@ class ReleaseError(ValueError):
         self.status = status
 
 
-def etag_matches(header: str, etag: str) -> bool:
-    """Does an If-Match / If-None-Match header name `etag`? (`*` matches; W/ is ignored.)"""
+def etag_matches(header: str, etag: str, *, strong: bool = False) -> bool:
+    """Does an If-Match / If-None-Match header name `etag`? (`*` matches.)
+
+    RFC 9110 §8.8.3.2: If-None-Match compares weakly (a `W/` prefix is ignored); If-Match
+    compares strongly (`strong=True`): a weak tag on either side never matches."""
     if header.strip() == "*":
         return True
+    if strong:
+        return not etag.startswith("W/") and any(part.strip() == etag for part in header.split(","))
     bare = etag.removeprefix("W/")
     return any(part.strip().removeprefix("W/") == bare for part in header.split(","))
 
@@ -76,6 +81,23 @@ def _check_percent(value: Any, errors: dict[str, str]) -> int:
         errors["rollout_percent"] = "an integer percentage from 0 to 100"
         return 0
     return value
+
+
+def _check_runnable(variant: Variant, profile: DeviceProfile, errors: dict[str, str]) -> None:
+    """Refuse only what the profile truly cannot run.  A precision the device does not list is
+    not a reason: the cost model (`planner.cost.compute_precision`) prices it in the next wider
+    precision the device has, and the runtime runs it that way.  Only a precision with no wider
+    compute precision at all (no fp16 or fp32 peak either) is refused."""
+    from planner.cost import compute_precision
+    from planner.specs import Plan, PlanError
+
+    try:
+        plan = Plan.from_dict(variant.plan)
+        device = profile.to_device_spec()
+        for precision in sorted({scheme.precision for _, scheme in plan.schemes} | {"fp32"}):
+            compute_precision(precision, device)
+    except PlanError as exc:
+        errors["variant"] = f"profile {profile.slug!r} cannot run this variant: {exc}"
 
 
 def publish(
@@ -109,6 +131,8 @@ def publish(
     percent = _check_percent(rollout_percent, errors)
     if variant_obj is not None and not variant_obj.base_model.adapter:
         errors["variant"] = "its model is spec-only (no weights): nothing to package"
+    if variant_obj is not None and profile_obj is not None and "variant" not in errors:
+        _check_runnable(variant_obj, profile_obj, errors)
     if errors:
         raise ReleaseError(errors)
     assert variant_obj is not None and profile_obj is not None
@@ -166,14 +190,57 @@ def _activate(release: Release, package: Package, by: Any) -> None:
 
 
 def activate_pending(variant: Variant, package: Package) -> list[Release]:
-    """The package of `variant` exists: its pending releases become heads, oldest first."""
+    """The package of `variant` exists: its pending releases become heads, oldest first.
+
+    A pending release older than its alias's current head is not activated — that would
+    silently replace a newer publish: it is marked superseded (audited) instead.  A release
+    that cannot become the head (a concurrent activation broke a constraint) is marked failed
+    with the reason, never left pending."""
     done = []
     with transaction.atomic():
         pending = Release.objects.select_for_update().filter(variant=variant, status=Release.Status.PENDING)
         for release in pending.order_by("created_at", "pk"):
-            _activate(release, package, None)
+            newer = (
+                Release.objects.filter(
+                    profile_id=release.profile_id,
+                    alias=release.alias,
+                    status=Release.Status.ACTIVE,
+                    created_at__gt=release.created_at,
+                )
+                .values_list("pk", flat=True)
+                .first()
+            )
+            if newer is not None:
+                before = _state(release)
+                release.status = Release.Status.SUPERSEDED
+                release.version += 1
+                release.save(update_fields=["status", "version", "updated_at"])
+                audit.record(
+                    None,
+                    "release.supersede",
+                    release,
+                    before,
+                    {**_state(release), "reason": f"release {newer}, published later, is already the head"},
+                )
+                continue
+            try:
+                with transaction.atomic():
+                    _activate(release, package, None)
+            except IntegrityError as exc:
+                release.refresh_from_db()
+                _fail(release, f"could not become the head of {release.alias!r}: {exc}")
+                continue
             done.append(release)
     return done
+
+
+def _fail(release: Release, error: str) -> None:
+    before = _state(release)
+    release.status = Release.Status.FAILED
+    release.error = error[:5000]
+    release.version += 1
+    release.save(update_fields=["status", "error", "version", "updated_at"])
+    audit.record(None, "release.fail", release, before, {**_state(release), "error": error[:500]})
 
 
 def fail_pending(variant: Variant, error: str) -> None:
@@ -181,12 +248,7 @@ def fail_pending(variant: Variant, error: str) -> None:
         for release in Release.objects.select_for_update().filter(
             variant=variant, status=Release.Status.PENDING
         ):
-            before = _state(release)
-            release.status = Release.Status.FAILED
-            release.error = error[:5000]
-            release.version += 1
-            release.save(update_fields=["status", "error", "version", "updated_at"])
-            audit.record(None, "release.fail", release, before, {**_state(release), "error": error[:500]})
+            _fail(release, error)
 
 
 def _locked(release: Release | int) -> Release:
@@ -204,7 +266,7 @@ def _check_version(locked: Release, if_match: str | None, required: bool) -> Non
                 {"If-Match": f"send If-Match: {locked.etag} (the version you are changing)"}, 428
             )
         return
-    if not etag_matches(if_match, locked.etag):
+    if not etag_matches(if_match, locked.etag, strong=True):
         raise ReleaseError(
             {"If-Match": f"stale: the release is now at version {locked.etag}, you sent {if_match.strip()}"},
             412,
@@ -247,15 +309,21 @@ def rollback(
                 {"status": f"only the head of an alias can be rolled back (this one is {locked.status})"},
                 409,
             )
-        restored = locked.previous
-        while restored is not None and restored.status != Release.Status.SUPERSEDED:
-            restored = restored.previous
+        # Lock each candidate before judging its status: what was read unlocked may have
+        # changed (another rollback, a concurrent change) by the time we hold it.
+        restored: Release | None = None
+        candidate_id = locked.previous_id
+        while candidate_id is not None:
+            candidate = _locked(candidate_id)
+            if candidate.status == Release.Status.SUPERSEDED:
+                restored = candidate
+                break
+            candidate_id = candidate.previous_id
         before = {"head": locked.pk, **_state(locked)}
         locked.status = Release.Status.ROLLED_BACK
         locked.version += 1
         locked.save(update_fields=["status", "version", "updated_at"])
         if restored is not None:
-            restored = _locked(restored)
             restored.status = Release.Status.ACTIVE
             restored.version += 1
             restored.save(update_fields=["status", "version", "updated_at"])

@@ -21,6 +21,9 @@ from registry.models import AuditEntry, BaseModel, PlanningRun, Release
 from registry.planning import RunInputError, cancel_run, create_run
 from registry.releases import ReleaseError, rollback, set_rollout
 
+#: Rows of release history on the releases page (heads and pending releases are always shown).
+_HISTORY_ROWS = 500
+
 
 @viewer_required
 def model_list(request: HttpRequest) -> HttpResponse:
@@ -117,21 +120,25 @@ def release_list(request: HttpRequest) -> HttpResponse:
     and, for staff, rollout and rollback forms (If-Match from the version shown); the audit trail."""
     if request.method == "POST":
         return _change_release(request)
-    releases = list(
-        Release.objects.select_related("profile", "variant__base_model", "package", "created_by").order_by(
-            "profile__name", "alias", "-created_at"
-        )[:500]
-    )
+    rows = Release.objects.select_related("profile", "variant__base_model", "package", "created_by")
+    order = ("profile__name", "alias", "-created_at")
+    # Heads and pending releases are always shown; only the history is capped.
+    current = list(rows.filter(status__in=[Release.Status.ACTIVE, Release.Status.PENDING]).order_by(*order))
+    history = list(rows.order_by(*order)[:_HISTORY_ROWS])
     profiles: dict[int, dict[str, Any]] = {}
-    for release in releases:
-        entry = profiles.setdefault(
+
+    def entry_of(release: Release) -> dict[str, Any]:
+        return profiles.setdefault(
             release.profile_id, {"profile": release.profile, "heads": [], "history": [], "pending": []}
         )
-        entry["history"].append(release)
-        if release.status == Release.Status.ACTIVE:
-            entry["heads"].append(release)
-        elif release.status == Release.Status.PENDING:
-            entry["pending"].append(release)
+
+    for release in current:
+        entry = entry_of(release)
+        entry["heads" if release.status == Release.Status.ACTIVE else "pending"].append(release)
+    for release in history:
+        entry_of(release)["history"].append(release)
+    profiles = dict(sorted(profiles.items(), key=lambda item: item[1]["profile"].name))
+    releases = history
     devices = dict(
         Device.objects.filter(revoked_at__isnull=True)
         .values("profile_id")
@@ -151,7 +158,8 @@ def release_list(request: HttpRequest) -> HttpResponse:
 def _change_release(request: HttpRequest) -> HttpResponse:
     if not is_staff(request.user):
         raise PermissionDenied("only staff change releases")
-    release = get_object_or_404(Release, pk=request.POST.get("release") or 0)
+    raw = request.POST.get("release", "")
+    release = get_object_or_404(Release, pk=int(raw) if raw.isascii() and raw.isdigit() else 0)
     version = f'"{request.POST.get("version", "")}"'
     try:
         if request.POST.get("action") == "rollback":

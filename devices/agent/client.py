@@ -9,9 +9,11 @@ at random.  Other 4xx answers are final.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import http.client
 import json
+import math
 import random
 import socket
 import time
@@ -39,6 +41,33 @@ _NETWORK_ERRORS = (
     http.client.HTTPException,
 )
 _CHUNK = 1 << 16
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # a malformed port
+        return (scheme, "", -1)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _retry_after_seconds(value: str) -> float | None:
+    """Retry-After as seconds (delay-seconds or an HTTP date), or None when it is garbage
+    ("nan", "inf", "soon", a malformed date): the caller then backs off on its own."""
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = when.timestamp() - time.time()
+    return seconds if math.isfinite(seconds) else None
 
 
 @dataclass(frozen=True)
@@ -95,18 +124,22 @@ class Client:
         self._opener = urllib.request.build_opener()
 
     def url(self, path: str) -> str:
-        return urljoin(self.server if self.server.endswith("/") else self.server + "/", path)
+        """`path` resolved against the server.  An absolute URL of another origin (scheme,
+        host, port) is refused: the bearer token must never leave the enrolled server."""
+        url = urljoin(self.server if self.server.endswith("/") else self.server + "/", path)
+        if _origin(url) != _origin(self.server):
+            raise AgentError(
+                "bad-response",
+                f"refusing {url!r}: not on the enrolled server {self.server!r}",
+                EXIT_SERVER,
+            )
+        return url
 
     # ------------------------------------------------------------------ retries
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         if retry_after:
-            seconds: float | None
-            try:
-                seconds = float(retry_after)
-            except ValueError:
-                when = email.utils.parsedate_to_datetime(retry_after) if retry_after.strip() else None
-                seconds = when.timestamp() - time.time() if when is not None else None
+            seconds = _retry_after_seconds(retry_after)
             if seconds is not None:
                 seconds = min(max(seconds, 0.0), self.max_retry_after_s)
                 return seconds + self.rand() * min(1.0, 0.1 * seconds)

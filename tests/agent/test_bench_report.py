@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from devices.agent.client import Client
 from devices.agent.progress import Progress
 from planner import package as pkg
@@ -74,6 +76,15 @@ def test_retry_after_may_be_an_http_date() -> None:
     assert client._delay(0, "Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: retry now
     assert client._delay(0, "7") == 7.0
     assert client._delay(3, None) == 2.0  # half of min(30, 0.5 · 2^3), no jitter
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["nan", "NaN", "inf", "-inf", "soon", "Wed, 99 Foo 2015 07:28:00 GMT", "Mon, 32 Jan 2024 99:99:99"],
+)
+def test_a_garbage_retry_after_falls_back_to_the_agents_own_backoff(garbage: str) -> None:
+    client = Client("http://example.invalid", rand=lambda: 0.0)
+    assert client._delay(3, garbage) == 2.0  # as without the header
 
 
 def test_the_progress_bar_draws_only_on_a_terminal() -> None:

@@ -211,3 +211,24 @@ def test_a_rollback_switches_to_the_kept_package_without_downloading(
     code, out, _ = enrolled.run("sync")
     assert (code, out["status"], out["current"], out["previous"]) == (0, "switched", a, b)
     assert len([p for p in server.paths("GET") if p.endswith("model.safetensors")]) == blob_gets
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://elsewhere.example/api/v1/packages/x/manifest.json",
+        "//elsewhere.example/steal",
+        "http://127.0.0.1:1/other-port",
+        "https://127.0.0.1/other-scheme",
+    ],
+)
+def test_urls_off_the_enrolled_server_are_refused_before_the_token_is_sent(url: str) -> None:
+    from devices.agent.client import Client
+    from devices.agent.errors import AgentError
+
+    client = Client("http://127.0.0.1:8000", token="efd_secret")
+    assert client.url("/api/v1/device/config") == "http://127.0.0.1:8000/api/v1/device/config"
+    assert client.url("http://127.0.0.1:8000/a") == "http://127.0.0.1:8000/a"
+    with pytest.raises(AgentError) as refused:
+        client.request("GET", url)
+    assert refused.value.code == "bad-response" and "not on the enrolled server" in str(refused.value)

@@ -217,3 +217,9 @@ def test_the_config_path_skips_sessions_and_cookies(client, staff, profile, make
     assert response.status_code == 200
     assert not response.cookies and "Vary" not in response
     assert response["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize("path", [URL, "/api/v1/ping"])
+def test_the_fast_paths_still_check_the_host_header(client, path):
+    response = client.get(path, HTTP_HOST="evil.example")
+    assert response.status_code == 400

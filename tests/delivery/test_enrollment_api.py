@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
 from devices.models import Device, DeviceToken, EnrollmentKey, hash_secret
@@ -182,3 +184,39 @@ def test_the_enrollment_key_command_prints_a_key_and_reuses_the_kept_one(tmp_pat
     assert EnrollmentKey.objects.get().fleet == "demo"
     EnrollmentKey.objects.update(revoked_at="2026-01-01T00:00:00Z")
     assert run() != first  # a revoked key is replaced
+
+
+def test_the_enrollment_key_is_looked_up_once_per_enrollment(client, enrollment_key):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as queries:
+        response = client.post(
+            "/api/v1/device/enroll",
+            {"enrollment_key": enrollment_key["key"], "name": "board-8"},
+            content_type="application/json",
+        )
+    assert response.status_code == 201, response.json()
+    lookups = [q["sql"] for q in queries if q["sql"].lstrip().upper().startswith("SELECT")]
+    assert sum('"devices_enrollmentkey"."digest" =' in sql for sql in lookups) == 1
+
+
+def test_the_demo_key_file_is_created_private(tmp_path, profile, monkeypatch):
+    import os
+    import stat
+    from pathlib import Path
+
+    from django.core.management import call_command
+
+    keep = tmp_path / "enroll.key"
+    # Whatever the umask, and without relying on a chmod after the write.
+    monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
+    old = os.umask(0)
+    try:
+        call_command(
+            "enrollment_key", "lab", "--profile", profile.slug, "--keep-in", str(keep), stdout=io.StringIO()
+        )
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(keep.stat().st_mode) == 0o600
+    assert keep.read_text().startswith("efe_")

@@ -106,6 +106,15 @@ _DELETE = object()
         (("package_digest",), "0" * 64, "package_digest"),  # unknown package
         (("measured_at",), "yesterday", "measured_at"),
         (("measured_at",), "2999-01-01T00:00:00Z", "measured_at"),
+        (("measured_at",), "2026-13-01T00:00:00Z", "measured_at"),  # well-formed, impossible
+        (("measured_at",), "2026-02-30T00:00:00Z", "measured_at"),
+        (("runtime", "colour"), "red", "runtime.colour"),
+        (("runtime", "threads"), "two", "runtime.threads"),
+        (("runtime", "threads"), 0, "runtime.threads"),
+        (("runtime", "torch"), 2.13, "runtime.torch"),
+        (("runtime", "kernels"), {"w8a8 _int_mm": "many"}, "runtime.kernels"),
+        (("runtime", "kernels"), [1, 2], "runtime.kernels"),
+        (("runtime", "host"), {"name": "x"}, "runtime.host"),
         (("samples",), [], "samples"),
         (("samples",), [{"tokens": 1, "exit_layer": 0, "latency_ms": 1.0}] * 1025, "samples"),
         (("samples", 1, "latency_ms"), -1.0, "samples[1].latency_ms"),
@@ -129,6 +138,12 @@ def test_bad_measurements_are_400_naming_the_field_and_store_nothing(
     assert response.status_code == 400, response.json()
     assert field in response.json()["errors"], response.json()
     assert not Measurement.objects.exists()
+
+
+def test_the_runtime_the_agent_sends_is_accepted(client, package, device):
+    regimes = {"encoder.layer.0.attention.self.query.weight": "w8a8"}
+    body = good(package, runtime={**good(package)["runtime"], "regimes": regimes})
+    assert post(client, device["token"], body).status_code == 201
 
 
 def test_a_package_never_released_to_the_device_is_refused(client, package, make_profile, make_device):

@@ -32,6 +32,8 @@ def test_publish_builds_a_signed_package_then_activates_the_release(
     assert release.package == package and package.variant == variant
     assert package.blob_bytes == package.predicted_bytes
     assert package.manifest["predicted"][profile.slug]["kind"] == "predicted"
+    # As of the build, and saying with what: the uncalibrated model here.
+    assert package.manifest["predicted"][profile.slug]["calibration"] == "default"
     manifest = verify_package(package.storage_path, signing_key_info()["public_key"], package.digest)
     assert manifest["plan_hash"] == variant.plan_hash
     # Built once: publishing the variant again reuses the stored package.

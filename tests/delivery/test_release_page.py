@@ -73,3 +73,28 @@ def test_a_stale_version_on_the_page_is_refused_with_a_message(client, staff, tw
 def test_the_page_without_releases(client, viewer):
     client.force_login(viewer)
     assert "No releases yet" in client.get(URL).content.decode()
+
+
+def test_heads_and_pending_releases_show_however_long_the_history(
+    client, viewer, staff, profile, make_profile, make_variant, package, publish, monkeypatch
+):
+    from registry import views
+    from registry.releases import publish as publish_release
+
+    head = publish(package.variant, profile)
+    other = make_profile("Zeta Board")  # sorts after: its rows fall beyond a short history
+    pending = publish_release(variant=make_variant("unbuilt", precision="int8"), profile=other, by=staff)
+    monkeypatch.setattr(views, "_HISTORY_ROWS", 1)
+    client.force_login(viewer)
+    response = client.get(URL)
+    entries = {e["profile"].pk: e for e in response.context["profiles"]}
+    assert [r.pk for r in entries[profile.pk]["heads"]] == [head.pk]
+    assert [r.pk for r in entries[other.pk]["pending"]] == [pending.pk]
+    assert f"Release #{pending.pk}" in response.content.decode()
+
+
+@pytest.mark.parametrize("release", ["abc", "1e3", "", "-1", "²"])
+def test_a_malformed_release_number_in_the_form_is_404_not_500(client, staff, two_releases, release):
+    client.force_login(staff)
+    response = client.post(URL, {"action": "rollback", "release": release, "version": "1"})
+    assert response.status_code == 404

@@ -8,6 +8,7 @@ import pytest
 
 from registry.models import AuditEntry, Release
 from registry.releases import ReleaseError, bucket, publish, rollback, set_rollout
+from registry.releases import publish as publish_release
 
 pytestmark = pytest.mark.django_db
 URL = "/api/v1/releases/"
@@ -220,3 +221,146 @@ def test_the_audit_log_says_who_when_and_before_after(api_as, viewer, staff, pro
     assert entry["actor"] == staff.username and entry["at"]
     assert entry["target_type"] == "release" and entry["target_id"] == str(release.pk)
     assert entry["before"]["rollout_percent"] == 10 and entry["after"]["rollout_percent"] == 40
+
+
+def test_raising_the_rollout_through_set_rollout_keeps_every_device_that_had_the_new_package(
+    profile, make_variant, make_package, publish, staff, committed
+):
+    from registry.delivery import build_profile_state, config_for
+
+    old = make_package(make_variant("old"))
+    new = make_package(make_variant("new", precision="int8"))
+    publish(old.variant, profile)
+    head = publish(new.variant, profile, rollout_percent=30)
+    ids = [str(uuid.UUID(int=i * 7919 + 1)) for i in range(3000)]
+
+    def reached() -> set[str]:
+        state = build_profile_state(profile.pk)
+        digests = {d: (config_for(d, "stable", state)["package"] or {}).get("digest") for d in ids}
+        assert set(digests.values()) == {old.digest, new.digest}  # everyone gets one of the two
+        return {d for d, digest in digests.items() if digest == new.digest}
+
+    at_30 = reached()
+    with committed():
+        set_rollout(head, 60, if_match=head.etag, by=staff)
+    at_60 = reached()
+    assert at_30 <= at_60
+    assert abs(len(at_30) / len(ids) - 0.30) < 0.04
+    assert abs(len(at_60) / len(ids) - 0.60) < 0.04
+
+
+def test_if_match_compares_strongly(api_as, staff, profile, package, publish):
+    release = publish(package.variant, profile, rollout_percent=10)
+    url = f"{URL}{release.pk}/"
+    weak = api_as(staff).patch(url, {"rollout_percent": 50}, format="json", HTTP_IF_MATCH="W/" + release.etag)
+    assert weak.status_code == 412
+    assert Release.objects.get(pk=release.pk).rollout_percent == 10
+    with pytest.raises(ReleaseError) as refused:
+        rollback(release, by=staff, if_match=f"W/{release.etag}")
+    assert refused.value.status == 412
+
+
+def test_a_pending_release_older_than_the_head_is_superseded_not_activated(
+    profile, make_variant, make_package, staff, publish, package_dir, django_capture_on_commit_callbacks
+):
+    from registry.releases import activate_pending
+
+    slow = make_variant("slow", precision="int8")
+    with django_capture_on_commit_callbacks(execute=False):
+        pending = publish_release(variant=slow, profile=profile, by=staff)
+    newer = publish(make_package(make_variant("fast")).variant, profile)
+    assert activate_pending(slow, make_package(slow)) == []
+    pending.refresh_from_db()
+    newer.refresh_from_db()
+    assert newer.status == Release.Status.ACTIVE and newer.previous is None
+    assert pending.status == Release.Status.SUPERSEDED and pending.package is None
+    entry = AuditEntry.objects.filter(action="release.supersede", target_id=str(pending.pk)).get()
+    assert entry.before["status"] == "pending" and str(newer.pk) in entry.after["reason"]
+
+
+def test_an_activation_that_breaks_a_constraint_fails_the_release_instead_of_leaving_it_pending(
+    profile, variant, make_package, staff, package_dir, django_capture_on_commit_callbacks, monkeypatch
+):
+    from django.db import IntegrityError
+
+    from registry import releases
+
+    with django_capture_on_commit_callbacks(execute=False):
+        pending = publish_release(variant=variant, profile=profile, by=staff)
+
+    def clash(*args, **kwargs):
+        raise IntegrityError("one_active_release_per_alias")
+
+    monkeypatch.setattr(releases, "_activate", clash)
+    assert releases.activate_pending(variant, make_package(variant)) == []
+    pending.refresh_from_db()
+    assert pending.status == Release.Status.FAILED and "one_active_release_per_alias" in pending.error
+    assert AuditEntry.objects.filter(action="release.fail", target_id=str(pending.pk)).exists()
+
+
+def test_rollback_skips_a_previous_release_whose_status_changed_before_it_was_locked(
+    profile, make_variant, make_package, publish, staff, monkeypatch
+):
+    from registry import releases
+
+    first = publish(make_package(make_variant("a")).variant, profile)
+    second = publish(make_package(make_variant("b", precision="int8")).variant, profile)
+    third = publish(make_package(make_variant("c", precision="int4")).variant, profile)
+    locked = releases._locked
+
+    def racing(release):
+        # Another transaction rolls `second` back just before this one gets its lock.
+        if (release.pk if isinstance(release, Release) else release) == second.pk:
+            Release.objects.filter(pk=second.pk).update(status=Release.Status.ROLLED_BACK)
+        return locked(release)
+
+    monkeypatch.setattr(releases, "_locked", racing)
+    _, restored = rollback(third, by=staff)
+    assert restored is not None and restored.pk == first.pk
+    assert Release.objects.get(pk=second.pk).status == Release.Status.ROLLED_BACK
+    assert Release.objects.get(pk=first.pk).status == Release.Status.ACTIVE
+
+
+def test_publishing_is_refused_only_for_a_profile_that_cannot_run_the_variant(
+    make_profile, make_variant, make_package, staff
+):
+    int4 = make_package(make_variant("int4", precision="int4")).variant
+    # No int4 listed: the cost model runs int4 weights in int8 (a fallback, not a refusal).
+    fallback = make_profile("Int8 Phone", weight_formats=["fp16", "int8"])
+    assert publish_release(variant=int4, profile=fallback, by=staff).status == Release.Status.ACTIVE
+    hopeless = make_profile("Int8 Only", weight_formats=["int8"], fp16_tflops=None, activation_formats=[])
+    with pytest.raises(ReleaseError) as refused:
+        publish_release(variant=int4, profile=hopeless, by=staff)
+    assert "variant" in refused.value.errors
+    assert not Release.objects.filter(profile=hopeless).exists()
+
+
+def test_a_numeric_string_profile_is_a_slug_and_a_json_number_is_an_id(
+    api_as, staff, make_profile, package, django_capture_on_commit_callbacks
+):
+    numeric = make_profile("2024")  # slug "2024"
+    decoy = make_profile("Decoy")
+    assert numeric.slug == "2024" and decoy.pk != 2024
+    client = api_as(staff)
+    body = {"variant": package.variant_id, "alias": "stable"}
+    with django_capture_on_commit_callbacks(execute=True):
+        by_slug = client.post(URL, body | {"profile": "2024"}, format="json")
+        by_pk = client.post(URL, body | {"profile": decoy.pk, "alias": "canary"}, format="json")
+        by_pk_text = client.post(URL, body | {"profile": str(decoy.pk), "alias": "beta"}, format="json")
+    assert by_slug.status_code == 201, by_slug.json()
+    assert Release.objects.get(pk=by_slug.json()["id"]).profile == numeric
+    assert by_pk.status_code == 201 and Release.objects.get(pk=by_pk.json()["id"]).profile == decoy
+    assert by_pk_text.status_code == 400 and "profile" in by_pk_text.json()["errors"]
+
+
+def test_the_admin_cannot_delete_releases_audit_entries_or_packages(rf, admin_user):
+    from django.contrib import admin
+
+    from registry.models import Package
+
+    request = rf.get("/admin/")
+    request.user = admin_user  # a superuser: every permission the admin class does not deny
+    for model in (Release, AuditEntry, Package):
+        model_admin = admin.site._registry[model]
+        assert not model_admin.has_delete_permission(request), model.__name__
+        assert not model_admin.has_add_permission(request), model.__name__

@@ -71,10 +71,18 @@ def _copy(info: pkg.PackageInfo, dest: Path) -> Path:
 # --------------------------------------------------------------------------- build
 
 
-def test_the_same_plan_gives_the_same_bytes_and_digest(bundle: Bundle, tmp_path: Path) -> None:
+def test_the_same_plan_gives_the_same_bytes_and_digest(
+    bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     plan = _mixed(bundle)
     a = build_package(bundle, plan, tmp_path / "a", signing_key=KEY, predicted=_PREDICTED)
+    # The second build must not reuse the first's check-set answers (kept under the engine's
+    # cache dir): with a fresh one it recomputes them, so non-deterministic answers would show.
+    fresh = tmp_path / "fresh-cache"
+    fresh.mkdir()
+    monkeypatch.setattr(type(bundle.evaluator), "cache_dir", property(lambda self: fresh))
     b = build_package(bundle, plan, tmp_path / "b", signing_key=KEY, predicted=_PREDICTED)
+    assert any((fresh / "check_sets").iterdir())  # the answers were recomputed
     assert a.digest == b.digest
     for name in pkg.FILE_NAMES:
         assert a.file(name).read_bytes() == b.file(name).read_bytes()

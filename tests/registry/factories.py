@@ -15,7 +15,7 @@ from django.utils import timezone
 from devices.models import DeviceProfile
 from planner.recommend import Candidate, Policy, pareto_front, recommend
 from registry.models import BaseModel, PlanningRun, Variant
-from registry.predictions import record_run_predictions
+from registry.predictions import UNSUPPORTED_MEMORY, record_run_predictions
 from tests.devices.factories import profile_payload
 
 MIB = 2**20
@@ -154,7 +154,7 @@ def candidate(
         "key": variant.plan_hash,
         "accuracy": variant.metrics["accuracy"],
         "latency_s": latency_ms / 1000,
-        "memory_bytes": 2**62 if unsupported else int(memory_mib * MIB),
+        "memory_bytes": UNSUPPORTED_MEMORY if unsupported else int(memory_mib * MIB),
         "accuracy_source": "measured",
         "latency_source": "predicted",
         "label": variant.name,

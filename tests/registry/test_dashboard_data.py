@@ -12,7 +12,9 @@ from django.utils import timezone
 
 from planner.recommend import Policy
 from registry import dashboard as dash
-from registry.models import Measurement, Prediction
+from registry import studies
+from registry.models import DeviceSearch, Measurement, Prediction
+from registry.predictions import UNSUPPORTED_MEMORY
 from tests.registry.factories import MIB, candidate, demo_fleet, finished_run, make_variant
 
 pytestmark = pytest.mark.django_db
@@ -148,6 +150,15 @@ def test_malformed_query_values_fall_back_to_defaults_with_notices():
     assert len(params.notices) == 2
 
 
+@pytest.mark.parametrize("value", ["²", "1,²", "٣", "１２", "⑦"])
+def test_ids_that_are_unicode_digits_are_ignored_with_a_notice(value):
+    # str.isdigit() is true for these, int() rejects "²" and "⑦": a 500 before the fix
+    params = dash.Params(QueryDict(f"variants={value}"))
+    ids = params.ids("variants", label="v", limit=4)
+    assert ids == ([1] if value.startswith("1,") else [])
+    assert len(params.notices) == 1 and "is not an id" in params.notices[0]
+
+
 def test_exit_fractions_come_from_the_variant_or_its_real_evaluation(fleet):
     from planner.specs import Plan
     from registry.models import RealEvaluation
@@ -172,38 +183,83 @@ def test_exit_fractions_come_from_the_variant_or_its_real_evaluation(fleet):
     assert fleet["full"].pk not in by_id
 
 
-def test_trial_points_read_from_optunas_tables_match_optunas_api(settings, tmp_path, fleet):
+def _study(fleet_module, name, n=12):
     import optuna
 
-    from registry import fleet as fleet_module
-
-    settings.OPTUNA_STORAGE_URL = f"sqlite:///{tmp_path / 'optuna.sqlite3'}"
-    fleet_module._STORAGES.clear()
-    run = fleet["run"]
-    device = fleet["phone"].pk
     study = optuna.create_study(
-        study_name=f"edgefit-run-{run.pk}-device-{device}",
-        storage=fleet_module._storage(),
-        directions=["maximize", "minimize", "minimize"],
+        study_name=name, storage=fleet_module._storage(), directions=["maximize", "minimize", "minimize"]
     )
-    for i in range(12):
+    for i in range(n):
         study.add_trial(
             optuna.trial.create_trial(
                 values=[0.7 + i / 100, 10.0 + i, 30.0 + i],
                 system_attrs={"constraints:memory": -1.0, "constraints:latency": 1.0 if i % 3 == 0 else -1.0},
             )
         )
-    from registry.models import DeviceSearch
 
-    DeviceSearch.objects.create(run=run, device_profile_id=device, status="done")
-    fast = dash._trial_points_sql(f"edgefit-run-{run.pk}-device-{device}")
-    slow = fleet_module.device_trials(run, device)
+
+@pytest.fixture
+def optuna_file(settings, tmp_path):
+    from registry import fleet as fleet_module
+
+    settings.OPTUNA_STORAGE_URL = f"sqlite:///{tmp_path / 'optuna.sqlite3'}"
+    fleet_module._STORAGES.clear()
+    studies._ENGINES.clear()
+    yield fleet_module
+    fleet_module._STORAGES.clear()
+    studies._ENGINES.clear()
+
+
+def test_trial_points_read_from_optunas_tables_match_optunas_api(optuna_file, fleet):
+    run, device = fleet["run"], fleet["phone"].pk
+    search = DeviceSearch.objects.create(run=run, device_profile_id=device, status="done")
+    _study(optuna_file, search.study_name)
+    fast = studies._trial_points_sql(search.study_name)
+    slow = optuna_file.device_trials(run, device)
     assert sorted(fast, key=lambda p: p["trial"]) == sorted(slow, key=lambda p: p["trial"])
     assert sum(1 for p in fast if not p["feasible"]) == 4
-    assert dash.trial_points(run.pk, device) == fast
-    assert dash.optuna_url() == fleet_module.optuna_storage_url()
-    fleet_module._STORAGES.clear()
-    dash._ENGINES.clear()
+    assert studies.trial_points(run.pk, device) == fast
+    assert optuna_file.optuna_storage_url is studies.optuna_storage_url
+
+
+def test_trial_points_use_the_study_name_the_device_search_gives(optuna_file, fleet, monkeypatch):
+    monkeypatch.setattr(DeviceSearch, "study_name", property(lambda s: f"renamed-{s.pk}"))
+    run, device = fleet["run"], fleet["phone"].pk
+    search = DeviceSearch.objects.create(run=run, device_profile_id=device, status="done")
+    _study(optuna_file, search.study_name, n=5)
+    assert len(studies.trial_points(run.pk, device)) == 5
+
+
+def test_trial_points_fall_back_to_optunas_api_when_the_direct_read_fails(optuna_file, fleet, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    run, device = fleet["run"], fleet["phone"].pk
+    search = DeviceSearch.objects.create(run=run, device_profile_id=device, status="done")
+    _study(optuna_file, search.study_name, n=3)
+
+    def broken(name):
+        raise OperationalError("SELECT", {}, Exception("no such column"))
+
+    monkeypatch.setattr(studies, "_trial_points_sql", broken)
+    assert len(studies.trial_points(run.pk, device)) == 3
+
+
+def test_a_study_not_created_yet_has_no_trial_points(optuna_file, fleet):
+    run, device = fleet["run"], fleet["phone"].pk
+    DeviceSearch.objects.create(run=run, device_profile_id=device, status="queued")
+    optuna_file._storage()  # Optuna's tables exist, the device's study does not
+    assert studies.trial_points(run.pk, device) == []
+
+
+def test_the_optuna_url_of_djangos_in_memory_test_database_uses_uri(settings, monkeypatch):
+    settings.OPTUNA_STORAGE_URL = ""
+    db = settings.DATABASES["default"]
+    monkeypatch.setitem(db, "ENGINE", "django.db.backends.sqlite3")
+    monkeypatch.setitem(db, "NAME", "file:memorydb_default?mode=memory&cache=shared")
+    url = "sqlite:///file:memorydb_default?mode=memory&cache=shared&uri=true"
+    assert studies.optuna_storage_url() == url
+    monkeypatch.setitem(db, "NAME", "/var/lib/edgefit/db.sqlite3")
+    assert studies.optuna_storage_url() == "sqlite:////var/lib/edgefit/db.sqlite3"
 
 
 def test_csv_cells_that_look_like_formulas_are_neutralised():
@@ -214,10 +270,127 @@ def test_csv_cells_that_look_like_formulas_are_neutralised():
 def test_unsupported_memory_marker_is_larger_than_any_budget():
     assert (
         dash.feasible_keys(
-            [{"key": "k", "memory_bytes": 2**62, "latency_s": 0.001, "accuracy": 1.0}],
+            [{"key": "k", "memory_bytes": UNSUPPORTED_MEMORY, "latency_s": 0.001, "accuracy": 1.0}],
             Policy(),
             0.8,
             10 * MIB,
         )
         == set()
     )
+
+
+def test_every_reader_treats_the_runs_unsupported_marker_as_unusable(fleet):
+    marked = {"key": "k", "memory_bytes": UNSUPPORTED_MEMORY, "extra": {}}
+    assert not dash._usable(marked)
+    assert dash._usable({**marked, "memory_bytes": 10 * MIB})
+
+
+def _device_measurement(variant, profile, *, p50_ms, batch_size=1, minutes_ago=0, **extra):
+    return Measurement.objects.create(
+        variant=variant,
+        device_profile=profile,
+        kind="device",
+        host="dev-1",
+        batch_size=batch_size,
+        latency_p50_s=p50_ms / 1000,
+        latency_p90_s=p50_ms / 1000 * 1.2,
+        measured_at=timezone.now() - dt.timedelta(minutes=minutes_ago),
+        **extra,
+    )
+
+
+def test_the_measured_latency_is_the_batch_1_p50_on_every_page(fleet):
+    full, phone = fleet["full"], fleet["phone"]
+    _device_measurement(full, phone, p50_ms=25, minutes_ago=10)
+    _device_measurement(full, phone, p50_ms=90, batch_size=8)  # newer, but a throughput test
+    table = {v.pk: v for v in dash.variant_table_queryset(fleet["model"], phone)}
+    row = dash.variant_figures(table[full.pk])
+    assert row["latency_source"] == "measured" and row["latency_ms"] == pytest.approx(25)
+    device_row = next(r for r in dash.variant_devices(full) if r["profile"].pk == phone.pk)
+    assert device_row["measured_p50_ms"] == pytest.approx(25)
+    entry = dash.device_entries([fleet["model"].pk])[(fleet["model"].pk, phone.pk)]
+    overview = next(c for c in entry["candidates"] if c["variant"] == full.pk)
+    assert overview["latency_source"] == "measured" and overview["latency_ms"] == pytest.approx(25)
+
+
+def test_the_variant_page_does_not_read_measurement_samples(fleet, django_assert_max_num_queries):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    samples = [{"tokens": 12, "exit_layer": 1, "latency_ms": 20.0}] * 10
+    _device_measurement(fleet["full"], fleet["phone"], p50_ms=20, samples=samples)
+    with CaptureQueriesContext(connection) as queries:
+        rows = dash.variant_devices(fleet["full"])
+    assert any(r["measured_p50_ms"] == pytest.approx(20) for r in rows)
+    measurement_sql = [q["sql"] for q in queries if "registry_measurement" in q["sql"]]
+    assert measurement_sql and all('"samples"' not in q and '"runtime"' not in q for q in measurement_sql)
+
+
+def test_predicted_vs_measured_errors_surface_instead_of_a_different_chart(fleet, monkeypatch):
+    from registry import calibration
+
+    assert dash.predicted_vs_measured_rows(fleet["phone"]) == []  # no samples: the empty state
+
+    def broken(profile):
+        raise RuntimeError("cost model bug")
+
+    monkeypatch.setattr(calibration, "predicted_vs_measured", broken)
+    _device_measurement(fleet["full"], fleet["phone"], p50_ms=25)
+    with pytest.raises(RuntimeError):
+        dash.predicted_vs_measured_rows(fleet["phone"])
+
+
+def test_exit_fractions_are_indexed_by_plan_once_for_every_reader(fleet, django_assert_num_queries):
+    from planner.specs import Plan
+    from registry.exits import exit_fractions
+    from registry.models import RealEvaluation
+
+    plans = [
+        Plan.from_dict(make_variant(fleet["model"], accuracy=0.7, exit_threshold=t).plan) for t in (0.8, 0.9)
+    ]
+    RealEvaluation.objects.create(
+        base_model=fleet["model"],
+        weights_key=plans[0].weights_key(),
+        plan=plans[0].to_dict(),
+        status="done",
+        result={
+            "options": [
+                {"plan": p.to_dict(), "exit_fraction": [0.2 + i / 10, 0.8 - i / 10]}
+                for i, p in enumerate(plans)
+            ]
+        },
+    )
+    RealEvaluation.objects.create(  # unfinished: not a measurement
+        base_model=fleet["model"],
+        weights_key="other",
+        plan=plans[0].to_dict(),
+        status="running",
+        result={"options": [{"plan": plans[0].to_dict(), "exit_fraction": [1.0, 0.0]}]},
+    )
+    with django_assert_num_queries(1):
+        index = exit_fractions([fleet["model"].pk], [p.hash() for p in plans])
+    assert index == {
+        (fleet["model"].pk, plans[0].hash()): pytest.approx([0.2, 0.8]),
+        (fleet["model"].pk, plans[1].hash()): pytest.approx([0.3, 0.7]),
+    }
+    assert exit_fractions([fleet["model"].pk], [plans[0].hash()], ["nope"]) == {}
+
+
+def test_the_dashboard_reads_studies_without_importing_torch_or_optuna():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import django, sys; django.setup(); "
+        "import registry.pages, registry.studies, registry.exits; "
+        "print(sorted(m for m in ('torch', 'optuna') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings"},
+    )
+    assert out.stdout.strip() == "[]"

@@ -305,10 +305,20 @@ def test_the_device_page_shows_predicted_against_measured(viewer_client, fleet):
         latency_p50_s=0.025,
         latency_p90_s=0.03,
         measured_at=timezone.now(),
+        # devices always report their per-text samples: the chart predicts the same texts
+        samples=[{"tokens": 12 + i, "exit_layer": 1, "latency_ms": 24.0 + i} for i in range(3)],
     )
     html = viewer_client.get(f"/devices/{fleet['phone'].slug}/").content.decode()
     assert "pvm" in [f["id"] for f in _figures(html)]
     assert 'id="pvm-table"' in html
+    table = html.split('id="pvm-table"')[1]
+    assert f'href="/variants/{fleet["mid"].pk}/"' in table and "25.00 ms" in table  # the median
+
+
+def test_a_device_without_measurements_shows_no_predicted_vs_measured_chart(viewer_client, fleet):
+    html = viewer_client.get(f"/devices/{fleet['phone'].slug}/").content.decode()
+    assert "pvm" not in [f["id"] for f in _figures(html)]
+    assert 'id="pvm-table"' not in html
 
 
 def test_a_device_without_runs_says_how_to_plan_it(viewer_client, catalog):
@@ -365,6 +375,23 @@ def test_the_compare_csv_follows_the_what_if(viewer_client, fleet):
     assert board["variant"] == "all int8, exit ≥ 0.90"
 
 
+def test_unicode_digits_in_id_lists_and_pages_are_notices_not_errors(viewer_client, fleet):
+    # "²".isdigit() is true but int("²") raises: each of these was a 500
+    response = viewer_client.get("/compare/", {"variants": f"²,{fleet['full'].pk}"})
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "is not an id; ignored" in html
+    assert json.loads(
+        re.search(r'<script id="compare-data" type="application/json">(.*?)</script>', html, re.S)[1]
+    )["state"]["variants"] == [fleet["full"].pk]
+    assert viewer_client.get("/compare.csv", {"variants": "²"}).status_code == 200
+    url = f"/models/{fleet['model'].slug}/"
+    for params in ({"sel": "²"}, {"sel": "⑦,1"}, {"page": "²"}, {"page": "-²"}, {"page": "٣"}):
+        response = viewer_client.get(url, params)
+        assert response.status_code == 200, params
+        assert 'class="notice"' in response.content.decode(), params
+
+
 # --------------------------------------------------------------------------- list pages: pinned queries
 
 
@@ -389,3 +416,99 @@ def test_list_pages_run_a_fixed_number_of_queries(viewer_client, fleet, catalog,
         cache.clear()
         with django_assert_num_queries(count):
             assert viewer_client.get(url).status_code == 200
+
+
+def _grow(fleet, n: int) -> None:
+    """n more of everything a list page lists: models with variants and finished runs, device
+    profiles, device measurements, predictions, packages and releases."""
+    from django.utils import timezone
+
+    from registry.models import Measurement, Package, Release
+    from tests.registry.factories import make_profile
+
+    profiles = [fleet["phone"], fleet["board"]] + [make_profile(f"Extra {n}-{i}") for i in range(n)]
+    for i in range(n):
+        model = make_model(f"Grown {n}-{i}")
+        variants = [make_variant(model, accuracy=0.7 + j / 100) for j in range(n)]
+        exit_v = make_variant(fleet["model"], accuracy=0.75, exit_threshold=0.8, exit_fraction=[0.5, 0.5])
+        finished_run(
+            model,
+            {
+                p: [candidate(v, latency_ms=10 + j, memory_mib=10) for j, v in enumerate(variants)]
+                for p in profiles
+            },
+        )
+        finished_run(
+            fleet["model"],
+            {fleet["phone"]: [candidate(exit_v, latency_ms=12, memory_mib=12)]},
+            finished_at=timezone.now() - timezone.timedelta(days=1),
+        )
+        for j, v in enumerate(variants):
+            Measurement.objects.create(
+                variant=v,
+                device_profile=fleet["phone"],
+                kind="device",
+                host=f"dev-{n}-{i}-{j}",
+                batch_size=1,
+                latency_p50_s=0.01,
+                latency_p90_s=0.012,
+                measured_at=timezone.now(),
+            )
+            package = Package.objects.create(
+                digest=f"{n:02d}{i:02d}{j:02d}".ljust(64, "0"),
+                variant=v,
+                manifest={},
+                manifest_bytes=100,
+                blob_bytes=MIB,
+                blob_sha256="cd" * 32,
+                predicted_bytes=MIB,
+                signature="ef" * 64,
+                key_id="0123456789abcdef",
+                build_seconds=0.5,
+                storage_path="/nowhere",
+            )
+            Release.objects.create(
+                profile=profiles[j % len(profiles)],
+                alias=f"a{n}-{i}-{j}",
+                variant=v,
+                package=package,
+                rollout_percent=25,
+                seed="s",
+                status="active",
+            )
+
+
+def _query_counts(client, urls) -> dict[str, int]:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    counts = {}
+    for url in urls:
+        client.get(url)  # the session and per-process caches warm
+        cache.clear()
+        with CaptureQueriesContext(connection) as queries:
+            assert client.get(url).status_code == 200, url
+        counts[url] = len(queries)
+    return counts
+
+
+def test_list_pages_run_as_many_queries_for_more_data(viewer_client, fleet, catalog):
+    """No N+1: the same count of queries with twice as many models, devices, variants, runs,
+    measurements and releases (a count pinned at one size would not show that)."""
+    urls = [
+        "/overview/",
+        "/models/",
+        f"/models/{fleet['model'].slug}/",
+        f"/models/{fleet['model'].slug}/?device={fleet['phone'].slug}&sel={fleet['full'].pk},{fleet['exit'].pk}",
+        "/devices/",
+        f"/devices/{fleet['phone'].slug}/",
+        "/plans/",
+        "/compare/",
+        f"/compare/?devices={fleet['phone'].slug}&variants={fleet['full'].pk},{fleet['mid'].pk}",
+        "/releases/",
+    ]
+    _grow(fleet, 2)
+    small = _query_counts(viewer_client, urls)
+    _grow(fleet, 4)
+    large = _query_counts(viewer_client, urls)
+    assert large == small

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 from registry import figures as figs
@@ -120,11 +121,15 @@ def test_the_exit_chart_shows_percent_answered_per_exit_and_skips_variants_witho
     assert fig["layout"]["yaxis"]["title"]["text"] == "examples answered there (%)"
 
 
-def test_predicted_vs_measured_reports_the_error():
-    data = figs.predicted_vs_measured_data(
-        [{"label": "#1 v", "predicted_ms": 11.0, "measured_ms": 10.0, "calibrated": True}]
-    )
-    assert round(data["points"][0]["error_pct"], 6) == 10.0
+def test_predicted_vs_measured_reports_the_error_without_touching_its_rows():
+    rows = [
+        {"label": "#1 v", "predicted_ms": 11.0, "measured_ms": 10.0, "error_pct": 10.0, "calibrated": True},
+        {"label": "#2 w", "predicted_ms": None, "measured_ms": 10.0, "error_pct": None, "calibrated": False},
+    ]
+    before = copy.deepcopy(rows)
+    data = figs.predicted_vs_measured_data(rows)
+    assert rows == before
+    assert [p["label"] for p in data["points"]] == ["#1 v"]
     fig = figs.predicted_vs_measured_figure(data, "t")
     assert fig["data"][0]["name"] == "prediction = measurement"
     assert "error +10.0 %" in fig["data"][1]["text"][0]

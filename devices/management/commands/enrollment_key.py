@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -7,6 +8,15 @@ from django.core.management.base import BaseCommand, CommandError
 
 from devices.enrollment import EnrollmentError, create_enrollment_key
 from devices.models import EnrollmentKey, hash_secret
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner can read, from its first byte (no window in which
+    the key sits in a world-readable file)."""
+    path.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 class Command(BaseCommand):
@@ -43,6 +53,5 @@ class Command(BaseCommand):
         except EnrollmentError as exc:
             raise CommandError(str(exc)) from None
         if keep is not None:
-            keep.write_text(raw)
-            keep.chmod(0o600)
+            _write_private(keep, raw)
         self.stdout.write(raw)
