@@ -102,6 +102,13 @@ def _storage() -> Any:
     return storage
 
 
+def dispose_storages() -> None:
+    """Close the pooled connections of every cached Optuna storage of this process."""
+    for storage in _STORAGES.values():
+        storage.engine.dispose()
+    _STORAGES.clear()
+
+
 def _relax_sqlite_sync(storage: Any) -> None:
     """WAL + synchronous=NORMAL on Optuna's SQLite connections (the embedded default).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +19,7 @@ from django.core.cache import cache
 
 from registry.models import DeviceSearch, PlanningRun
 
-__all__ = ["optuna_storage_url", "trial_points", "trial_points_many"]
+__all__ = ["dispose_engines", "optuna_storage_url", "trial_points", "trial_points_many"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,18 @@ def _read_study(run: PlanningRun, search: DeviceSearch) -> list[dict[str, Any]]:
         from registry import fleet  # pulls in optuna and torch: only when the fast path fails
 
         return fleet.device_trials(run, search.device_profile_id)
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection this process holds on Optuna's storage (this module's
+    read-only engines and, when loaded, registry.fleet's storages): a test session must before
+    it drops its database, which refuses while another session is connected."""
+    for engine in _ENGINES.values():
+        engine.dispose()
+    _ENGINES.clear()
+    fleet = sys.modules.get("registry.fleet")
+    if fleet is not None:
+        fleet.dispose_storages()
 
 
 def _optuna_engine() -> Any:

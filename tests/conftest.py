@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 import pytest
@@ -109,6 +109,20 @@ def catalog(db: None) -> None:
     from devices.catalog import load_catalog
 
     load_catalog()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_optuna_connections(request: pytest.FixtureRequest) -> Iterator[None]:
+    # Optuna's storage keeps pooled SQLAlchemy connections to the test database; set up after
+    # the database, this is torn down before it, so dropping it finds no other session.
+    if not request.config.pluginmanager.hasplugin("django"):
+        yield
+        return
+    request.getfixturevalue("django_db_setup")
+    yield
+    from registry.studies import dispose_engines
+
+    dispose_engines()
 
 
 @pytest.fixture(autouse=True)

@@ -35,9 +35,7 @@ def tiny_model(transactional_db, settings, tmp_path: Path):
     model.refresh_from_db()
     yield model
     # Optuna's engines hold pooled connections to the test database: close them so it can be dropped.
-    for storage in fleet._STORAGES.values():
-        storage.engine.dispose()
-    fleet._STORAGES.clear()
+    fleet.dispose_storages()
 
 
 def _devices(n: int) -> list[DeviceProfile]:
