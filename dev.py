@@ -74,8 +74,10 @@ def up(host: str, port: int) -> None:
                 "worker",
                 "--loglevel",
                 "INFO",
+                # Two processes: a package build or a re-fit (seconds) must not wait behind the
+                # demo model's sensitivity profiling (minutes on the first run).
                 "--concurrency",
-                "1",
+                "2",
                 "--hostname",
                 "edgefit-embedded@%h",
                 # Embedded beat: re-enqueues planning work a killed worker left behind.
