@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from planner.quant.packing import packed_nbytes, plan_nbytes
+from planner.quant.sizes import packed_nbytes, plan_nbytes
 from planner.specs import DeviceSpec, ModelSpec, Plan, PlanError, TensorScheme, TensorSpec
 
 __all__ = [

@@ -27,7 +27,6 @@ from django.db.models import Q
 from django.utils import timezone
 
 from devices.models import DeviceProfile
-from registry.engine import record_variant
 from registry.exits import exit_fractions, variant_exit_fraction
 from registry.measurements import clear_recalibration_flag
 from registry.models import Measurement, PlanningRun, Prediction, Variant
@@ -451,6 +450,10 @@ def _reranked(run: PlanningRun, profile: DeviceProfile, entry: dict[str, Any]) -
 def _front_variants(run: PlanningRun, front: Sequence[Any]) -> dict[str, int]:
     """Front members become registry variants (as `registry.fleet` stores a run's front)."""
     from planner.specs import Plan
+
+    # Imported here: registry.engine loads the model bundles (torch), and this module is
+    # imported by dashboard pages that only predict.
+    from registry.engine import record_variant
 
     stored: dict[str, int] = {}
     existing = dict(

@@ -1,26 +1,52 @@
 """Weight quantization: RTN and GPTQ at int2/3/4/8 and fp16, real bit-packing, plan application.
 
-Heavy imports (torch, numpy, safetensors) happen when this package is imported; Django code
-that only needs specs should import `planner.specs`, not this package.
+Names load on first use: `planner.quant.sizes` (byte counts, scheme rules) needs no torch;
+everything that touches tensors imports torch when first used.
 """
 
-from planner.quant.api import quantize, quantize_dequantize
-from planner.quant.apply import QuantCache, apply_plan, quantizable_parameter, quantize_plan, restore_weights
-from planner.quant.core import QuantizedTensor, dequantize, quantize_rtn, validate_scheme
-from planner.quant.gptq import hessian, quantize_gptq
-from planner.quant.packing import (
-    PACK_FORMAT_VERSION,
-    WriteReport,
-    pack,
-    pack_codes,
-    packed_nbytes,
-    plan_nbytes,
-    read_packed_safetensors,
-    unpack,
-    unpack_codes,
-    weights_nbytes,
-    write_packed_safetensors,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name → submodule.  Loaded on first use (PEP 562) so that importing
+# `planner.quant.sizes` — the byte counting the cost model needs — does not import torch.
+_WHERE = {
+    "quantize": "api",
+    "quantize_dequantize": "api",
+    "QuantCache": "apply",
+    "apply_plan": "apply",
+    "quantizable_parameter": "apply",
+    "quantize_plan": "apply",
+    "restore_weights": "apply",
+    "QuantizedTensor": "core",
+    "dequantize": "core",
+    "quantize_rtn": "core",
+    "validate_scheme": "sizes",
+    "hessian": "gptq",
+    "quantize_gptq": "gptq",
+    "PACK_FORMAT_VERSION": "packing",
+    "WriteReport": "packing",
+    "pack": "packing",
+    "pack_codes": "packing",
+    "read_packed_safetensors": "packing",
+    "unpack": "packing",
+    "unpack_codes": "packing",
+    "write_packed_safetensors": "packing",
+    "packed_nbytes": "sizes",
+    "plan_nbytes": "sizes",
+    "weights_nbytes": "sizes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'planner.quant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"planner.quant.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PACK_FORMAT_VERSION",

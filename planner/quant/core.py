@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from planner.specs import PlanError, TensorScheme
+from planner.quant.sizes import n_groups, validate_scheme
+from planner.specs import TensorScheme
 
 __all__ = [
     "QuantizedTensor",
@@ -69,28 +70,6 @@ class QuantizedTensor:
 
     def describe(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "scheme": self.scheme.to_dict(), "method": self.method}
-
-
-def n_groups(cols: int, scheme: TensorScheme) -> int:
-    return 1 if scheme.group_size is None else cols // scheme.group_size
-
-
-def validate_scheme(shape: tuple[int, ...], scheme: TensorScheme, name: str = "weight") -> tuple[int, int]:
-    """Check that `scheme` can store a tensor of `shape`; return the shape as (rows, cols).
-
-    Raises PlanError naming the tensor and the rule it breaks.
-    """
-    if len(shape) != 2:
-        raise PlanError(f"tensor {name!r}: quantizable tensors are 2-D matrices, got shape {tuple(shape)}")
-    rows, cols = int(shape[0]), int(shape[1])
-    if rows <= 0 or cols <= 0:
-        raise PlanError(f"tensor {name!r}: shape {tuple(shape)} is empty")
-    if scheme.is_integer and scheme.group_size is not None and cols % scheme.group_size:
-        raise PlanError(
-            f"tensor {name!r}: group_size {scheme.group_size} does not divide its input dimension {cols} "
-            f"(rule: group size must divide the input dimension)"
-        )
-    return rows, cols
 
 
 def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:

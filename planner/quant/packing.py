@@ -23,8 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from planner.quant.core import QuantizedTensor, n_groups, validate_scheme
-from planner.specs import ModelSpec, Plan, PlanError, TensorScheme
+from planner.quant.core import QuantizedTensor
+from planner.quant.sizes import (
+    codes_nbytes,
+    n_groups,
+    packed_nbytes,
+    plan_nbytes,
+    validate_scheme,
+    weights_nbytes,
+)
+from planner.specs import PlanError, TensorScheme
 
 __all__ = [
     "PACK_FORMAT_VERSION",
@@ -42,31 +50,6 @@ __all__ = [
 
 PACK_FORMAT_VERSION = "edgefit-pack-1"
 _CHUNK = 8  # codes per chunk: 8 codes of b bits always fill exactly b whole bytes
-
-
-def _codes_nbytes(n: int, bits: int) -> int:
-    return -(-n * bits // 8)
-
-
-def packed_nbytes(shape: tuple[int, int], scheme: TensorScheme) -> int:
-    """Bytes `pack` produces for a tensor of `shape` under `scheme` (payload only, no header)."""
-    rows, cols = validate_scheme(shape, scheme)
-    n = rows * cols
-    if not scheme.is_integer:
-        return n * (2 if scheme.precision == "fp16" else 4)
-    side = rows * n_groups(cols, scheme) * 2
-    return _codes_nbytes(n, scheme.bits) + side * (1 if scheme.symmetric else 2)
-
-
-def weights_nbytes(spec: ModelSpec, plan: Plan) -> int:
-    """Packed bytes of every quantizable tensor of `spec` under `plan`."""
-    plan.validate(spec)
-    return sum(packed_nbytes(t.shape, plan.scheme(t.name)) for t in spec.tensors)
-
-
-def plan_nbytes(spec: ModelSpec, plan: Plan) -> int:
-    """Packed weight bytes of a whole plan: quantizable tensors plus `other_params` in fp32."""
-    return weights_nbytes(spec, plan) + 4 * spec.other_params
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -89,15 +72,15 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     shifts = (np.arange(_CHUNK, dtype="<u8") * np.uint64(bits)).astype("<u8")
     words = np.bitwise_or.reduce(chunks << shifts, axis=1).astype("<u8")
     out = words.view(np.uint8).reshape(-1, 8)[:, :bits].reshape(-1)
-    return np.ascontiguousarray(out[: _codes_nbytes(n, bits)])
+    return np.ascontiguousarray(out[: codes_nbytes(n, bits)])
 
 
 def unpack_codes(data: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of `pack_codes`: the first `n` codes as uint8."""
     raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
-    if raw.size != _codes_nbytes(n, bits):
+    if raw.size != codes_nbytes(n, bits):
         raise PlanError(
-            f"packed codes hold {raw.size} bytes, {_codes_nbytes(n, bits)} expected for {n} codes"
+            f"packed codes hold {raw.size} bytes, {codes_nbytes(n, bits)} expected for {n} codes"
         )
     if bits == 8:
         return raw.copy()

@@ -376,14 +376,16 @@ def test_exit_fractions_are_indexed_by_plan_once_for_every_reader(fleet, django_
     assert exit_fractions([fleet["model"].pk], [plans[0].hash()], ["nope"]) == {}
 
 
-def test_the_dashboard_reads_studies_without_importing_torch_or_optuna():
+def test_the_dashboard_predicts_and_reads_studies_without_importing_torch_or_optuna():
+    # The device page's predicted-vs-measured goes through registry.calibration and planner.cost:
+    # importing torch there made a web worker's first device page ~2 s slower.
     import os
     import subprocess
     import sys
 
     code = (
         "import django, sys; django.setup(); "
-        "import registry.pages, registry.studies, registry.exits; "
+        "import registry.pages, registry.studies, registry.exits, registry.calibration, planner.cost; "
         "print(sorted(m for m in ('torch', 'optuna') if m in sys.modules))"
     )
     out = subprocess.run(
