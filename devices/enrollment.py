@@ -15,6 +15,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from accounts.models import hash_token
 from devices import hotpath
 from devices.models import (
     DEVICE_TOKEN_PREFIX,
@@ -23,7 +24,6 @@ from devices.models import (
     DeviceProfile,
     DeviceToken,
     EnrollmentKey,
-    hash_secret,
     new_secret,
 )
 from devices.signals import audit_event
@@ -92,7 +92,7 @@ def _profile(value: Any, errors: dict[str, str], field: str = "profile") -> Devi
 def issue_device_token(device: Device) -> str:
     """A new token for `device` (the raw value, shown once)."""
     raw = new_secret(DEVICE_TOKEN_PREFIX)
-    DeviceToken.objects.create(device=device, digest=hash_secret(raw), prefix=raw[:10])
+    DeviceToken.objects.create(device=device, digest=hash_token(raw), prefix=raw[:10])
     return raw
 
 
@@ -110,7 +110,7 @@ def create_enrollment_key(
     with transaction.atomic():
         key = EnrollmentKey.objects.create(
             fleet=fleet.strip(),
-            digest=hash_secret(raw),
+            digest=hash_token(raw),
             prefix=raw[:10],
             profile=pinned,
             channel=channel,
@@ -169,7 +169,7 @@ def check_enrollment_key(raw: Any) -> EnrollmentKey:
     """The active enrollment key `raw` names; a missing, unknown or revoked one is a 401."""
     if not isinstance(raw, str) or not raw.startswith(ENROLLMENT_KEY_PREFIX):
         raise EnrollmentError({"enrollment_key": "missing or not an enrollment key (efe_…)"}, status=401)
-    key = EnrollmentKey.objects.select_related("profile").filter(digest=hash_secret(raw)).first()
+    key = EnrollmentKey.objects.select_related("profile").filter(digest=hash_token(raw)).first()
     if key is None or not key.active:
         raise EnrollmentError({"enrollment_key": "unknown or revoked enrollment key"}, status=401)
     return key

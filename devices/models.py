@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 import uuid
@@ -14,6 +13,7 @@ from django.db import models
 from django.utils import timezone
 from django.utils.text import slugify
 
+from accounts.models import hash_token
 from devices.validation import KINDS, profile_errors
 from planner.specs import DeviceSpec
 
@@ -137,18 +137,13 @@ DEVICE_TOKEN_RE = re.compile(r"efd_[A-Za-z0-9_-]{43}")
 _BEARER = "Bearer "
 
 
-def hash_secret(raw: str) -> str:
-    """The digest a secret (device token, enrollment key) is stored and looked up by."""
-    return hashlib.sha256(raw.encode()).hexdigest()
-
-
 def device_token_digest(header: str) -> str | None:
-    """`hash_secret` of the device token an `Authorization` header value carries, or None when
+    """`hash_token` of the device token an `Authorization` header value carries, or None when
     it carries no well-formed one — checked before hashing, so garbage costs no lookup."""
     if not header.startswith(_BEARER):
         return None
     raw = header[len(_BEARER) :].strip()
-    return hash_secret(raw) if DEVICE_TOKEN_RE.fullmatch(raw) else None
+    return hash_token(raw) if DEVICE_TOKEN_RE.fullmatch(raw) else None
 
 
 def new_secret(prefix: str) -> str:

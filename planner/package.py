@@ -130,28 +130,28 @@ def canonical_json(value: Any) -> bytes:
     return text.encode("utf-8")
 
 
-def _seed_bytes(signing_key: str | bytes) -> bytes:
-    if isinstance(signing_key, bytes):
-        seed = signing_key
+def _key_bytes(key: str | bytes) -> bytes | None:
+    """32 raw bytes of an Ed25519 `key` given as hex or bytes, or None when it is not one."""
+    if isinstance(key, bytes):
+        raw = key
     else:
         try:
-            seed = bytes.fromhex(signing_key.strip())
+            raw = bytes.fromhex(key.strip())
         except ValueError:
-            seed = b""
-    if len(seed) != 32:
+            return None
+    return raw if len(raw) == 32 else None
+
+
+def _seed_bytes(signing_key: str | bytes) -> bytes:
+    seed = _key_bytes(signing_key)
+    if seed is None:
         raise PlanError("signing key must be 64 hexadecimal characters (a 32-byte Ed25519 seed)")
     return seed
 
 
 def _public_bytes(public_key: str | bytes) -> bytes:
-    if isinstance(public_key, bytes):
-        raw = public_key
-    else:
-        try:
-            raw = bytes.fromhex(public_key.strip())
-        except ValueError:
-            raw = b""
-    if len(raw) != 32:
+    raw = _key_bytes(public_key)
+    if raw is None:
         raise ValueError("public key must be 64 hexadecimal characters (a 32-byte Ed25519 key)")
     return raw
 

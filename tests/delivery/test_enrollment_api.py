@@ -6,7 +6,8 @@ import io
 
 import pytest
 
-from devices.models import Device, DeviceToken, EnrollmentKey, hash_secret
+from accounts.models import hash_token
+from devices.models import Device, DeviceToken, EnrollmentKey
 from registry.models import AuditEntry
 from tests.delivery.conftest import bearer
 
@@ -27,7 +28,7 @@ def enrollment_key(api_as, staff, profile):
 def test_staff_create_an_enrollment_key_shown_once_and_stored_hashed(api_as, staff, enrollment_key, profile):
     assert enrollment_key["key"].startswith("efe_") and enrollment_key["profile"] == profile.slug
     stored = EnrollmentKey.objects.get()
-    assert stored.digest == hash_secret(enrollment_key["key"]) and enrollment_key["key"] not in str(
+    assert stored.digest == hash_token(enrollment_key["key"]) and enrollment_key["key"] not in str(
         stored.__dict__
     )
     listed = api_as(staff).get(KEYS).json()["results"]
@@ -54,7 +55,7 @@ def test_a_device_enrolls_with_a_key_and_gets_an_id_and_a_token(client, enrollme
     assert body["channel"] == "stable" and body["config_url"] == "/api/v1/device/config"
     device = Device.objects.get(pk=body["device_id"])
     assert device.hardware == {"cpus": 2} and device.enrollment_key.fleet == "lab boards"
-    assert DeviceToken.objects.get().digest == hash_secret(body["token"])
+    assert DeviceToken.objects.get().digest == hash_token(body["token"])
     assert client.get(CONFIG, **bearer(body["token"])).status_code == 200
 
 

@@ -36,3 +36,14 @@ def tiny_model(db, engine_settings):
     BaseModel.objects.filter(pk=model.pk).update(sensitivity=_PROFILES["tiny"])
     model.refresh_from_db()
     return model
+
+
+# Every non-integration test already gets its own empty cache (tests/conftest.py: _private_cache).
+
+
+@pytest.fixture
+def fleet():
+    """The dashboard's demo fleet: profiles, a model, variants and a finished run (factories)."""
+    from tests.registry.factories import demo_fleet
+
+    return demo_fleet()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from django.core.cache import cache
 
 from planner.search import SearchSettings
 from registry import calibration
@@ -11,13 +10,6 @@ from registry.models import PlanningRun
 from tests.registry.factories import demo_fleet
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
 
 
 def test_reranking_prices_candidates_at_the_runs_sequence_length(monkeypatch):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from django.core.cache import cache
 from django.http import QueryDict
 from django.utils import timezone
 
@@ -15,21 +14,9 @@ from registry import dashboard as dash
 from registry import studies
 from registry.models import DeviceSearch, Measurement, Prediction
 from registry.predictions import UNSUPPORTED_MEMORY
-from tests.registry.factories import MIB, candidate, demo_fleet, finished_run, make_variant
+from tests.registry.factories import MIB, candidate, finished_run, make_variant
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
-
-
-@pytest.fixture
-def fleet():
-    return demo_fleet()
 
 
 def _recs(fleet, policy):

@@ -13,21 +13,9 @@ from django.core.cache import cache
 from django.test import Client
 
 from registry.models import Variant
-from tests.registry.factories import MIB, candidate, demo_fleet, finished_run, make_model, make_variant
+from tests.registry.factories import MIB, candidate, finished_run, make_model, make_variant
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    cache.clear()
-    yield
-    cache.clear()
-
-
-@pytest.fixture
-def fleet():
-    return demo_fleet()
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from accounts.models import hash_token
 from devices.enrollment import EnrollmentError, create_enrollment_key
-from devices.models import EnrollmentKey, hash_secret
+from devices.models import EnrollmentKey
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -40,7 +41,7 @@ class Command(BaseCommand):
         keep: Path | None = options["keep_in"]
         if keep is not None and keep.exists():
             raw = keep.read_text().strip()
-            if EnrollmentKey.objects.filter(digest=hash_secret(raw), revoked_at__isnull=True).exists():
+            if EnrollmentKey.objects.filter(digest=hash_token(raw), revoked_at__isnull=True).exists():
                 self.stdout.write(raw)
                 return
         try:
