@@ -91,13 +91,13 @@ def up(host: str, port: int) -> None:
         subprocess.Popen(
             [
                 str(VENV / "bin" / "gunicorn"),
-                "config.wsgi",
+                "config.asgi",
+                "--worker-class",
+                "asgi",
                 "--bind",
                 f"{host}:{port}",
                 "--workers",
                 "2",
-                "--threads",
-                "4",
                 "--access-logfile",
                 "-",
             ],
@@ -113,19 +113,40 @@ def up(host: str, port: int) -> None:
         f"Log in as demo / {staff_password} (staff). Ctrl-C stops the web server and the worker.\n",
         flush=True,
     )
+    # SIGTERM (a service manager, `kill`) stops both like Ctrl-C; SIGINT too when a shell
+    # started this in the background with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while all(p.poll() is None for p in workers):
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
-        for p in workers:
+        # A process that ended before Ctrl-C (a crash) makes the exit status 1.
+        crashed = [p for p in workers if p.poll() is not None and p.returncode != 0]
+        _stop(workers)
+    sys.exit(1 if crashed else 0)
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, then escalate: Celery's warm shutdown waits for a running task (the demo model's
+    first sensitivity profiling takes minutes), so after 15 s it gets SIGQUIT (cold shutdown; the
+    task is acknowledged late and runs again on the next start), then SIGKILL. Nothing is left
+    running behind the terminal."""
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for escalation in (signal.SIGQUIT, signal.SIGKILL):
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+            time.sleep(0.2)
+        for p in processes:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in workers:
-            p.wait(timeout=30)
-    failed = [p for p in workers if p.returncode not in (0, -signal.SIGTERM)]
-    sys.exit(1 if failed else 0)
+                print(f"dev.py: process {p.pid} still running; sending {escalation.name}", flush=True)
+                p.send_signal(escalation)
+    for p in processes:
+        p.wait()
 
 
 def _wait_until_serving(url: str, processes: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:

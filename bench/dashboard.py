@@ -390,13 +390,13 @@ def _paint_times(workdir: Path, big_url: str, empty_url: str, chart_id: str, loa
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "gunicorn"),
-            "config.wsgi",
+            "config.asgi",
+            "--worker-class",
+            "asgi",
             "--bind",
             f"127.0.0.1:{port}",
             "--workers",
             "1",
-            "--threads",
-            "4",
             "--log-level",
             "warning",
         ],
@@ -440,6 +440,7 @@ def _browser(base: str, big_url: str, empty_url: str, chart_id: str, loads: int)
         browser = playwright.chromium.launch(executable_path=chromium, args=flags, headless=True)
         context = browser.new_context(viewport={"width": 1400, "height": 900})
         page = context.new_page()
+
         def on_console(message: Any) -> None:
             if message.type == "error":
                 errors.append(message.text)

@@ -71,27 +71,13 @@ function done(summary, latency, requests)
 end
 """
 
-_WRK_LUA_PLAIN = r"""
-function done(summary, latency, requests)
-  io.write(string.format(
-    '{"requests": %d, "duration_us": %d, "errors_status": %d, "errors_connect": %d, ' ..
-    '"errors_read": %d, "errors_timeout": %d, "p50_us": %d, "p99_us": %d, "mean_us": %f}\n',
-    summary.requests, summary.duration, summary.errors.status, summary.errors.connect,
-    summary.errors.read, summary.errors.timeout, latency:percentile(50), latency:percentile(99),
-    latency.mean))
-end
-"""
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=int, default=20, help="seconds per wrk run (≥ 20)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (it shares the 2 cores)")
     parser.add_argument("--devices", type=int, default=256, help="enrolled devices the load rotates over")
-    # 3 × 2 measured best of 2×4, 2×16, 3×2, 4×1, 4×2 on this 2-core machine (2×N gthread
-    # workers fell to ~1,500 req/s in some runs; 3–4 workers held ~3,000–3,500).
-    parser.add_argument("--workers", type=int, default=3, help="gunicorn worker processes")
-    parser.add_argument("--threads", type=int, default=2, help="gunicorn threads per worker (gthread)")
+    parser.add_argument("--workers", type=int, default=3, help="gunicorn worker processes (-k asgi)")
     parser.add_argument("--port", type=int, default=0, help="0 = a free port")
     parser.add_argument(
         "--database-url",
@@ -207,7 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = _environment(args, db_url, redis_url)
     os.environ.update(env)
     _log(
-        f"command: python -m bench serve  (gunicorn {args.workers} workers × {args.threads} threads, "
+        f"command: python -m bench serve  (gunicorn -k asgi config.asgi, {args.workers} workers, "
         f"wrk {args.wrk_threads} threads × {args.connections} connections × {args.duration} s)"
     )
     _log(f"database {db_url}, cache {redis_url}")
@@ -228,15 +214,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sys.executable,
             "-m",
             "gunicorn",
-            "config.wsgi:application",
+            "config.asgi:application",
             "--bind",
             f"127.0.0.1:{port}",
             "--workers",
             str(args.workers),
             "--worker-class",
-            "gthread",
-            "--threads",
-            str(args.threads),
+            "asgi",
             "--keep-alive",
             "30",
             "--log-level",
@@ -303,18 +287,18 @@ def _measure(args: argparse.Namespace, base: str, seeded: dict[str, Any]) -> dic
     token_file.write_text("".join(f"{t} {e}\n" for t, e in zip(tokens, etags, strict=True)))
     device_lua = tmp / "device.lua"
     device_lua.write_text(_WRK_LUA)
-    plain_lua = tmp / "plain.lua"
-    plain_lua.write_text(_WRK_LUA_PLAIN)
     common = {"EDGEFIT_WRK_TOKENS": str(token_file)}
 
     # Short warm-up of every path (connections, caches, code paths), not measured.
     warm = argparse.Namespace(**{**vars(args), "duration": 3})
-    _wrk(warm, f"{base}/api/v1/ping", plain_lua, {})
+    _wrk(warm, f"{base}/api/v1/ping", device_lua, {**common, "EDGEFIT_WRK_ETAG": "1"})
     _wrk(warm, f"{base}/api/v1/device/config", device_lua, {**common, "EDGEFIT_WRK_ETAG": "1"})
 
     results = {}
     for name, url, script, extra in (
-        ("ceiling", f"{base}/api/v1/ping", plain_lua, {}),
+        # The ceiling gets the same requests (a device's token and ETag, which it ignores): the
+        # load generator's work per request is then the same on every path.
+        ("ceiling", f"{base}/api/v1/ping", device_lua, {**common, "EDGEFIT_WRK_ETAG": "1"}),
         ("304", f"{base}/api/v1/device/config", device_lua, {**common, "EDGEFIT_WRK_ETAG": "1"}),
         ("200", f"{base}/api/v1/device/config", device_lua, {**common, "EDGEFIT_WRK_ETAG": "0"}),
     ):

@@ -23,8 +23,10 @@ How soon a process sees a committed change (the bound is what matters, the chann
 path): with the file cache, or until the subscription is confirmed, the process reads the
 marker on every request, so *the next request* sees the change.  Once subscribed it usually
 sees it within milliseconds (the message), and in any case — a lost message, a failed publish —
-within `MARKER_RECHECK_S` (1 s), because it still re-reads the marker at most that often.
-Independently, no memo entry is older than `MEMO_MAX_AGE_S`.
+within `MARKER_RECHECK_S` (1 s): the listener thread re-reads the marker every half of that,
+and a request that finds the last read older than that re-reads it itself (`Store.check`; the
+ASGI fast path, `Store.fresh`, answers only while the last read is recent).  Independently, no
+memo entry is older than `MEMO_MAX_AGE_S`.
 
 A memo entry is only stored if the memo was not emptied since the request started
 (`memo.epoch`) and still believes in the marker the entry was built at.  Entries missing from
@@ -199,6 +201,16 @@ class Store:
         self._read_at = now
         memo.sync(cache.get(GEN_KEY))
 
+    def fresh(self) -> bool:
+        """Whether a request may skip `check()` now: this process listens on the channel, the
+        memo holds a marker read less than `MARKER_RECHECK_S` ago and is younger than
+        `MEMO_MAX_AGE_S`.  (The ASGI fast path answers only then; otherwise the request goes to
+        the view, whose `check()` does the reading.)"""
+        if not self.live or self._pid != os.getpid() or memo.gen is MISS:
+            return False
+        now = time.monotonic()
+        return now - self._read_at < MARKER_RECHECK_S and now - memo.born <= MEMO_MAX_AGE_S
+
     def _redis(self) -> Any:
         if self._client is None or self._client_pid != os.getpid():  # a forked child needs its own
             import redis
@@ -242,17 +254,24 @@ class Store:
             pubsub = client.pubsub()
             try:
                 pubsub.subscribe(channel)
+                pinged = time.monotonic()
                 while self._pid == pid and _store is self:
-                    message = pubsub.get_message(timeout=5.0)
-                    if message is None:
+                    message = pubsub.get_message(timeout=MARKER_RECHECK_S / 4)
+                    now = time.monotonic()
+                    if message is None and now - pinged > 5.0:
                         pubsub.ping()  # a dead connection raises here instead of waiting forever
-                        continue
-                    if message["type"] == "subscribe":
+                        pinged = now
+                    elif message is not None and message["type"] == "subscribe":
                         memo.clear()  # changes made before we listened
                         self.live = True
                         backoff = 0.5
-                    elif message["type"] == "message":
+                    elif message is not None and message["type"] == "message":
                         memo.clear()
+                    if self.live and now - self._read_at >= MARKER_RECHECK_S / 2:
+                        # The bounded-staleness re-read, done here so that no request waits
+                        # for it (and so that requests in the fast path never find it due).
+                        self._read_at = now
+                        memo.sync(cache.get(GEN_KEY))
             except Exception as exc:
                 log.warning("delivery invalidation channel lost (%s); retrying", exc)
             finally:
@@ -303,6 +322,21 @@ class Rate:
     def reset(self) -> None:
         with self._lock:
             self._window, self._counts = -1, {}
+
+    def hit_locally(self, digest: str) -> bool:
+        """Count one request if it stays within this process's share (an eighth of the limit),
+        where `hit` would make no shared operation; otherwise count nothing and return False
+        (the caller then goes through `hit`)."""
+        threshold = settings.EDGEFIT_DEVICE_RATE_LIMIT // 8
+        window = int(time.time() // settings.EDGEFIT_DEVICE_RATE_WINDOW_S)
+        with self._lock:
+            if window != self._window:
+                self._window, self._counts = window, {}
+            local = self._counts.get(digest, 0) + 1
+            if local > threshold:
+                return False
+            self._counts[digest] = local
+        return True
 
     def hit(self, digest: str) -> float | None:
         """Count one request; None if allowed, else the seconds until the window ends."""

@@ -7,14 +7,16 @@ profile state.  Package files stream from disk with HTTP Range support and immut
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Generator
+from typing import Any, NamedTuple
 
 from django.conf import settings
-from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_safe
 from rest_framework.exceptions import AuthenticationFailed
@@ -29,7 +31,7 @@ from registry.models import Package, Release
 from registry.packages import DIGEST_RE, FILES, file_path, signing_key_info
 from registry.releases import etag_matches
 
-__all__ = ["device_config", "package_file", "signing_key"]
+__all__ = ["MemoryAnswer", "config_from_memory", "device_config", "package_file", "signing_key"]
 
 _JSON = "application/json"
 _CHUNK = 256 * 1024
@@ -92,6 +94,40 @@ def device_config(request: HttpRequest) -> HttpResponse:
     response["ETag"] = etag
     response["Cache-Control"] = "private, no-cache"
     return response
+
+
+class MemoryAnswer(NamedTuple):
+    """What `device_config` answers a GET, found without leaving the process."""
+
+    not_modified: bool  # 304 (the body is then not sent)
+    etag: str
+    body: bytes
+
+
+def config_from_memory(authorization: str, if_none_match: str | None) -> MemoryAnswer | None:
+    """The answer `device_config` would give a GET, if this process's memory alone gives it:
+    the invalidation marker is fresh (`Store.fresh`), the token is known, the device's rendered
+    body is current for its profile's state, and the request stays within the process's share
+    of the rate limit.  Anything else → None, and the caller runs `device_config` (which reads
+    the shared cache or the database and answers every other case: 401, 429, …).  The ASGI
+    entry point (`config.asgi`) calls this for the busiest path without building a request."""
+    digest = device_token_digest(authorization)
+    if digest is None or not hotpath.store().fresh():
+        return None
+    memo = hotpath.memo
+    entry = memo.tokens.get(digest)
+    if entry is None:
+        return None
+    state = memo.profiles.get(entry.profile_id)
+    rendered = memo.bodies.get(entry.device_id)
+    if state is None or rendered is None or rendered.state is not state:
+        return None
+    if not hotpath.rate.hit_locally(digest):  # counted only when answered here
+        return None
+    etag = rendered.etag
+    inm = if_none_match
+    not_modified = inm is not None and (inm == etag or etag_matches(inm, etag))
+    return MemoryAnswer(not_modified, etag, rendered.body)
 
 
 @require_safe
@@ -160,7 +196,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
     return first, min(last, size - 1)
 
 
-def _stream(path: str, first: int, length: int) -> Iterator[bytes]:
+def _stream(path: str, first: int, length: int) -> Generator[bytes, None, None]:
     with open(path, "rb") as handle:
         handle.seek(first)
         remaining = length
@@ -170,6 +206,27 @@ def _stream(path: str, first: int, length: int) -> Iterator[bytes]:
                 break
             remaining -= len(chunk)
             yield chunk
+
+
+async def _astream(path: str, first: int, length: int) -> AsyncIterator[bytes]:
+    """`_stream` for the ASGI handler: Django would read a synchronous iterator whole into
+    memory before sending it there, so each chunk is read in a thread instead."""
+    chunks = _stream(path, first, length)
+    try:
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        chunks.close()
+
+
+def _file_body(request: HttpRequest, path: str, first: int, length: int) -> Any:
+    """Chunks of the file, read as they are sent, under either handler."""
+    if isinstance(request, ASGIRequest):
+        return _astream(path, first, length)
+    return _stream(path, first, length)
 
 
 @require_safe
@@ -220,14 +277,14 @@ def package_file(request: HttpRequest, digest: str, name: str) -> HttpResponseBa
             response[key] = value
         return response
     if not isinstance(span, tuple):
-        full = FileResponse(open(path, "rb"), content_type=_CONTENT_TYPES[name])  # noqa: SIM115
+        full = StreamingHttpResponse(_file_body(request, path, 0, size), content_type=_CONTENT_TYPES[name])
         full["Content-Length"] = str(size)
         for key, value in headers.items():
             full[key] = value
         return full
     first, last = span
     partial = StreamingHttpResponse(
-        _stream(path, first, last - first + 1), status=206, content_type=_CONTENT_TYPES[name]
+        _file_body(request, path, first, last - first + 1), status=206, content_type=_CONTENT_TYPES[name]
     )
     partial["Content-Range"] = f"bytes {first}-{last}/{size}"
     partial["Content-Length"] = str(last - first + 1)

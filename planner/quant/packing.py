@@ -79,9 +79,7 @@ def unpack_codes(data: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of `pack_codes`: the first `n` codes as uint8."""
     raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
     if raw.size != codes_nbytes(n, bits):
-        raise PlanError(
-            f"packed codes hold {raw.size} bytes, {codes_nbytes(n, bits)} expected for {n} codes"
-        )
+        raise PlanError(f"packed codes hold {raw.size} bytes, {codes_nbytes(n, bits)} expected for {n} codes")
     if bits == 8:
         return raw.copy()
     n_chunks = -(-n // _CHUNK)

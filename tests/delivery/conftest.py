@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,23 @@ def tiny_model(db, settings, delivery_engine_dir: Path):
 
     settings.ENGINE_DATA_DIR = delivery_engine_dir
     return register_bundle("tiny-topics")
+
+
+@pytest.fixture
+def redis_cache(require_redis, settings):
+    """The default cache on Redis under a private key prefix (the real stack's layout)."""
+    import redis
+
+    prefix = f"edgefit-test-{uuid.uuid4().hex[:8]}"
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": require_redis,
+            "KEY_PREFIX": prefix,
+        }
+    }
+    yield settings
+    client = redis.Redis.from_url(require_redis)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)

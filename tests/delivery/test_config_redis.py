@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 
@@ -11,25 +10,6 @@ from tests.delivery.conftest import bearer
 
 pytestmark = pytest.mark.integration
 URL = "/api/v1/device/config"
-
-
-@pytest.fixture
-def redis_cache(require_redis, settings):
-    import redis
-
-    prefix = f"edgefit-test-{uuid.uuid4().hex[:8]}"
-    settings.CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": require_redis,
-            "KEY_PREFIX": prefix,
-        }
-    }
-    yield settings
-    client = redis.Redis.from_url(require_redis)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
 
 
 def _wait(condition, seconds=5.0):
