@@ -533,6 +533,8 @@ def _device_result(
     return {
         "device_profile": profile.pk,
         "device": profile.name,
+        # Latencies were priced with the profile's fitted cost model (vs. the defaults).
+        "cost_params_fitted": profile.calibrated,
         "front": [_candidate_json(c, variants) for c in front],
         "candidates": [_candidate_json(c, variants) for c in candidates],
         "estimated_front": [

@@ -43,7 +43,9 @@ def record_run_predictions(run: PlanningRun) -> int:
         return 0
     devices: dict[str, Any] = (run.result or {}).get("devices", {})
     scored: dict[tuple[str, int], dict[str, Any]] = {}
+    fitted: dict[int, bool] = {}
     for device_id, entry in devices.items():
+        fitted[int(device_id)] = bool(entry.get("cost_params_fitted", False))
         for candidate in entry.get("candidates", []):
             if candidate.get("memory_bytes", 0) >= UNSUPPORTED_MEMORY:
                 continue
@@ -71,10 +73,11 @@ def record_run_predictions(run: PlanningRun) -> int:
             latency_s=float(candidate["latency_s"]),
             memory_bytes=int(candidate["memory_bytes"]),
             cost_model_version=version,
-            calibrated=False,
+            calibrated=fitted[device_id],
         )
         for (key, device_id), candidate in scored.items()
-        if key in variant_of and (variant_of[key], device_id) not in calibrated
+        # A prediction from fitted parameters is not replaced by one from the defaults.
+        if key in variant_of and (fitted[device_id] or (variant_of[key], device_id) not in calibrated)
     ]
     with transaction.atomic():
         Prediction.objects.bulk_create(

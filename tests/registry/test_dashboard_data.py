@@ -124,6 +124,24 @@ def test_finished_runs_become_prediction_rows_and_calibrated_ones_are_kept(fleet
     assert kept.calibrated and kept.latency_s == pytest.approx(0.033)
 
 
+def test_a_run_priced_with_fitted_parameters_records_calibrated_predictions(fleet):
+    from registry.predictions import record_run_predictions
+
+    run = fleet["run"]
+    phone = str(fleet["phone"].pk)
+    Prediction.objects.filter(variant=fleet["full"], device_profile=fleet["phone"]).update(
+        calibrated=True, latency_s=0.033
+    )
+    run.result["devices"][phone]["cost_params_fitted"] = True
+    run.save(update_fields=["result"])
+    record_run_predictions(run)
+    phone_row = Prediction.objects.get(variant=fleet["full"], device_profile=fleet["phone"])
+    board_row = Prediction.objects.get(variant=fleet["full"], device_profile=fleet["board"])
+    # the newer fitted prediction replaces the older one; the board's stays from the defaults
+    assert phone_row.calibrated and phone_row.latency_s == pytest.approx(0.040)
+    assert not board_row.calibrated
+
+
 def test_malformed_query_values_fall_back_to_defaults_with_notices():
     params = dash.Params(QueryDict("policy=best&loss=abc&slo=-1&budget=1e999"))
     policy = dash.policy_from_params(params)
