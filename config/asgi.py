@@ -34,7 +34,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CONFIG_PATH = "/api/v1/device/config"
 PING_PATH = "/api/v1/ping"
-_PING_BODY = b'{"status":"ok"}'
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
 _JSON = (b"content-type", b"application/json")
 _PRIVATE = (b"cache-control", b"private, no-cache")
@@ -82,9 +81,11 @@ class DevicePath:
     def __init__(self, app: ASGIApp) -> None:
         from django.core.signals import setting_changed
 
+        from config.views import PING_BODY
         from registry.device_views import config_from_memory
 
         self.app = app
+        self.ping_body = PING_BODY
         self.config_from_memory = config_from_memory
         self.hosts = HostCheck()
         setting_changed.connect(self.hosts.reset, weak=False)
@@ -117,7 +118,7 @@ class DevicePath:
         if host is None or not self.hosts.allowed(host):
             return None  # Django answers 400 (and logs it) for a host it does not serve
         if path == PING_PATH:
-            return _start(200, [_JSON, _NOSNIFF]), _body(_PING_BODY)
+            return _start(200, [_JSON, _NOSNIFF]), _body(self.ping_body)
         try:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             inm = headers.get(b"if-none-match")

@@ -25,10 +25,10 @@ def health(request: HttpRequest) -> JsonResponse:
     )
 
 
-_PING = b'{"status":"ok"}'
+PING_BODY = b'{"status":"ok"}'
 
 
 def ping(request: HttpRequest) -> HttpResponse:
     """GET /api/v1/ping — a constant JSON answer, open to anyone: the ceiling the device config
     endpoint is measured against (same server, same middleware, no work)."""
-    return HttpResponse(_PING, content_type="application/json")
+    return HttpResponse(PING_BODY, content_type="application/json")
