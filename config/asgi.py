@@ -9,8 +9,7 @@ each poll would build a request, cross into the sync thread and back and walk th
 machinery, several times the work of the answer itself.  Everything else — a first or unknown
 token, a stale marker, throttling, HEAD, a body, an odd header — goes to Django, whose
 `DevicePathMiddleware` and view answer it (and warm the memory the next poll is served from).
-The answers are the same bytes and headers either way (tests/delivery/test_asgi_fast_path.py;
-like Django's, they leave Content-Length to the server, which frames a one-message body).
+The answers are the same bytes and headers either way (tests/delivery/test_asgi_fast_path.py).
 """
 
 from __future__ import annotations
@@ -118,7 +117,7 @@ class DevicePath:
         if host is None or not self.hosts.allowed(host):
             return None  # Django answers 400 (and logs it) for a host it does not serve
         if path == PING_PATH:
-            return _start(200, [_JSON, _NOSNIFF]), _body(self.ping_body)
+            return _start(200, [_JSON, _NOSNIFF, _length(self.ping_body)]), _body(self.ping_body)
         try:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             inm = headers.get(b"if-none-match")
@@ -130,11 +129,15 @@ class DevicePath:
         etag = (b"etag", found.etag.encode("ascii"))
         if found.not_modified:
             return _start(304, [etag, _PRIVATE, _NOSNIFF]), _body(b"")
-        return _start(200, [_JSON, etag, _PRIVATE, _NOSNIFF]), _body(found.body)
+        return _start(200, [_JSON, etag, _PRIVATE, _NOSNIFF, _length(found.body)]), _body(found.body)
 
 
 def _start(status: int, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
     return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def _length(body: bytes) -> tuple[bytes, bytes]:
+    return (b"content-length", b"%d" % len(body))
 
 
 def _body(body: bytes) -> dict[str, Any]:
