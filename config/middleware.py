@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 
@@ -24,7 +26,10 @@ class DevicePathMiddleware:
     JSON answer (nosniff, Content-Length).
     """
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
         from config.views import ping
         from registry.device_views import device_config
 
@@ -33,11 +38,30 @@ class DevicePathMiddleware:
             "/api/v1/device/config": device_config,
             "/api/v1/ping": ping,
         }
+        # Under ASGI the chain below is async (static files are served natively there): this
+        # middleware then stays async too instead of forcing the rest into a thread.
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
 
-    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self._acall(request)
         view = self.routes.get(request.path_info)
         if view is None:
             return self.get_response(request)
+        return self._answer(view, request)
+
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
+        view = self.routes.get(request.path_info)
+        if view is None:
+            response: HttpResponseBase = await self.get_response(request)
+            return response
+        # The views touch the database on a cold cache: run them where sync code runs.
+        return await sync_to_async(self._answer)(view, request)
+
+    @staticmethod
+    def _answer(view: Callable[[HttpRequest], HttpResponse], request: HttpRequest) -> HttpResponse:
         # The ALLOWED_HOSTS check CommonMiddleware would make: DisallowedHost becomes Django's
         # own 400 (and security log entry) in the handler's exception conversion.
         request.get_host()

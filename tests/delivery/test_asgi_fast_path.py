@@ -4,6 +4,7 @@ and headers Django's view gives; every other request reaches Django unchanged.""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -209,7 +210,7 @@ def test_without_the_redis_channel_every_poll_goes_to_the_view(profile, package,
     assert answered() == before
 
 
-def test_package_files_stream_in_chunks_under_asgi(package, profile, make_device, publish):
+def test_package_files_stream_in_chunks_under_asgi(package, profile, make_device, publish, recwarn):
     publish(package.variant, profile)
     token = make_device(profile)["token"]
     path = f"/api/v1/packages/{package.digest}/model.safetensors"
@@ -219,9 +220,23 @@ def test_package_files_stream_in_chunks_under_asgi(package, profile, make_device
     assert whole.headers["content-length"] == str(len(blob))
     part = call(path, range="bytes=10-299999", **auth(token))
     assert part.status == 206 and part.body == blob[10:300_000] and len(part.chunks) > 1
+    assert not [w for w in recwarn if "consume synchronous iterators" in str(w.message)]
 
 
 def _blob(package: Any) -> Any:
     from registry.packages import file_path
 
     return file_path(package, "model.safetensors")
+
+
+def test_static_files_stream_in_chunks_under_asgi(recwarn):
+    """Under ASGI static files go out in chunks as they are read: a synchronous file iterator
+    (WhiteNoise's; the old package download) makes Django read the whole file into memory first,
+    and warn."""
+    from django.contrib.staticfiles import finders
+
+    plotly = Path(finders.find("vendor/plotly.min.js"))
+    answer = call("/static/vendor/plotly.min.js")
+    assert answer.status == 200 and answer.body == plotly.read_bytes()
+    assert len(answer.chunks) > 1 and answer.headers["content-length"] == str(plotly.stat().st_size)
+    assert not [w for w in recwarn if "consume synchronous iterators" in str(w.message)]

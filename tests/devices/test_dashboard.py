@@ -68,6 +68,12 @@ def test_an_unknown_device_is_a_404_page_with_a_way_back(viewer_client):
 
 
 def test_plotly_is_served_locally(client: Client):
+    from asgiref.sync import async_to_sync
+
     response = client.get("/static/vendor/plotly.min.js")
     assert response.status_code == 200
-    assert b"plotly" in b"".join(response.streaming_content)[:2000].lower()
+
+    async def body() -> bytes:  # servestatic streams asynchronously (native under ASGI)
+        return b"".join([chunk async for chunk in response.streaming_content])
+
+    assert b"plotly" in async_to_sync(body)()[:2000].lower()
