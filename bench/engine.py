@@ -751,8 +751,8 @@ def _print_targets(
             f"{t_ratio:.2f}× ({best_t.label}: {best_t.latency.mean_s * 1e3:.1f} vs {base_lat * 1e3:.1f} ms)",
             t_ratio >= 2.5,
             "the blocks are already fused and compiled (W8A8 _int_mm + quantize/rescale/LN/GELU in "
-            "inductor loops) and time is now mostly kernels: cheaper ones (int8 activations kept "
-            "between Linears, a fast fused int8 linear with post-ops)",
+            "inductor loops); what remains is eager work outside them — embedding gather/dequant, "
+            "pooling, exit heads, dynamo's per-call guards — a whole-model compiled graph per exit",
         ),
         (
             "proxy Spearman ≥ 0.95, ≥ 10,000 plans/s",

@@ -50,7 +50,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeAlias, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -644,10 +644,6 @@ def fused_block_compile_error() -> str | None:
     return err
 
 
-#: (linears, `w8a8_bert_block` weights, heads, eps1, eps2) of one fused layer.
-_BlockArgs: TypeAlias = "tuple[tuple[Int8DynamicLinear, ...], tuple[torch.Tensor, ...], int, float, float]"
-
-
 class _W8A8BertLayer(_Layer):
     """A `planner.models.bert._Layer` whose six Linears are `Int8DynamicLinear`, run as one fused
     block (see `_fuse_bert_layers`); same submodules and buffers, forward = `w8a8_bert_block`."""
@@ -662,41 +658,23 @@ class _W8A8BertLayer(_Layer):
         norms = (self.attention.output.LayerNorm, self.output.LayerNorm)
         return (*qkv, ao, inter, out), norms, int(sa.n_heads)
 
-    def _block_args(self) -> _BlockArgs:
-        """(linears, `w8a8_bert_block` weights, heads, eps1, eps2), gathered once: walking
-        the nested modules' attributes on every call cost ~10 % of batch-1 latency (measured).
-        `_apply` (`.to()`, `.float()`, …) drops the cache, so moved or converted buffers are
-        re-read; assigning a new buffer to a fused Linear directly would not be seen."""
-        cached = self.__dict__.get("_block_args_cache")
-        if cached is None:
-            linears, (n1, n2), heads = self._parts()
-            fused = linears[0].shared_input
-            assert fused is not None
-            ao, inter, out = linears[3:]
-            weights: tuple[torch.Tensor, ...] = (fused.weight, fused.scale, fused.bias)
-            for layer, norm in ((ao, n1), (inter, None), (out, n2)):
-                assert layer.bias is not None
-                weights += (layer.weight_int8, layer.weight_scale, layer.bias)
-                if norm is not None:
-                    weights += (norm.weight, norm.bias)
-            cached = (linears, weights, heads, float(n1.eps), float(n2.eps))
-            self.__dict__["_block_args_cache"] = cached
-        return cast("_BlockArgs", cached)
-
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _W8A8BertLayer:
-        self.__dict__.pop("_block_args_cache", None)
-        super()._apply(fn, recurse)
-        return self
-
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Post-norm BERT layer; `keep` is a (batch, 1, 1, seq) bool mask of real tokens."""
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return super().forward(x, keep)
-        linears, weights, heads, eps1, eps2 = self._block_args()
+        linears, (n1, n2), heads = self._parts()
+        fused = linears[0].shared_input
+        assert fused is not None
         for layer in linears:
-            # `calls` is a plain attribute: skip nn.Module.__setattr__'s parameter/buffer checks.
-            layer.__dict__["calls"] += 1
-        args = (x, keep, weights, heads, eps1, eps2)
+            layer.calls += 1
+        ao, inter, out = linears[3:]
+        weights: tuple[torch.Tensor, ...] = (fused.weight, fused.scale, fused.bias)
+        for layer, norm in ((ao, n1), (inter, None), (out, n2)):
+            assert layer.bias is not None
+            weights += (layer.weight_int8, layer.weight_scale, layer.bias)
+            if norm is not None:
+                weights += (norm.weight, norm.bias)
+        args = (x, keep, weights, heads, float(n1.eps), float(n2.eps))
         fn = _compiled_block()
         if fn is not None:
             torch._dynamo.maybe_mark_dynamic(x, 1)

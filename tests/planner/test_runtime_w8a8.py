@@ -161,32 +161,6 @@ def test_fused_w8a8_block_matches_the_layer_by_layer_runtime(
     assert _rel_err(fused, by_layer) < 1e-4
 
 
-def test_fused_w8a8_block_caches_its_arguments_until_apply(
-    one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan]
-) -> None:
-    adapter, module, _ = runtime_pair
-    layer = module.encoder.layer[0]
-    linears = layer._parts()[0]
-    batch = adapter.tokenize(["the cat saw rain"])
-    keep = batch.attention_mask.bool()[:, None, None, :]
-    x = torch.randn(1, batch.input_ids.shape[1], adapter.config.hidden_size)
-    before = [m.calls for m in linears]
-    with torch.inference_mode():
-        first = layer(x, keep)
-        args = layer._block_args()
-        assert layer._block_args() is args  # gathered once, not per call
-        second = layer(x, keep)
-    # Every fused Linear still counts each block call.
-    assert [m.calls for m in linears] == [c + 2 for c in before]
-    assert torch.equal(first, second)
-    # The weights passed are the layer's own buffers (Q/K/V: their fused concatenation).
-    _, weights, heads, _, _ = args
-    assert weights[0] is linears[0].shared_input.weight and weights[3] is linears[3].weight_int8
-    assert heads == layer.attention.self.n_heads
-    layer.float()  # any _apply (.to(), .float(), …) drops the cache
-    assert "_block_args_cache" not in vars(layer)
-
-
 def test_early_exit_stops_at_the_first_confident_exit(
     one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan], tiny_heads: ExitHeads
 ) -> None:
