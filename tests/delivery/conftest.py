@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -202,3 +203,13 @@ def redis_cache(require_redis, settings):
     keys = list(client.scan_iter(f"{prefix}:*"))
     if keys:
         client.delete(*keys)
+
+
+def wait_until(condition: Callable[[], Any], seconds: float = 5.0) -> bool:
+    """Poll `condition` every 20 ms for up to `seconds`; whether it became true."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -3,7 +3,6 @@ and headers Django's view gives; every other request reaches Django unchanged.""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +10,12 @@ import pytest
 from asgiref.sync import async_to_sync
 from asgiref.testing import ApplicationCommunicator
 
-from tests.delivery.conftest import bearer
+from tests.delivery.conftest import bearer, wait_until
 
 URL = "/api/v1/device/config"
 # Django's ASGI handler runs sync views in a thread of its own per request (ThreadSensitiveContext),
 # on its own database connection: the rows must be committed for it to see them.
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _wait(condition: Any, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class Answer:
@@ -107,7 +97,7 @@ def warm(redis_cache, profile, package, make_device, publish) -> dict[str, Any]:
     publish(package.variant, profile)
     device = make_device(profile)
     call(URL, **auth(device["token"]))
-    assert _wait(lambda: hotpath.store().live), "the invalidation listener did not subscribe"
+    assert wait_until(lambda: hotpath.store().live), "the invalidation listener did not subscribe"
     first = call(URL, **auth(device["token"]))  # refill after the subscription emptied the memo
     return {"device": device, "django": first}
 
@@ -183,7 +173,7 @@ def test_a_lost_announcement_is_caught_by_the_listeners_marker_reread(warm):
 
     epoch = hotpath.memo.epoch
     cache.set(hotpath.GEN_KEY, "replaced-without-a-message", None)
-    assert _wait(lambda: hotpath.memo.epoch > epoch, hotpath.MARKER_RECHECK_S + 0.5)
+    assert wait_until(lambda: hotpath.memo.epoch > epoch, hotpath.MARKER_RECHECK_S + 0.5)
     assert not hotpath.memo.bodies
 
 

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from tests.delivery.conftest import bearer
+from tests.delivery.conftest import bearer, wait_until
 
 pytestmark = pytest.mark.integration
 URL = "/api/v1/device/config"
-
-
-def _wait(condition, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_warm_requests_need_no_sql_and_no_marker_read_once_subscribed(
@@ -29,7 +18,7 @@ def test_warm_requests_need_no_sql_and_no_marker_read_once_subscribed(
     publish(package.variant, profile)
     device = make_device(profile)
     etag = client.get(URL, **bearer(device["token"]))["ETag"]
-    assert _wait(lambda: hotpath.store().live), "the invalidation listener did not subscribe"
+    assert wait_until(lambda: hotpath.store().live), "the invalidation listener did not subscribe"
     client.get(URL, **bearer(device["token"]))  # refill after the subscription cleared the memo
     with django_assert_num_queries(0):
         assert client.get(URL, **bearer(device["token"])).status_code == 200
@@ -47,7 +36,7 @@ def test_a_change_announced_by_another_process_empties_this_ones_memo(
     publish(package.variant, profile)
     device = make_device(profile)
     client.get(URL, **bearer(device["token"]))
-    assert _wait(lambda: hotpath.store().live)
+    assert wait_until(lambda: hotpath.store().live)
     client.get(URL, **bearer(device["token"]))
     assert hotpath.memo.bodies
     epoch = hotpath.memo.epoch
@@ -55,7 +44,7 @@ def test_a_change_announced_by_another_process_empties_this_ones_memo(
     redis.Redis.from_url(redis_cache.CACHES["default"]["LOCATION"]).publish(
         cache.make_key(hotpath.CHANNEL), "x"
     )
-    assert _wait(lambda: hotpath.memo.epoch > epoch and not hotpath.memo.bodies)
+    assert wait_until(lambda: hotpath.memo.epoch > epoch and not hotpath.memo.bodies)
 
 
 def test_revocation_reaches_the_next_request(
