@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from planner.cost import CostParams, FitResult, Observation, fit, predict
 from planner.data.dataset import engine_data_dir
@@ -31,6 +32,7 @@ from planner.exits.curve import ThresholdCurve, choose_threshold
 from planner.hostprobe import probe_host
 from planner.mixed import FrontierPoint, greedy_frontier
 from planner.models.base import TokenizedSplit
+from planner.models.linear import onednn_linear
 from planner.quant import QuantCache, plan_nbytes, quantize_plan, write_packed_safetensors
 from planner.runtime import (
     EarlyExitRunner,
@@ -185,17 +187,23 @@ def _proxy_speed(profile: SensitivityProfile, seed: int) -> dict[str, float]:
 
 
 def _cost_plans(spec: ModelSpec, n: int, seed: int) -> list[tuple[Plan, bool]]:
-    """`n` varied plans for the latency model: per-tensor precision mixes (fp32 / int8 / int4 /
-    int2; W8A8 kernels, a third of them dequantized-at-load instead) and exit thresholds."""
+    """`n` varied plans for the latency model: precision mixes (fp32 / int8 / int4 / int2; W8A8
+    kernels, a third of them dequantized-at-load instead) and exit thresholds.  Half the plans
+    draw one precision per block for its Linears (as searched plans often do), so blocks whose
+    Linears are all integer — run as fused blocks — are common; the others draw per tensor."""
     rng = np.random.default_rng(seed)
     choices = ("fp32", "int8", "int4", "int2")
     thresholds = (None, None, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
     plans = []
     for k in range(n):
         mix = rng.dirichlet(np.full(len(choices), 0.6))
+        per_block = (k // 2) % 2 == 0  # pairs again: training and held-out plans see both kinds
+        block_choice = {b: choices[int(rng.choice(len(choices), p=mix))] for b in range(spec.n_blocks)}
         schemes = {}
         for t in spec.tensors:
             p = choices[int(rng.choice(len(choices), p=mix))]
+            if per_block and t.kind == "linear" and t.block in block_choice:
+                p = block_choice[t.block]
             if p != "fp32":
                 gs = 128 if p != "int8" and t.shape[1] % 128 == 0 else None
                 schemes[t.name] = TensorScheme(p, gs, True, "rtn")
@@ -250,7 +258,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads for every measurement")
     parser.add_argument("--latency-texts", type=int, default=32, help="held-out texts timed at batch 1")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per text (median taken)")
-    parser.add_argument("--cost-plans", type=int, default=36, help="plans measured to fit the cost model")
+    parser.add_argument(
+        "--cost-plans",
+        type=int,
+        default=60,
+        help="plans measured to fit (half) and check (half) the cost model",
+    )
     parser.add_argument("--proxy-plans", type=int, default=30, help="random plans measured for the proxy")
     parser.add_argument("--candidates", type=int, default=6, help="frontier plans real-evaluated")
     parser.add_argument("--max-loss", type=float, default=1.0, help="accuracy-loss bound in points")
@@ -392,6 +405,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
     # (6) cost model on this host ------------------------------------------------------------
+    fp32_paths = _fp32_linear_paths(args.threads)
     probe = probe_host(repeats=3, copy_bytes=64 * 1024**2, matmul_size=512)
     host = DeviceSpec(
         name=f"host:{probe.hostname}",
@@ -451,18 +465,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             spec, row.plan, host, fitted.params, lengths, row.latency.exits, row.regimes
         )
 
-    # (7) one real evaluation, uncached ----------------------------------------------------------
-    fresh = Plan.uniform(spec, TensorScheme("int8", 64, False, "rtn"))
+    # (7) real evaluations, uncached --------------------------------------------------------
+    # Three plans none of whose quantized weights, stage activations or outputs are cached (each
+    # quantizes the embeddings, so every block runs); the figure is their median, so one burst
+    # of load from a neighbour on a shared machine does not decide it.
+    fresh_plans = [
+        Plan.uniform(spec, TensorScheme("int8", 64, False, "rtn")),
+        Plan.uniform(spec, TensorScheme("int4", 64, False, "rtn")),
+        Plan.uniform(spec, TensorScheme("int8", 128, True, "rtn")),
+    ]
     t0 = time.perf_counter()
     fresh_eval = Evaluator(ev.adapter, ev.dataset, ev.heads, threads=args.threads)
-    # A real FP32 pass first (not the disk cache): it sets the cosine reference and the cached
-    # stage activations the timed plan would resume from (it quantizes the embeddings, so it
-    # resumes from none and runs every block).
+    # A real FP32 pass first (not the disk cache): it sets the cosine reference the plans'
+    # outputs are compared with.
     fresh_eval.run_pass(Plan(), "test")
     ref_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fresh_eval.outputs(fresh, "test", persist=False)
-    real_eval_s = time.perf_counter() - t0
+    real_eval_times = []
+    for plan in fresh_plans:
+        t0 = time.perf_counter()
+        fresh_eval.outputs(plan, "test", persist=False)
+        real_eval_times.append(time.perf_counter() - t0)
     gflop = 2 * sum(t.macs_per_token for t in spec.tensors) * tokens.n_tokens / 1e9
 
     return _report(
@@ -484,13 +506,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         b32,
         lat,
         lengths,
-        real_eval_s,
+        real_eval_times,
         ref_s,
         gflop,
         host,
         started,
         bound,
+        fp32_paths,
     )
+
+
+def _fp32_linear_paths(threads: int) -> list[str]:
+    """fp32 GFLOP/s of torch's default F.linear vs oneDNN's at a batch-1 text and an evaluation
+    batch of this model's widest Linear: why the engine's fp32 runs on oneDNN (planner.models.linear)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    lines = []
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(1536, 384, generator=gen)
+        with torch.inference_mode():
+            for rows in (57, 4096):
+                x = torch.randn(rows, 384, generator=gen)
+                rates = []
+                for fn in (F.linear, onednn_linear):
+                    reps = max(5, 40_000 // rows)
+                    fn(x, w)
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        fn(x, w)
+                    rates.append(2 * rows * 384 * 1536 * reps / (time.perf_counter() - t0) / 1e9)
+                lines.append(
+                    f"{rows}×384→1536: F.linear {rates[0]:.0f} GFLOP/s, oneDNN {rates[1]:.0f} GFLOP/s "
+                    f"({rates[1] / rates[0]:.2f}×)"
+                )
+    finally:
+        torch.set_num_threads(old)
+    return lines
 
 
 def _table(header: list[str], body: list[list[str]]) -> str:
@@ -527,13 +579,15 @@ def _report(
     b32: dict[str, LatencyStats],
     lat: dict[str, TextLatency],
     lengths: list[int],
-    real_eval_s: float,
+    real_eval_times: list[float],
     ref_s: float,
     gflop: float,
     host: DeviceSpec,
     started: float,
     bound: float,
+    fp32_paths: list[str],
 ) -> dict[str, Any]:
+    real_eval_s = statistics.median(real_eval_times)
     fp32 = rows[0]
     assert fp32.eval_test is not None and fp32.latency is not None and fp32.runtime is not None
     base_acc = fp32.eval_test.accuracy
@@ -600,7 +654,7 @@ def _report(
         f"of each text's median over {args.rounds} interleaved rounds; measured in this run."
     )
     print(
-        "pred ms: calibrated host cost model (predicted, roofline-2 with kernel regimes) "
+        "pred ms: calibrated host cost model (predicted, roofline-3 with kernel regimes) "
         "for the same texts and exits."
     )
     print()
@@ -641,8 +695,9 @@ def _report(
         f"→ {speed['from_plans'] * real_eval_s:,.0f}× faster"
     )
     print(
-        f"real evaluation of one plan on TEST (uncached, {gflop:.0f} GFLOP): {real_eval_s:.2f} s "
-        f"({1 / real_eval_s:.2f} plans/s; FP32 reference pass {ref_s:.2f} s)"
+        f"real evaluation of one plan on TEST (uncached, {gflop:.0f} GFLOP): {real_eval_s:.2f} s, the median "
+        f"of {len(real_eval_times)} plans ({', '.join(f'{t:.2f}' for t in real_eval_times)} s; "
+        f"{1 / real_eval_s:.2f} plans/s; FP32 reference pass {ref_s:.2f} s)"
     )
     held_n = len(held)
     print(
@@ -656,6 +711,8 @@ def _report(
         f"  host probe: {host.bandwidth_gbs:.1f} GB/s, fp32 {(host.fp32_tflops or 0) * 1e3:.0f} GFLOP/s, "
         f"int8 {(host.int8_tops or 0) * 1e3:.0f} GOP/s"
     )
+    for line in fp32_paths:
+        print(f"  fp32 Linear {line}")
     print(f"total bench time {time.perf_counter() - started:.0f} s")
 
     # The headline plan: the most aggressive row (table order) whose TEST loss is within the
@@ -744,9 +801,11 @@ def _print_targets(
             "host latency ≥ 2.5× at batch 1 (loss ≤ 1 pt)",
             f"{t_ratio:.2f}× ({best_t.label}: {best_t.latency.mean_s * 1e3:.1f} vs {base_lat * 1e3:.1f} ms)",
             t_ratio >= 2.5,
-            "a fused W8A8 kernel (activation quantization + _int_mm + rescale/bias in one op, e.g. inductor "
-            "or a C++ op) — eager per-op overhead eats most of _int_mm's 3–4× GEMM gain — and fused "
-            "attention/LayerNorm/GELU",
+            "the FP32 baseline runs on oneDNN (2.3× faster than torch's default F.linear here); the "
+            "W8A8 blocks are fused and compiled, and their GEMMs are ~3.6× faster than FP32's, but the "
+            "blocks' elementwise kernels and attention (~60 % of an int8 block at batch 1) are not "
+            "faster than FP32's: a hand-written fused kernel for them, or fewer layers (exit heads "
+            "whose early answers agree more with the full model)",
         ),
         (
             "proxy Spearman ≥ 0.95, ≥ 10,000 plans/s",
@@ -764,7 +823,9 @@ def _print_targets(
             "one real evaluation ≤ 2 s",
             f"{real_eval_s:.2f} s for {gflop:.0f} GFLOP",
             real_eval_s <= 2.0,
-            "changing the task: fewer or shorter held-out texts (the pass is compute-bound at ~150 GFLOP/s)",
+            "the pass is compute-bound (fp32 Linears on oneDNN at ~370 GFLOP/s, near this host's "
+            "peak; attention ~15 %): fewer or shorter held-out texts, or int8 arithmetic in the "
+            "evaluator (which changes what it measures)",
         ),
     ]
     print()

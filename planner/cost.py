@@ -15,6 +15,10 @@ it pays the regime's per-call overhead plus, for W8A8, a per-element cost of qua
 activations and rescaling the int32 results:
 
     t = max(...) + per_tensor_overhead_s + regime_overhead_s[r] + act_quant_s_per_element · elements
+
+A block the runtime runs as one compiled function (all its Linears in regime "w8a8-fused")
+pays no per_tensor_overhead_s on any of its ops (Linears, attention, elementwise): its fixed
+cost per call is regime_overhead_s["w8a8-fused"] per Linear.
   A weight precision the device lacks
 (not in `weight_formats`, or no peak) falls back along int2 → int3 → int4 → int8 → fp16 → fp32:
 the weight stays packed in memory (bytes are the packed bytes) but is dequantized and computed
@@ -45,6 +49,7 @@ from planner.specs import DeviceSpec, ModelSpec, Plan, PlanError, TensorScheme, 
 __all__ = [
     "COMPUTE_PRECISIONS",
     "COST_MODEL_VERSION",
+    "FUSED_REGIME",
     "REGIMES",
     "REGIME_COMPUTE_PRECISION",
     "CostParams",
@@ -61,13 +66,14 @@ __all__ = [
     "reach_probabilities",
 ]
 
-COST_MODEL_VERSION = "roofline-2"
+COST_MODEL_VERSION = "roofline-3"
 #: Host kernel regimes a tensor can run in (see planner.runtime.KernelReport.regimes).
-REGIMES: tuple[str, ...] = ("fp32", "w8a8", "weight-only", "dequant", "fp16-upcast", "gather")
+REGIMES: tuple[str, ...] = ("fp32", "w8a8", "w8a8-fused", "weight-only", "dequant", "fp16-upcast", "gather")
 #: The peak each regime's multiply-adds run on.
 REGIME_COMPUTE_PRECISION: dict[str, str] = {
     "fp32": "fp32",
     "w8a8": "int8",
+    "w8a8-fused": "int8",
     "weight-only": "fp32",
     "dequant": "fp32",
     "fp16-upcast": "fp32",
@@ -80,10 +86,21 @@ _ACT_BYTES: dict[str, float] = {"int4": 0.5, "int8": 1.0, "fp16": 2.0, "fp32": 4
 _PARAMS_TYPE = "CostParams"
 _MAX_EFFICIENCY = 1e3
 _PARAMS_VERSION = 2
+#: The regime of a block's Linears when the runtime runs the whole block (its Linears,
+#: attention, norms, GELU) as one compiled function: no eager per-op launches inside it.
+FUSED_REGIME = "w8a8-fused"
 
 
 def _default_regime_efficiency() -> dict[str, float]:
-    return {"fp32": 0.5, "w8a8": 0.3, "weight-only": 0.1, "dequant": 0.5, "fp16-upcast": 0.3, "gather": 1.0}
+    return {
+        "fp32": 0.5,
+        "w8a8": 0.3,
+        "w8a8-fused": 0.3,
+        "weight-only": 0.1,
+        "dequant": 0.5,
+        "fp16-upcast": 0.3,
+        "gather": 1.0,
+    }
 
 
 def _default_regime_overhead() -> dict[str, float]:
@@ -354,6 +371,9 @@ class _Op:
     compute_s0: float  # at 100 % compute efficiency
     regime: str = ""  # "" = priced by compute precision (no host kernel known)
     act_elements: float = 0.0  # activation elements quantized / rescaled per call (W8A8)
+    #: Pays `per_tensor_overhead_s` (an eager launch); False inside a compiled fused block,
+    #: whose fixed cost per call is the regime's own overhead.
+    op_overhead: bool = True
 
 
 def _ops(
@@ -414,8 +434,14 @@ def _ops(
                 compute_s0=comp0,
                 regime=regime,
                 act_elements=act_elements,
+                op_overhead=regime != FUSED_REGIME,
             )
         )
+    linear_regimes: dict[int, set[str]] = {}
+    for t in spec.tensors:
+        if t.kind == "linear" and 0 <= t.block < spec.n_blocks:
+            linear_regimes.setdefault(t.block, set()).add((kernels or {}).get(t.name, ""))
+    fused_blocks = {k for k, regimes in linear_regimes.items() if regimes == {FUSED_REGIME}}
     act_peak = _peak_ops(device, act)
     assert act_peak is not None
     for k in range(spec.n_blocks):
@@ -437,6 +463,7 @@ def _ops(
                 fallback=False,
                 memory_s0=nbytes / bw,
                 compute_s0=2.0 * macs / act_peak,
+                op_overhead=k not in fused_blocks,
             )
         )
         # GELU, two LayerNorms, two residual adds and the head split/merge copies stream the
@@ -455,6 +482,7 @@ def _ops(
                 fallback=False,
                 memory_s0=ew_bytes / bw,
                 compute_s0=0.0,
+                op_overhead=k not in fused_blocks,
             )
         )
     return ops
@@ -471,7 +499,7 @@ def _tensor_weight(t: TensorSpec, spec: ModelSpec, reach: Sequence[float]) -> fl
 def _regime_storage(scheme: TensorScheme, regime: str) -> TensorScheme:
     """What a kernel regime keeps in memory: W8A8 widens codes to per-channel int8, the
     dequantized / fp32 regimes hold fp32, the others keep the plan's storage."""
-    if regime == "w8a8" and scheme.is_integer:
+    if regime in ("w8a8", "w8a8-fused") and scheme.is_integer:
         return TensorScheme("int8")
     if regime in ("dequant", "fp32"):
         return TensorScheme("fp32")
@@ -484,7 +512,9 @@ def _op_seconds(op: _Op, params: CostParams) -> tuple[float, float, float]:
         params.regime_efficiency[op.regime] if op.regime else params.compute_efficiency[op.compute_precision]
     )
     comp = op.compute_s0 / eff if op.compute_s0 else 0.0
-    extra = params.per_tensor_overhead_s + params.act_quant_s_per_element * op.act_elements
+    extra = params.act_quant_s_per_element * op.act_elements
+    if op.op_overhead:
+        extra += params.per_tensor_overhead_s
     if op.regime:
         extra += params.regime_overhead_s[op.regime]
     return mem, comp, max(mem, comp) + extra
@@ -705,7 +735,8 @@ def _features(ops: Sequence[_Op], heads: float, theta: np.ndarray) -> tuple[np.n
             row[j] += op.weight * op.compute_s0
         else:
             row[_I_MEM] += op.weight * op.memory_s0
-        row[_I_TENSOR] += op.weight
+        if op.op_overhead:
+            row[_I_TENSOR] += op.weight
         if op.regime:
             row[_I_ROVER[op.regime]] += op.weight
         row[_I_ACTQ] += op.weight * op.act_elements
@@ -808,7 +839,7 @@ def fit(params: CostParams, observations: Sequence[Observation], device: DeviceS
 def _predict_theta(ops: Sequence[_Op], heads: float, theta: np.ndarray) -> float:
     total = float(theta[_I_FIXED]) + heads * float(theta[_I_TENSOR])
     for op in ops:
-        extra = theta[_I_TENSOR] + theta[_I_ACTQ] * op.act_elements
+        extra = theta[_I_ACTQ] * op.act_elements + (theta[_I_TENSOR] if op.op_overhead else 0.0)
         if op.regime:
             extra += theta[_I_ROVER[op.regime]]
         total += op.weight * (

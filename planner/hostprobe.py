@@ -66,9 +66,14 @@ def _bandwidth_gbs(nbytes: int, repeats: int) -> float:
 def _matmul_rates(size: int, repeats: int) -> tuple[float, float]:
     import torch
 
+    from planner.models.linear import onednn_linear
+
     a = torch.randn(size, size)
     b = torch.randn(size, size)
-    fp32_seconds = _median_seconds(lambda: torch.mm(a, b), repeats)
+    # The fp32 kernel the runtime's Linears use (oneDNN where torch has it: MKL's sgemm runs
+    # AVX2 code on AMD CPUs, ~2.3× slower there), so the cost model's fp32 peak is that path's.
+    with torch.inference_mode():
+        fp32_seconds = _median_seconds(lambda: onednn_linear(a, b), repeats)
     ai = torch.randint(-128, 127, (size, size), dtype=torch.int8)
     bi = torch.randint(-128, 127, (size, size), dtype=torch.int8)
     int8_seconds = _median_seconds(lambda: torch._int_mm(ai, bi), repeats)

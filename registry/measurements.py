@@ -41,7 +41,15 @@ MAX_TOKENS = 4096
 MAX_RUNTIME_BYTES = 65_536
 #: planner.cost.REGIMES (kept here so the web process validates without importing torch;
 #: a test checks the two agree).
-KERNEL_REGIMES: tuple[str, ...] = ("fp32", "w8a8", "weight-only", "dequant", "fp16-upcast", "gather")
+KERNEL_REGIMES: tuple[str, ...] = (
+    "fp32",
+    "w8a8",
+    "w8a8-fused",
+    "weight-only",
+    "dequant",
+    "fp16-upcast",
+    "gather",
+)
 #: field → (kind, required, rule text)
 LIMITS: dict[str, tuple[str, bool, str]] = {
     "package_digest": ("digest", True, "the SHA-256 (64 lowercase hex) of the package's manifest"),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.models.base import Batch, ModelAdapter
+from planner.models.linear import OneDNNLinear, linear_gelu
 from planner.specs import ModelSpec, TensorSpec
 
 __all__ = ["BertAdapter", "BertConfig", "BertModule", "init_bert_"]
@@ -71,15 +72,15 @@ class _SelfAttention(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
         self.n_heads = cfg.num_attention_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query = OneDNNLinear(cfg.hidden_size, cfg.hidden_size)
+        self.key = OneDNNLinear(cfg.hidden_size, cfg.hidden_size)
+        self.value = OneDNNLinear(cfg.hidden_size, cfg.hidden_size)
 
 
 class _DenseNorm(nn.Module):
     def __init__(self, d_in: int, d_out: int, eps: float) -> None:
         super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
+        self.dense = OneDNNLinear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
 
 
@@ -93,7 +94,7 @@ class _Attention(nn.Module):
 class _Intermediate(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = OneDNNLinear(cfg.hidden_size, cfg.intermediate_size)
 
 
 class _Layer(nn.Module):
@@ -118,7 +119,7 @@ class _Layer(nn.Module):
         ctx = ctx.transpose(1, 2).reshape(b, t, h)
         ao = self.attention.output
         x = ao.LayerNorm(ao.dense(ctx) + x)
-        inner = F.gelu(self.intermediate.dense(x))
+        inner = linear_gelu(self.intermediate.dense, x)
         out: torch.Tensor = self.output.LayerNorm(self.output.dense(inner) + x)
         return out
 

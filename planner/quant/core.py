@@ -111,8 +111,10 @@ def codes_for(w: torch.Tensor, scale16: torch.Tensor, zero: torch.Tensor | None,
         if zero is not None
         else torch.full_like(scale16, float(2 ** (bits - 1)), dtype=torch.float32)
     )
-    q = torch.round(w.float() / scale16.float().unsqueeze(-1)) + z.unsqueeze(-1)
-    return q.clamp_(0, maxq)
+    # In place after the first op: an embedding table is 11.7 M weights, and each extra
+    # temporary is a 47 MB pass (this runs once per tensor and scheme of every evaluation).
+    q = torch.div(w.float(), scale16.float().unsqueeze(-1))
+    return q.round_().add_(z.unsqueeze(-1)).clamp_(0, maxq)
 
 
 def quantize_rtn(weight: torch.Tensor, scheme: TensorScheme, name: str = "weight") -> QuantizedTensor:
@@ -150,7 +152,7 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     rows, cols = qt.shape
     g = qt.group_size
     ng = cols // g
-    codes = qt.codes.float().reshape(rows, ng, g)
+    codes = qt.codes.float().reshape(rows, ng, g)  # a fresh tensor: safe to work in place
     zero = qt.zero_points().reshape(rows, ng, 1)
     scale = qt.scales.float().reshape(rows, ng, 1)
-    return ((codes - zero) * scale).reshape(rows, cols)
+    return codes.sub_(zero).mul_(scale).reshape(rows, cols)

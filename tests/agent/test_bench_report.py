@@ -36,8 +36,10 @@ def test_bench_then_report(enrolled: Agent, server: FakeServer, packages: dict[s
         "regimes",
         "host",
     }
-    assert len(m["runtime"]["regimes"]) == 15 and set(m["runtime"]["regimes"].values()) == {"w8a8", "gather"}
-    assert m["runtime"]["kernels"]["int4 weights unpacked to int8 at load, W8A8 _int_mm"] == 12
+    regimes = m["runtime"]["regimes"]
+    assert len(regimes) == 15 and set(regimes.values()) == {"w8a8-fused", "gather"}
+    # int4 weights widened to int8 at load, every block's Linears run as one fused W8A8 block
+    assert m["runtime"]["kernels"]["W8A8 _int_mm in a fused block (torch.compile)"] == 12
     assert m["measured_at"].endswith("Z")
 
     code, out, _ = enrolled.run("report")

@@ -67,6 +67,18 @@ class WorkerProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        """Block until the worker has answered a ping: its pool child has booted (imported
+        Django and torch) and is idle.  A test that times something on this machine calls it
+        first, so the worker's start-up does not share the CPU with the measurement."""
+        from celery import current_app
+
+        result = current_app.send_task("workers.ping", args=["ready?"], queue=self.queue)
+        try:
+            result.get(timeout=timeout)
+        except Exception:
+            pytest.fail(f"the worker never answered a ping; its log:\n{self.output()[-3000:]}")
+
 
 @pytest.fixture
 def task_queue() -> Iterator[str]:

@@ -73,6 +73,11 @@ def test_enroll_sync_bench_report_refits_the_profile(
     cache.clear()  # integration tests share Redis: no entry of an earlier test's ids survives
     settings.PACKAGE_DIR = tmp_path / "packages"
     worker = start_worker(EDGEFIT_PACKAGE_DIR=str(settings.PACKAGE_DIR))
+    # The agent below times the package on this same machine: the worker's start-up (importing
+    # torch, 2-4 s of both cores) must be over first, or the agent's sub-second bench runs
+    # inside it: a process list taken during a full run showed exactly that overlap, the likely
+    # cause of the one failure seen (0.3 ms texts timed at ~10 ms, bimodal, no fit matches).
+    worker.wait_ready()
 
     load_catalog()
     profile = DeviceProfile.objects.get(slug__startswith="x86-laptop")
@@ -125,7 +130,9 @@ def test_enroll_sync_bench_report_refits_the_profile(
     rows = [r for r in predicted_vs_measured(profile) if r["package"] == digest and r["calibrated"]]
     assert rows, predicted_vs_measured(profile)
     error = abs(rows[-1]["predicted_ms"] - rows[-1]["measured_ms"]) / rows[-1]["measured_ms"]
-    assert error <= 0.10, rows[-1]
+    # On failure, say what the agent measured text by text: a fit that cannot match its own
+    # samples is either noisy samples (a busy machine) or a cost model that cannot express them.
+    assert error <= 0.10, (rows[-1], report, measurement["samples"], measurement["runtime"])
 
     # Revoked: the device's next request is refused (401), and the agent says so.
     device_id = enrolled["device_id"]

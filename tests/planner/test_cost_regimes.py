@@ -114,3 +114,27 @@ def test_fit_recovers_regime_efficiencies_and_overheads() -> None:
     # A regime never observed keeps its prior and is reported as such.
     assert "regime_efficiency[weight-only]" in result.report.unidentified
     assert got.regime_efficiency["weight-only"] == CostParams().regime_efficiency["weight-only"]
+
+
+def test_a_fused_block_pays_its_regime_overhead_instead_of_per_op_launches() -> None:
+    spec = minilm_spec()
+    block0 = [t.name for t in spec.tensors if t.kind == "linear" and t.block == 0]
+    plan = Plan.build({name: TensorScheme("int8") for name in block0})
+    params = CostParams(per_tensor_overhead_s=50e-6, regime_overhead_s={"w8a8-fused": 3e-6})
+    fused = predict(spec, plan, HOST, seq_len=40, params=params, kernels=dict.fromkeys(block0, "w8a8-fused"))
+    # one Linear of the block not fused (as when the runtime could not fuse it): per-op costs
+    partly = dict.fromkeys(block0, "w8a8-fused") | {block0[0]: "w8a8"}
+    mixed = predict(spec, plan, HOST, seq_len=40, params=params, kernels=partly)
+    by_name = {o.name: o for o in fused.ops}
+    for name in block0:
+        op = by_name[name]
+        assert op.regime == "w8a8-fused" and op.compute_precision == "int8"
+        assert op.seconds == pytest.approx(max(op.memory_s, op.compute_s) + 3e-6)
+    for name in ("attention.0", "elementwise.0"):
+        op = by_name[name]
+        assert op.seconds == pytest.approx(max(op.memory_s, op.compute_s))
+        other = next(o for o in mixed.ops if o.name == name)
+        assert other.seconds == pytest.approx(max(other.memory_s, other.compute_s) + 50e-6)
+    # block 1 is not fused in either: its attention still pays the launch
+    att1 = by_name["attention.1"]
+    assert att1.seconds == pytest.approx(max(att1.memory_s, att1.compute_s) + 50e-6)

@@ -20,7 +20,13 @@ from planner import package as pkg
 from planner.builtin import Bundle, load_bundle
 from planner.package import PackageError, build_package, load_package, verify_package
 from planner.quant import quantize_plan, read_packed_safetensors
-from planner.runtime import EarlyExitRunner, build_runtime_model
+from planner.runtime import (
+    KERNEL_W8A8,
+    KERNEL_W8A8_FROM_INT4,
+    KERNEL_W8A8_FUSED,
+    EarlyExitRunner,
+    build_runtime_model,
+)
 from planner.specs import Plan, PlanError, TensorScheme
 
 KEY = "11" * 32
@@ -58,7 +64,7 @@ def built(bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> pkg.Packa
     return build_package(bundle, _mixed(bundle), root, signing_key=KEY, predicted=_PREDICTED)
 
 
-_PREDICTED = {"pixel-9": {"latency_ms": 12.5, "memory_bytes": 1234567, "cost_model_version": "roofline-2"}}
+_PREDICTED = {"pixel-9": {"latency_ms": 12.5, "memory_bytes": 1234567, "cost_model_version": "roofline-3"}}
 
 
 def _copy(info: pkg.PackageInfo, dest: Path) -> Path:
@@ -348,12 +354,15 @@ def test_a_loaded_package_runs_exactly_like_the_runtime_model_it_came_from(
     monkeypatch.setattr(planner.builtin, "load_bundle", forbidden)
     loaded = load_package(built.path, PUBLIC)
     assert loaded.digest == built.digest and loaded.plan == plan
+    # both blocks' Linears are all integer: they run as fused W8A8 blocks (the note keeps how
+    # each weight got to int8)
     assert loaded.kernels.by_kernel() == {
         "fp16-storage upcast-per-call fp32": 1,
         "packed-row-gather dequant": 2,
-        "int4 weights unpacked to int8 at load, W8A8 _int_mm": 10,
-        "w8a8 _int_mm": 2,
+        KERNEL_W8A8_FUSED: 12,
     }
+    notes = [c.note.split(";")[0] for c in loaded.kernels.choices if c.kernel == KERNEL_W8A8_FUSED]
+    assert notes.count(KERNEL_W8A8_FROM_INT4) == 10 and notes.count(KERNEL_W8A8) == 2
     check = loaded.check_set
     assert len(check) == 24
     with torch.inference_mode():

@@ -15,6 +15,7 @@ from planner.runtime import (
     KERNEL_W8A8,
     KERNEL_W8A8_FROM_INT4,
     KERNEL_W8A8_FROM_LOWBIT,
+    KERNEL_W8A8_FUSED,
     EarlyExitRunner,
     Int8DynamicLinear,
     build_runtime_model,
@@ -109,10 +110,14 @@ def runtime_pair(
     plan = Plan.build(schemes)
     module, report = build_runtime_model(tiny_adapter.module, spec, plan, w8a8=True)
     counts = report.by_kernel()
-    assert counts[KERNEL_W8A8] == 6 and counts[KERNEL_W8A8_FROM_INT4] == 6 and counts[KERNEL_FP32] == 3
+    # every block's six Linears are W8A8, so both blocks run fused; the note keeps the kernel
+    assert counts[KERNEL_W8A8_FUSED] == 12 and counts[KERNEL_FP32] == 3
+    notes = [c.note for c in report.choices if c.kernel == KERNEL_W8A8_FUSED]
+    assert sum(n.startswith(KERNEL_W8A8_FROM_INT4) for n in notes) == 6
+    assert sum(n.startswith(KERNEL_W8A8 + ";") or n == KERNEL_W8A8 for n in notes) == 6
     assert KERNEL_W8A8_FROM_LOWBIT not in counts
     regimes = report.regimes()
-    assert regimes["bert.encoder.layer.0.attention.self.query.weight".removeprefix("bert.")] == "w8a8"
+    assert regimes["bert.encoder.layer.0.attention.self.query.weight".removeprefix("bert.")] == "w8a8-fused"
     assert regimes["embeddings.word_embeddings.weight"] == "fp32"
     return tiny_adapter, module, plan
 
@@ -131,10 +136,55 @@ def test_w8a8_runtime_tracks_the_fake_quantized_model(
     assert got.shape == (2, 2, 3)
     # Activation quantization adds a little on top of the weights' own error.
     assert _rel_err(got, ref) < 0.05 < _rel_err(ref, fp32)
-    # Q, K and V read one hidden state: it was quantized once and reused twice per block.
-    shared = module.encoder.layer[0].attention.self.query.shared_input
-    assert shared is module.encoder.layer[0].attention.self.key.shared_input
-    assert shared is not None and shared.hits >= 2
+    # Q, K and V read one hidden state: one fused GEMM on their concatenated weights, inside
+    # the fused W8A8 block every all-W8A8 BERT layer runs as.
+    layer0 = module.encoder.layer[0]
+    shared = layer0.attention.self.query.shared_input
+    assert shared is layer0.attention.self.key.shared_input
+    assert shared is not None and shared.weight.shape[0] == 3 * layer0.attention.self.query.out_features
+    assert type(layer0).__name__ == "_W8A8BertLayer" and layer0.attention.self.query.calls >= 1
+
+
+def test_fused_w8a8_block_matches_the_layer_by_layer_runtime(
+    one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan]
+) -> None:
+    from planner.models.bert import _Layer
+
+    adapter, module, _ = runtime_pair
+    batch = adapter.tokenize(["the cat saw rain", "some bread with honey and cheese today"])
+    layer = module.encoder.layer[1]
+    keep = batch.attention_mask.bool()[:, None, None, :]
+    x = torch.randn(2, batch.input_ids.shape[1], adapter.config.hidden_size)
+    with torch.inference_mode():
+        fused = layer(x, keep)  # compiled (or eager if this host cannot compile)
+        by_layer = _Layer.forward(layer, x, keep)  # each Int8DynamicLinear called in turn
+    assert _rel_err(fused, by_layer) < 1e-4
+
+
+def test_fused_w8a8_block_caches_its_arguments_until_apply(
+    one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan]
+) -> None:
+    adapter, module, _ = runtime_pair
+    layer = module.encoder.layer[0]
+    linears = layer._parts()[0]
+    batch = adapter.tokenize(["the cat saw rain"])
+    keep = batch.attention_mask.bool()[:, None, None, :]
+    x = torch.randn(1, batch.input_ids.shape[1], adapter.config.hidden_size)
+    before = [m.calls for m in linears]
+    with torch.inference_mode():
+        first = layer(x, keep)
+        args = layer._block_args()
+        assert layer._block_args() is args  # gathered once, not per call
+        second = layer(x, keep)
+    # Every fused Linear still counts each block call.
+    assert [m.calls for m in linears] == [c + 2 for c in before]
+    assert torch.equal(first, second)
+    # The weights passed are the layer's own buffers (Q/K/V: their fused concatenation).
+    _, weights, heads, _, _ = args
+    assert weights[0] is linears[0].shared_input.weight and weights[3] is linears[3].weight_int8
+    assert heads == layer.attention.self.n_heads
+    layer.float()  # any _apply (.to(), .float(), …) drops the cache
+    assert "_block_args_cache" not in vars(layer)
 
 
 def test_early_exit_stops_at_the_first_confident_exit(

@@ -1,0 +1,82 @@
+"""The fp32 Linear on oneDNN: same numbers as F.linear, used by the model, safe under autograd."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from planner.models import TinyAdapter
+from planner.models.linear import OneDNNLinear, linear_gelu, onednn_linear, onednn_linear_available
+
+
+def test_x86_torch_builds_take_the_onednn_path() -> None:
+    # The speed-up the engine's figures rest on; on an x86 host with this torch it must be there.
+    if platform.machine().lower() in {"x86_64", "amd64"}:
+        assert onednn_linear_available()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 384), (57, 384), (2, 9, 384), (0, 384)],
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_f_linear_to_fp32_rounding(shape: tuple[int, ...], with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen)
+    w = torch.randn(1536, 384, generator=gen) * 0.05
+    b = torch.randn(1536, generator=gen) if with_bias else None
+    with torch.inference_mode():
+        got, want = onednn_linear(x, w, b), F.linear(x, w, b)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_operands_give_the_same_product() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(384, 20, generator=gen).t()  # a transposed view
+    w = torch.randn(384, 96, generator=gen).t()
+    with torch.inference_mode():
+        torch.testing.assert_close(onednn_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_falls_back_and_gradients_flow() -> None:
+    layer = OneDNNLinear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    assert torch.count_nonzero(layer.weight.grad) > 0
+
+
+def test_other_dtypes_use_f_linear() -> None:
+    layer = OneDNNLinear(8, 4).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = layer(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
+def test_the_model_runs_its_linears_on_it(tiny_adapter: TinyAdapter) -> None:
+    linears = [m for m in tiny_adapter.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is OneDNNLinear for m in linears)
+
+
+def test_linear_gelu_fuses_only_an_unobserved_onednn_linear() -> None:
+    layer = OneDNNLinear(384, 1536)
+    x = torch.randn(57, 384)
+    with torch.inference_mode():
+        want = F.gelu(F.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(linear_gelu(layer, x), want, rtol=1e-5, atol=1e-5)
+    seen: list[torch.Tensor] = []
+    layer.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    with torch.inference_mode():
+        torch.testing.assert_close(linear_gelu(layer, x), want, rtol=1e-5, atol=1e-5)
+    assert len(seen) == 1  # a hooked Linear is called, so its observer sees the input
+
+
+def test_linear_gelu_calls_any_other_module() -> None:
+    other = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear_gelu(other, x), F.gelu(other(x)))
