@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from planner.cost import CostParams, FitResult, Observation, fit, predict
+from planner.cost import COST_MODEL_VERSION, CostParams, FitResult, Observation, fit, predict
 from planner.data.dataset import engine_data_dir
 from planner.evaluate import EvalResult, Evaluator, builtin_evaluator
 from planner.exits.curve import ThresholdCurve, choose_threshold
@@ -503,6 +503,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         errors,
         default_errors,
         held,
+        len(train),
         b32,
         lat,
         lengths,
@@ -576,6 +577,7 @@ def _report(
     errors: list[float],
     default_errors: list[float],
     held: list[tuple[Plan, TextLatency, dict[str, str]]],
+    n_train_plans: int,
     b32: dict[str, LatencyStats],
     lat: dict[str, TextLatency],
     lengths: list[int],
@@ -654,7 +656,7 @@ def _report(
         f"of each text's median over {args.rounds} interleaved rounds; measured in this run."
     )
     print(
-        "pred ms: calibrated host cost model (predicted, roofline-3 with kernel regimes) "
+        f"pred ms: calibrated host cost model (predicted, {COST_MODEL_VERSION} with kernel regimes) "
         "for the same texts and exits."
     )
     print()
@@ -702,9 +704,18 @@ def _report(
     held_n = len(held)
     print(
         f"latency model on this host: fitted on {fitted.report.n_observations} (plan, text) observations of "
-        f"{len(errors)} training plans, checked on {held_n} held-out plans: "
+        f"{n_train_plans} training plans, checked on {held_n} held-out plans: "
         f"{within10 * 100:.0f} % within ±10 %, "
         f"MAPE {mape * 100:.1f} % (default params: MAPE {float(np.mean(np.abs(default_errors))) * 100:.0f} %)"
+    )
+    worst = sorted(zip(errors, held, strict=True), key=lambda e: -abs(e[0]))[:5]
+    print(
+        "  largest held-out errors: "
+        + "; ".join(
+            f"{e * 100:+.1f} % ({tl.mean_s * 1e3:.2f} ms, exit {plan.exit_threshold}, "
+            f"{sum(r == 'w8a8-fused' for r in reg.values())} fused Linears)"
+            for e, (plan, tl, reg) in worst
+        )
     )
     print(f"  fitted: {_fitted_summary(fitted.params)}")
     print(
@@ -841,6 +852,8 @@ def _fitted_summary(p: CostParams) -> str:
         f"fp32 eff {p.regime_efficiency['fp32']:.2f}, w8a8 eff {p.regime_efficiency['w8a8']:.2f}, "
         f"dequant eff {p.regime_efficiency['dequant']:.2f}, per-op {p.per_tensor_overhead_s * 1e6:.1f} µs, "
         f"w8a8 per-call {p.regime_overhead_s['w8a8'] * 1e6:.1f} µs, "
+        f"fused-block eff {p.regime_efficiency['w8a8-fused']:.2f} and per-Linear "
+        f"{p.regime_overhead_s['w8a8-fused'] * 1e6:.1f} µs, "
         f"act-quant {p.act_quant_s_per_element * 1e9:.2f} ns/elem, "
-        f"fixed {p.fixed_overhead_s * 1e3:.2f} ms"
+        f"exit check {p.exit_check_s * 1e6:.1f} µs, fixed {p.fixed_overhead_s * 1e3:.2f} ms"
     )

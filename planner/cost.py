@@ -23,14 +23,17 @@ cost per call is regime_overhead_s["w8a8-fused"] per Linear.
 (not in `weight_formats`, or no peak) falls back along int2 → int3 → int4 → int8 → fp16 → fp32:
 the weight stays packed in memory (bytes are the packed bytes) but is dequantized and computed
 at the first precision the device has (a narrower integer grid embeds losslessly in a wider one).
-Early exit weights each block by the probability of reaching it.  Everything returned here is a
+Early exit weights each block by the probability of reaching it, and each non-final exit head
+evaluated costs exit_check_s (pooling, classifying and comparing between blocks is eager work of
+its own; roofline-3 priced it as one tensor op).  Everything returned here is a
 prediction and says so (`predicted=True`, `cost_model_version`).
 
 Calibration (`fit`) turns measurements into per-device CostParams.  Because
 1/efficiency and the overheads enter linearly once each op's binding roof (memory or compute) is
 known, the fit alternates: classify every op under the current parameters, solve a non-negative
 least-squares problem in θ = (1/mem_eff, 1/compute_eff[p]…, per-tensor overhead, fixed
-overhead, 1/regime_efficiency[r]…, regime_overhead_s[r]…, act_quant_s_per_element) weighted
+overhead, 1/regime_efficiency[r]…, regime_overhead_s[r]…, act_quant_s_per_element,
+exit_check_s) weighted
 for relative error, and repeat until the classification is stable.
 """
 
@@ -66,7 +69,7 @@ __all__ = [
     "reach_probabilities",
 ]
 
-COST_MODEL_VERSION = "roofline-3"
+COST_MODEL_VERSION = "roofline-4"
 #: Host kernel regimes a tensor can run in (see planner.runtime.KernelReport.regimes).
 REGIMES: tuple[str, ...] = ("fp32", "w8a8", "w8a8-fused", "weight-only", "dequant", "fp16-upcast", "gather")
 #: The peak each regime's multiply-adds run on.
@@ -85,7 +88,7 @@ _FALLBACK_CHAIN: tuple[str, ...] = ("int2", "int3", "int4", "int8", "fp16", "fp3
 _ACT_BYTES: dict[str, float] = {"int4": 0.5, "int8": 1.0, "fp16": 2.0, "fp32": 4.0}
 _PARAMS_TYPE = "CostParams"
 _MAX_EFFICIENCY = 1e3
-_PARAMS_VERSION = 2
+_PARAMS_VERSION = 3
 #: The regime of a block's Linears when the runtime runs the whole block (its Linears,
 #: attention, norms, GELU) as one compiled function: no eager per-op launches inside it.
 FUSED_REGIME = "w8a8-fused"
@@ -132,6 +135,9 @@ class CostParams:
     regime_overhead_s: Mapping[str, float] = field(default_factory=_default_regime_overhead)
     #: Seconds per activation element quantized to int8 or rescaled from int32 (W8A8).
     act_quant_s_per_element: float = 2e-9
+    #: Seconds per non-final exit head evaluated between blocks (pool, classify, softmax,
+    #: compare: eager work of its own, not a tensor op of the model).
+    exit_check_s: float = 5e-6
 
     def __post_init__(self) -> None:
         effs = dict(_default_compute_efficiency())
@@ -163,6 +169,7 @@ class CostParams:
             ("fixed_overhead_s", self.fixed_overhead_s),
             ("runtime_overhead_bytes", float(self.runtime_overhead_bytes)),
             ("act_quant_s_per_element", self.act_quant_s_per_element),
+            ("exit_check_s", self.exit_check_s),
             *((f"regime_overhead_s[{r}]", v) for r, v in rover.items()),
         ):
             if not (math.isfinite(value) and value >= 0):
@@ -181,13 +188,15 @@ class CostParams:
                 "regime_efficiency": dict(self.regime_efficiency),
                 "regime_overhead_s": dict(self.regime_overhead_s),
                 "act_quant_s_per_element": self.act_quant_s_per_element,
+                "exit_check_s": self.exit_check_s,
             },
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CostParams:
-        # v1 (before kernel regimes) lacks the regime fields: they take their defaults.
-        if data.get("_type") != _PARAMS_TYPE or data.get("_version") not in (1, _PARAMS_VERSION):
+        # v1 (before kernel regimes) lacks the regime fields, v2 the exit-check cost (v2 priced
+        # an exit head like one tensor op): missing fields take their defaults.
+        if data.get("_type") != _PARAMS_TYPE or data.get("_version") not in (1, 2, _PARAMS_VERSION):
             raise PlanError(
                 f"not a {_PARAMS_TYPE} v{_PARAMS_VERSION} dict: "
                 f"{data.get('_type')!r} v{data.get('_version')!r}"
@@ -202,6 +211,7 @@ class CostParams:
             "regime_efficiency",
             "regime_overhead_s",
             "act_quant_s_per_element",
+            "exit_check_s",
         }
         if unknown:
             raise PlanError(f"unknown CostParams field(s): {', '.join(sorted(unknown))}")
@@ -214,6 +224,10 @@ class CostParams:
             regime_efficiency={str(k): float(v) for k, v in (body.get("regime_efficiency") or {}).items()},
             regime_overhead_s={str(k): float(v) for k, v in (body.get("regime_overhead_s") or {}).items()},
             act_quant_s_per_element=float(body.get("act_quant_s_per_element", 2e-9)),
+            # Before v3 an exit head was priced as one tensor op.
+            exit_check_s=float(
+                body["exit_check_s"] if "exit_check_s" in body else body.get("per_tensor_overhead_s", 5e-6)
+            ),
         )
 
 
@@ -572,7 +586,7 @@ def predict(
             )
         )
     heads = _exit_head_runs(spec, plan, reach)
-    latency += heads * params.per_tensor_overhead_s
+    latency += heads * params.exit_check_s
 
     act_b = _ACT_BYTES[activation_precision(device)]
     h, inter = spec.hidden_size, spec.intermediate_size
@@ -593,7 +607,7 @@ def predict(
         batch=batch,
         seq_len=seq_len,
         latency_s=latency,
-        full_depth_latency_s=full + _exit_head_runs(spec, plan, None) * params.per_tensor_overhead_s,
+        full_depth_latency_s=full + _exit_head_runs(spec, plan, None) * params.exit_check_s,
         memory_bytes=memory,
         weight_bytes=weight_bytes,
         activation_bytes=act_bytes,
@@ -672,6 +686,7 @@ _I_FIXED = 2 + _N_COMP
 _I_REFF = {r: 3 + _N_COMP + i for i, r in enumerate(REGIMES)}
 _I_ROVER = {r: 3 + _N_COMP + len(REGIMES) + i for i, r in enumerate(REGIMES)}
 _I_ACTQ = 3 + _N_COMP + 2 * len(REGIMES)
+_I_EXIT = 4 + _N_COMP + 2 * len(REGIMES)
 #: θ entries that are inverse efficiencies (the roofs); the rest are seconds.
 _EFFICIENCY_SLOTS: frozenset[int] = frozenset([_I_MEM, *_I_COMP.values(), *_I_REFF.values()])
 
@@ -683,6 +698,7 @@ _THETA_NAMES: tuple[str, ...] = (
     *(f"regime_efficiency[{r}]" for r in REGIMES),
     *(f"regime_overhead_s[{r}]" for r in REGIMES),
     "act_quant_s_per_element",
+    "exit_check_s",
 )
 
 
@@ -693,7 +709,7 @@ def _theta(params: CostParams) -> np.ndarray:
         + [params.per_tensor_overhead_s, params.fixed_overhead_s]
         + [1.0 / params.regime_efficiency[r] for r in REGIMES]
         + [params.regime_overhead_s[r] for r in REGIMES]
-        + [params.act_quant_s_per_element]
+        + [params.act_quant_s_per_element, params.exit_check_s]
     )
 
 
@@ -716,6 +732,7 @@ def _params_from(theta: np.ndarray, prior: CostParams, identified: np.ndarray) -
         regime_efficiency={r: inv(_I_REFF[r], prior.regime_efficiency[r]) for r in REGIMES},
         regime_overhead_s={r: sec(_I_ROVER[r], prior.regime_overhead_s[r]) for r in REGIMES},
         act_quant_s_per_element=sec(_I_ACTQ, prior.act_quant_s_per_element),
+        exit_check_s=sec(_I_EXIT, prior.exit_check_s),
     )
 
 
@@ -740,7 +757,7 @@ def _features(ops: Sequence[_Op], heads: float, theta: np.ndarray) -> tuple[np.n
         if op.regime:
             row[_I_ROVER[op.regime]] += op.weight
         row[_I_ACTQ] += op.weight * op.act_elements
-    row[_I_TENSOR] += heads
+    row[_I_EXIT] += heads
     row[_I_FIXED] = 1.0
     return row, tuple(roofs)
 
@@ -837,7 +854,7 @@ def fit(params: CostParams, observations: Sequence[Observation], device: DeviceS
 
 
 def _predict_theta(ops: Sequence[_Op], heads: float, theta: np.ndarray) -> float:
-    total = float(theta[_I_FIXED]) + heads * float(theta[_I_TENSOR])
+    total = float(theta[_I_FIXED]) + heads * float(theta[_I_EXIT])
     for op in ops:
         extra = theta[_I_ACTQ] * op.act_elements + (theta[_I_TENSOR] if op.op_overhead else 0.0)
         if op.regime:

@@ -69,6 +69,10 @@ def test_params_round_trip_and_accept_version_1() -> None:
     assert CostParams.from_dict(p.to_dict()) == p
     old = {"_type": "CostParams", "_version": 1, "_data": {"mem_efficiency": 0.3}}
     assert CostParams.from_dict(old).regime_efficiency == CostParams().regime_efficiency
+    # v2 priced an exit head like one tensor op: that is what its exit check costs when read back.
+    v2 = {"_type": "CostParams", "_version": 2, "_data": {"per_tensor_overhead_s": 7e-6}}
+    assert CostParams.from_dict(v2).exit_check_s == 7e-6
+    assert CostParams.from_dict(CostParams(exit_check_s=0.0).to_dict()).exit_check_s == 0.0
     assert set(REGIMES) == set(CostParams().regime_overhead_s)
 
 
@@ -82,6 +86,7 @@ def test_fit_recovers_regime_efficiencies_and_overheads() -> None:
         regime_efficiency={"fp32": 0.6, "w8a8": 0.25, "dequant": 0.45, "gather": 1.0},
         regime_overhead_s={"w8a8": 1.2e-5, "gather": 3e-5},
         act_quant_s_per_element=1.5e-9,
+        exit_check_s=6e-5,
     )
     rng = random.Random(0)
     obs = []
@@ -111,6 +116,9 @@ def test_fit_recovers_regime_efficiencies_and_overheads() -> None:
     assert got.act_quant_s_per_element == pytest.approx(1.5e-9, rel=0.1)
     assert got.regime_overhead_s["w8a8"] == pytest.approx(1.2e-5, rel=0.1)
     assert got.fixed_overhead_s == pytest.approx(4e-4, rel=0.1)
+    # Exit checks have their own price, no longer tied to one tensor op's launch cost.
+    assert got.exit_check_s == pytest.approx(6e-5, rel=0.1)
+    assert got.per_tensor_overhead_s == pytest.approx(8e-6, rel=0.1)
     # A regime never observed keeps its prior and is reported as such.
     assert "regime_efficiency[weight-only]" in result.report.unidentified
     assert got.regime_efficiency["weight-only"] == CostParams().regime_efficiency["weight-only"]

@@ -64,7 +64,7 @@ def built(bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> pkg.Packa
     return build_package(bundle, _mixed(bundle), root, signing_key=KEY, predicted=_PREDICTED)
 
 
-_PREDICTED = {"pixel-9": {"latency_ms": 12.5, "memory_bytes": 1234567, "cost_model_version": "roofline-3"}}
+_PREDICTED = {"pixel-9": {"latency_ms": 12.5, "memory_bytes": 1234567, "cost_model_version": "roofline-4"}}
 
 
 def _copy(info: pkg.PackageInfo, dest: Path) -> Path:
