@@ -2,17 +2,17 @@
 
 Why: torch's CPU `F.linear` in fp32 goes to MKL's sgemm, and MKL picks its AVX2 kernels on
 non-Intel CPUs.  On the AMD EPYC (Zen 5, AVX-512) this project is measured on, oneDNN's fp32
-inner-product is 2.2–2.4× faster at every shape the demo model uses (batch-1 texts of ~32
-tokens and 4,096-token evaluation batches alike; `python -m bench engine` prints both paths'
-throughput).  It is the same IEEE fp32 arithmetic in another summation order (results agree to
-~1e-6 relative; tested), so the FP32 model, the evaluator's quantized-weight passes and the host
-runtime's FP32 baseline all use it: a faster FP32 baseline makes the runtime's integer speed-up
-harder to reach, not easier.
+inner product is 1.6–2.4× faster at the demo model's shapes (batch-1 texts of ~57 tokens and
+4,096-token evaluation batches alike; `python -m bench engine` prints both paths' throughput in
+every run).  It is the same IEEE fp32 arithmetic in another summation order (results agree to
+fp32 rounding; tested at 1e-5), so the FP32 model, the evaluator's quantized-weight passes and
+the host runtime's FP32 baseline all use it: a faster FP32 baseline makes the runtime's integer
+speed-up harder to reach, not easier.
 
 The fast path is taken only where it is exact and cheap to reach: fp32 tensors on the CPU, no
 autograd graph to record (oneDNN's op has no backward), and `torch.ops.mkldnn._linear_pointwise`
-present (it is the op torch's own compiler emits for fp32 Linears).  Everything else — training
-the exit heads through the model, bf16/fp16 inputs, a torch without oneDNN — is `F.linear`.
+present (it is the op torch's own compiler emits for fp32 Linears).  Everything else — a pass
+that records gradients, bf16/fp16 inputs, a torch without oneDNN — is `F.linear`.
 `EDGEFIT_ONEDNN_LINEAR=0` turns the fast path off (for an A/B measurement).
 """
 
