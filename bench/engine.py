@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from planner.cost import COST_MODEL_VERSION, CostParams, FitResult, Observation, fit, predict
 from planner.data.dataset import engine_data_dir
@@ -32,13 +31,14 @@ from planner.exits.curve import ThresholdCurve, choose_threshold
 from planner.hostprobe import probe_host
 from planner.mixed import FrontierPoint, greedy_frontier
 from planner.models.base import TokenizedSplit
-from planner.models.linear import onednn_linear
 from planner.quant import QuantCache, plan_nbytes, quantize_plan, write_packed_safetensors
 from planner.runtime import (
+    KERNEL_FP32,
     EarlyExitRunner,
     LatencyStats,
     RuntimeEval,
     TextLatency,
+    benchmark_linear,
     build_runtime_model,
     evaluate_runtime,
     measure_batch_latency,
@@ -518,31 +518,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fp32_linear_paths(threads: int) -> list[str]:
-    """fp32 GFLOP/s of torch's default F.linear vs oneDNN's at a batch-1 text and an evaluation
-    batch of this model's widest Linear: why the engine's fp32 runs on oneDNN (planner.models.linear)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    """fp32 GFLOP/s of torch's default F.linear vs oneDNN's (`planner.runtime.benchmark_linear`,
+    interleaved) at a batch-1 text and an evaluation batch of this model's widest Linear: why
+    the engine's fp32 runs on oneDNN (planner.models.linear)."""
     lines = []
-    try:
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(1536, 384, generator=gen)
-        with torch.inference_mode():
-            for rows in (57, 4096):
-                x = torch.randn(rows, 384, generator=gen)
-                rates = []
-                for fn in (F.linear, onednn_linear):
-                    reps = max(5, 40_000 // rows)
-                    fn(x, w)
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        fn(x, w)
-                    rates.append(2 * rows * 384 * 1536 * reps / (time.perf_counter() - t0) / 1e9)
-                lines.append(
-                    f"{rows}×384→1536: F.linear {rates[0]:.0f} GFLOP/s, oneDNN {rates[1]:.0f} GFLOP/s "
-                    f"({rates[1] / rates[0]:.2f}×)"
-                )
-    finally:
-        torch.set_num_threads(old)
+    for rows in (57, 4096):
+        got = benchmark_linear(
+            1536,
+            384,
+            rows,
+            threads=threads,
+            repeats=max(5, 20_000 // rows),
+            kernels=("fp32 F.linear", KERNEL_FP32),
+        )
+        mkl, dnn = (2 * rows * 384 * 1536 / got[k].median_s / 1e9 for k in ("fp32 F.linear", KERNEL_FP32))
+        lines.append(
+            f"{rows}×384→1536: F.linear {mkl:.0f} GFLOP/s, oneDNN {dnn:.0f} GFLOP/s ({dnn / mkl:.2f}×)"
+        )
     return lines
 
 
@@ -812,11 +804,10 @@ def _print_targets(
             "host latency ≥ 2.5× at batch 1 (loss ≤ 1 pt)",
             f"{t_ratio:.2f}× ({best_t.label}: {best_t.latency.mean_s * 1e3:.1f} vs {base_lat * 1e3:.1f} ms)",
             t_ratio >= 2.5,
-            "the FP32 baseline runs on oneDNN (2.3× faster than torch's default F.linear here); the "
-            "W8A8 blocks are fused and compiled, and their GEMMs are ~3.6× faster than FP32's, but the "
-            "blocks' elementwise kernels and attention (~60 % of an int8 block at batch 1) are not "
-            "faster than FP32's: a hand-written fused kernel for them, or fewer layers (exit heads "
-            "whose early answers agree more with the full model)",
+            "the FP32 baseline runs on oneDNN (the fp32 Linear lines above); the W8A8 blocks are "
+            "fused and compiled and their GEMMs beat FP32's, but the blocks' elementwise kernels and "
+            "attention are not faster than FP32's (profile: README): a hand-written fused kernel "
+            "for them, or fewer layers (exit heads whose early answers agree more with the full model)",
         ),
         (
             "proxy Spearman ≥ 0.95, ≥ 10,000 plans/s",
@@ -834,9 +825,9 @@ def _print_targets(
             "one real evaluation ≤ 2 s",
             f"{real_eval_s:.2f} s for {gflop:.0f} GFLOP",
             real_eval_s <= 2.0,
-            "the pass is compute-bound (fp32 Linears on oneDNN at ~370 GFLOP/s, near this host's "
-            "peak; attention ~15 %): fewer or shorter held-out texts, or int8 arithmetic in the "
-            "evaluator (which changes what it measures)",
+            "the pass is compute-bound (its GFLOP over the fp32 Linear rate above is most of it): "
+            "fewer or shorter held-out texts, or int8 arithmetic in the evaluator (which changes "
+            "what it measures)",
         ),
     ]
     print()

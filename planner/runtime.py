@@ -866,12 +866,14 @@ def benchmark_linear(
     repeats: int = 30,
     warmup: int = 5,
     seed: int = 0,
+    kernels: Sequence[str] | None = None,
 ) -> dict[str, LatencyStats]:
     """Time one Linear of the given shape on `rows` input rows under each host kernel.
 
-    Kernels: fp32 F.linear (baseline), int8pack_mm and int4pack_mm_for_cpu with fp32 and with
-    bf16 activations, fp16 storage with per-call upcast.  The variants are interleaved call by
-    call so a noisy, shared machine slows them all alike.
+    Kernels: fp32 F.linear (torch's default path), fp32 on oneDNN (`KERNEL_FP32`, what the
+    runtime's fp32 layers use), int8pack_mm and int4pack_mm_for_cpu with fp32 and with bf16
+    activations, fp16 storage with per-call upcast; `kernels` keeps only the named ones.  The
+    variants are interleaved call by call so a noisy, shared machine slows them all alike.
     """
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
@@ -880,12 +882,18 @@ def benchmark_linear(
     int4 = quantize(weight, _scheme("int4", 32 if in_features % 128 else 128))
     layers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "fp32 F.linear": lambda t: F.linear(t, weight),
+        KERNEL_FP32: lambda t: onednn_linear(t, weight),
         f"{KERNEL_INT8} (fp32 act)": Int8Linear(int8),
         f"{KERNEL_INT8} (bf16 act)": Int8Linear(int8, act_dtype=torch.bfloat16),
         f"{KERNEL_INT4} (fp32 act)": Int4Linear(int4),
         f"{KERNEL_INT4} (bf16 act)": Int4Linear(int4, act_dtype=torch.bfloat16),
         KERNEL_FP16_UPCAST: Fp16Linear(quantize(weight, _scheme("fp16"))),
     }
+    if kernels is not None:
+        unknown = set(kernels) - set(layers)
+        if unknown:
+            raise PlanError(f"unknown kernel(s) {', '.join(sorted(unknown))}; known: {', '.join(layers)}")
+        layers = {name: layers[name] for name in kernels}
     samples: dict[str, list[float]] = {name: [] for name in layers}
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -249,3 +249,13 @@ def test_observed_kernels_reveal_model_code_that_bypasses_the_kernels() -> None:
     seen = observed_kernels(runtime, report)
     assert seen.kernel_for("q.weight") == KERNEL_BYPASSED
     assert "int8pack_mm" in next(c.note for c in seen.choices if c.name == "q.weight")
+
+
+def test_benchmark_linear_times_the_kernels_asked_for_and_names_an_unknown_one() -> None:
+    from planner.runtime import benchmark_linear
+
+    got = benchmark_linear(64, 32, 4, repeats=2, warmup=1, kernels=("fp32 F.linear", KERNEL_FP32))
+    assert list(got) == ["fp32 F.linear", KERNEL_FP32]
+    assert all(len(s.samples_s) == 2 and s.median_s > 0 for s in got.values())
+    with pytest.raises(PlanError, match="unknown kernel"):
+        benchmark_linear(64, 32, 4, repeats=1, warmup=0, kernels=("magic",))
