@@ -592,22 +592,35 @@ def _w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: 
     return torch._int_mm(q, w.t()) * (amax / 127.0) * w_scale + bias
 
 
-def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_bias: torch.Tensor
+) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, keep)` written as plain ops, for the compiled
     block: inductor then fuses scale, mask and softmax into one loop around two small GEMMs,
     and the block runs ~12 % faster at batch 1 than with torch's fused CPU attention called as
     an opaque kernel (measured at 57 tokens, interleaved).  Eager code keeps SDPA: on strided
-    multi-text batches these plain ops are 1.5–4× slower than it.  Every query row keeps at
-    least its own [CLS] key, so no softmax row is all −inf.
+    multi-text batches these plain ops are 1.5–4× slower than it.
+
+    The mask arrives as an additive float bias (0 for a real token, −inf for padding; see
+    `attention_mask_bias`), not as the bool `keep`: inductor's loop over a bool mask converts
+    it element by element and cost ~65 µs per block at 57 tokens against ~15 µs with the
+    added bias (measured, kernel profile).  The result is the same: score + 0 is the score and
+    score + −inf is −inf, as masked_fill gives.  Every query row keeps at least its own [CLS]
+    key, so no softmax row is all −inf.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    weights = torch.softmax(scores + mask_bias, dim=-1)
     return torch.matmul(weights, v)
+
+
+def attention_mask_bias(keep: torch.Tensor) -> torch.Tensor:
+    """The additive float form of a bool `keep` mask: 0 where True, −inf where False."""
+    return torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(~keep, float("-inf"))
 
 
 def w8a8_bert_block(
     x: torch.Tensor,
-    keep: torch.Tensor,
+    mask_bias: torch.Tensor,
     weights: tuple[torch.Tensor, ...],
     heads: int,
     eps1: float,
@@ -625,7 +638,7 @@ def w8a8_bert_block(
     b, t, h = x.shape
     x2 = x.reshape(b * t, h)
     qkv = _w8a8_linear(x2, wqkv, sqkv, bqkv).view(b, t, 3, heads, h // heads).permute(2, 0, 3, 1, 4)
-    ctx = _masked_attention(qkv[0], qkv[1], qkv[2], keep)
+    ctx = _masked_attention(qkv[0], qkv[1], qkv[2], mask_bias)
     ctx = ctx.transpose(1, 2).reshape(b * t, h)
     y = F.layer_norm(_w8a8_linear(ctx, wo, so, bo) + x2, (h,), g1, b1, eps1)
     inner = F.gelu(_w8a8_linear(y, wi, si, bi))
@@ -650,7 +663,14 @@ def _compiled_block() -> Callable[..., torch.Tensor] | None:
     if _COMPILE_STATE["fn"] is None:
         # dynamic=None: weight shapes stay static (vectorized inner loops); batch and sequence
         # length are marked dynamic per call, so one graph serves every text length.
-        _COMPILE_STATE["fn"] = torch.compile(w8a8_bert_block, dynamic=None)
+        # realize_opcount_threshold=4: store the rescaled GELU output once instead of letting
+        # the quantization loop recompute it (inductor's default, 30, inlined the chain into
+        # both the row-max and the rounding pass: erf twice per element).  Same numbers; the
+        # GELU loop went from ~57 to ~30 µs per block at 57 tokens and batch 1 got 1–13 %
+        # faster in interleaved A/B runs (planner output bit-identical).
+        _COMPILE_STATE["fn"] = torch.compile(
+            w8a8_bert_block, dynamic=None, options={"realize_opcount_threshold": 4}
+        )
     fn: Callable[..., torch.Tensor] = _COMPILE_STATE["fn"]
     return fn
 
@@ -713,14 +733,15 @@ class _W8A8BertLayer(_Layer):
         for layer in linears:
             # `calls` is a plain attribute: skip nn.Module.__setattr__'s parameter/buffer checks.
             layer.__dict__["calls"] += 1
-        args = (x, keep, weights, heads, eps1, eps2)
+        mask_bias = attention_mask_bias(keep)
+        args = (x, mask_bias, weights, heads, eps1, eps2)
         fn = _compiled_block()
         if fn is not None:
             torch._dynamo.maybe_mark_dynamic(x, 1)
-            torch._dynamo.maybe_mark_dynamic(keep, 3)
+            torch._dynamo.maybe_mark_dynamic(mask_bias, 3)
             if x.shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(x, 0)
-                torch._dynamo.maybe_mark_dynamic(keep, 0)
+                torch._dynamo.maybe_mark_dynamic(mask_bias, 0)
             try:
                 return fn(*args)
             except Exception as exc:  # compiler missing or broken: stay correct, run eager

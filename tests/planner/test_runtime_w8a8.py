@@ -255,3 +255,16 @@ def test_text_latency_reports_per_text_medians_and_exits(
     for lat in got.values():
         assert len(lat.per_text_s) == 3 and lat.rounds == 3 and lat.threads == 1 and not lat.predicted
         assert min(lat.per_text_s) <= lat.median_s <= max(lat.per_text_s)
+
+
+def test_the_compiled_blocks_additive_mask_gives_torchs_masked_attention() -> None:
+    from planner.runtime import _masked_attention, attention_mask_bias
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=gen) for _ in range(3))
+    keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)[:, None, None, :]
+    bias = attention_mask_bias(keep)
+    assert bias.dtype == torch.float32 and bias.shape == keep.shape
+    assert torch.equal(bias == float("-inf"), ~keep) and torch.equal(bias[keep], torch.zeros(8))
+    expected = F.scaled_dot_product_attention(q, k, v, keep)
+    assert torch.allclose(_masked_attention(q, k, v, bias), expected, atol=1e-6)
