@@ -132,6 +132,17 @@ def test_codes_round_trip_for_any_length(bits: int) -> None:
         assert np.array_equal(unpack_codes(packed, bits, n), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_packed_bytes_are_the_bit_stream_with_code_i_at_offset_i_times_bits(bits: int) -> None:
+    # The format's definition, computed the slow way: one big integer holding the whole stream.
+    rng = np.random.default_rng(10 + bits)
+    for n in [*range(1, 41), 257]:
+        codes = rng.integers(0, 2**bits, size=n, dtype=np.uint8)
+        stream = sum(int(c) << (bits * i) for i, c in enumerate(codes))
+        expected = list(stream.to_bytes(-(-n * bits // 8), "little"))
+        assert pack_codes(codes, bits).tolist() == expected
+
+
 def test_code_too_large_for_bit_width_is_rejected() -> None:
     with pytest.raises(PlanError, match="does not fit in 3 bits"):
         pack_codes(np.array([8], dtype=np.uint8), 3)
