@@ -357,7 +357,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     agreement_floor = curve.full_agreement - _EXIT_AGREEMENT_POINTS / 100
     thr = choose_threshold(curve, budget, min_agreement=agreement_floor)
     best_exit = best_plan.with_threshold(thr)
-    fp32_exit, _ = ev.with_calibrated_exit(fp32_plan, bound)
+    # FP32 + exit takes the same margin: half the bound on calibration.  With the full bound
+    # its threshold lost 1.01 points on test in one run (dense exit heads stop earlier).
+    fp32_exit, _ = ev.with_calibrated_exit(fp32_plan, bound / 2)
     _log(
         f"chosen mixed plan: {fp32_bytes / chosen[0].weight_bytes:.2f}× "
         f"(calibration loss {chosen[2]:+.2f} pt); "
@@ -732,6 +734,16 @@ def _report(
         f"JSON headline plan (most aggressive row within {bound:.1f} pt on TEST, evaluator and runtime): "
         f"{best.label}"
     )
+    headline = {
+        "compression ≥ 6×": fp32.size_bytes / best.size_bytes >= 6.0,
+        "agreement ≥ 0.95": min(best.eval_test.agreement, best.runtime.agreement) >= 0.95,
+        "layers ≥ 1.5×": fp32.eval_test.mean_layers / best.eval_test.mean_layers >= 1.5,
+        "host latency ≥ 2.5×": base_lat / best.latency.mean_s >= 2.5,
+    }
+    print(
+        "  its own figures (the JSON's first five keys): "
+        + "; ".join(f"{name} {'met' if met else 'MISSED'}" for name, met in headline.items())
+    )
     _print_targets(
         rows, fp32, bound, base_acc, base_lat, m_cos, m_dis, speed, within10, mape, real_eval_s, gflop
     )
@@ -798,16 +810,17 @@ def _print_targets(
             f"{l_ratio:.2f}× ({best_l.label}: {best_l.eval_test.mean_layers:.2f} layers, "
             f"loss {loss(best_l):.2f} pt)",
             l_ratio >= 1.5,
-            "stronger intermediate heads (more training data / distillation) so early exits are confident",
+            "a mixed plan whose full-depth agreement leaves more room: the headline plan's exit may "
+            "spend 1 point of its calibration agreement, and quantization has already spent ~3",
         ),
         (
             "host latency ≥ 2.5× at batch 1 (loss ≤ 1 pt)",
             f"{t_ratio:.2f}× ({best_t.label}: {best_t.latency.mean_s * 1e3:.1f} vs {base_lat * 1e3:.1f} ms)",
             t_ratio >= 2.5,
-            "the FP32 baseline runs on oneDNN (the fp32 Linear lines above); the W8A8 blocks are "
-            "fused and compiled and their GEMMs beat FP32's, but the blocks' elementwise kernels and "
-            "attention are not faster than FP32's (profile: README): a hand-written fused kernel "
-            "for them, or fewer layers (exit heads whose early answers agree more with the full model)",
+            "the FP32 baseline runs on oneDNN (the fp32 Linear lines above); in the fused W8A8 "
+            "blocks _int_mm is ~55 % of the time and the per-call dynamo/wrapper overhead ~20 % "
+            "(profile: README): fewer blocks per text (earlier exits) or one compiled call for "
+            "several blocks",
         ),
         (
             "proxy Spearman ≥ 0.95, ≥ 10,000 plans/s",

@@ -204,9 +204,17 @@ def _method_stored(kind: str, scheme: TensorScheme) -> str:
 
 
 def _layout(
-    spec: ModelSpec, plan: Plan, n_classes: int, check_examples: int, check_seq_len: int
+    spec: ModelSpec,
+    plan: Plan,
+    n_classes: int,
+    check_examples: int,
+    check_seq_len: int,
+    head_width: int | None = None,
 ) -> tuple[list[_Entry], dict[str, str]]:
     """Every tensor of the blob (data order) and the safetensors metadata, from sizes alone.
+
+    `head_width` is the number of features an exit head's weight spans: the hidden size
+    (heads reading their own block) or blocks × hidden size (dense heads); default the former.
 
     Data order: 4-byte dtypes, then 2-byte, then 1-byte (stable within a size), so with the
     header padded to 8 bytes every tensor starts aligned to its element size.
@@ -239,8 +247,12 @@ def _layout(
     if spec.other_params:
         entries.append(_Entry(_OTHER_KEY, "<f4", (spec.other_params,)))
     e, h = spec.n_blocks, spec.hidden_size
+    if head_width is None:
+        head_width = h
+    if head_width not in (h, e * h):
+        raise PlanError(f"exit heads span {head_width} features; {h} or {e * h} expected")
     entries += [
-        _Entry("exit_heads.weight", "<f4", (e, n_classes, h)),
+        _Entry("exit_heads.weight", "<f4", (e, n_classes, head_width)),
         _Entry("exit_heads.bias", "<f4", (e, n_classes)),
         _Entry("exit_heads.mean", "<f4", (e, h)),
         _Entry("exit_heads.std", "<f4", (e, h)),
@@ -284,12 +296,14 @@ def predict_package_bytes(
     n_classes: int,
     check_examples: int = CHECK_EXAMPLES,
     check_seq_len: int = 128,
+    head_width: int | None = None,
 ) -> int:
     """Exact size of ``model.safetensors`` for `plan`: header + packed weights (`plan_nbytes`) +
     exit heads + check set.  `check_examples` is the number actually shipped (min(64, size of
-    the held-out split)) and `check_seq_len` the model's max length (`predict_bundle_package_bytes`
-    fills both from a bundle)."""
-    entries, metadata = _layout(spec, plan, n_classes, check_examples, check_seq_len)
+    the held-out split), `check_seq_len` the model's max length and `head_width` the features
+    an exit head spans (see `_layout`; `predict_bundle_package_bytes` fills all three from a
+    bundle)."""
+    entries, metadata = _layout(spec, plan, n_classes, check_examples, check_seq_len, head_width)
     return len(_header(entries, metadata)) + sum(e.nbytes for e in entries)
 
 
@@ -307,6 +321,7 @@ def predict_bundle_package_bytes(bundle: Bundle, plan: Plan, check_examples: int
         n_classes=len(bundle.heads.classes),
         check_examples=n,
         check_seq_len=length,
+        head_width=int(bundle.heads.weight.shape[2]),
     )
 
 
@@ -601,7 +616,9 @@ def build_package(
     arrays["check_set.labels"] = check.labels
     arrays["check_set.reference"] = check.reference
 
-    entries, metadata = _layout(spec, plan, len(heads.classes), len(check), check_info["seq_len"])
+    entries, metadata = _layout(
+        spec, plan, len(heads.classes), len(check), check_info["seq_len"], int(heads.weight.shape[2])
+    )
     for name, qt in quantized.items():
         want = _method_stored(spec.tensor(name).kind, plan.scheme(name))
         if qt.method != want:
@@ -634,6 +651,7 @@ def build_package(
             "exit_threshold": plan.exit_threshold,
             "exit_heads": {
                 "n_exits": heads.n_exits,
+                "input_width": int(heads.weight.shape[2]),
                 "classes": list(heads.classes),
                 "key": heads.key,
                 "dataset_sha256": dataset.sha256,
@@ -907,6 +925,9 @@ def load_package(
         plan = Plan.from_dict(manifest["plan"])
         check_info = manifest["check_set"]
         classes = tuple(str(c) for c in manifest["exit_heads"]["classes"])
+        # Packages written before dense heads have no input_width: their heads read one block.
+        head_width = manifest["exit_heads"].get("input_width")
+        head_width = None if head_width is None else int(head_width)
         other_list = [(str(n), tuple(int(x) for x in s)) for n, s in manifest["other_params"]]
         adapter = _packaged_adapter(model["architecture"], str(model.get("adapter", model.get("name", ""))))
     except (KeyError, TypeError, ValueError) as exc:
@@ -918,7 +939,12 @@ def load_package(
         raise PackageError(
             "unknown-format", f"the plan does not fit the packaged architecture: {exc}"
         ) from None
-    entries, metadata = _layout(spec, plan, len(classes), int(check_info["n"]), int(check_info["seq_len"]))
+    try:
+        entries, metadata = _layout(
+            spec, plan, len(classes), int(check_info["n"]), int(check_info["seq_len"]), head_width
+        )
+    except PlanError as exc:
+        raise PackageError("unknown-format", f"{MANIFEST_NAME}: {exc}") from None
     head_len = struct.unpack("<Q", blob[:8])[0] if len(blob) >= 8 else -1
     if blob[: 8 + max(head_len, 0)] != _header(entries, metadata):
         raise PackageError("unknown-format", f"{BLOB_NAME}'s tensor table is not the one its plan implies")

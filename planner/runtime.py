@@ -1131,11 +1131,13 @@ class ExitDecision:
 class EarlyExitRunner:
     """Run a (runtime) model block by block and stop at the first confident exit head.
 
-    Steps of `run`: (1) embed; (2) after block i (from the first exit point on), pool the live
-    rows and apply exit head i (standardise-then-classify folded into one Linear); (3) rows
-    whose max softmax probability ≥ `threshold` answer there and leave the batch — the next
-    block runs only on the rows still alive (per-row exit, so a batch also saves work); (4) the
-    last block always answers.  `threshold` None runs every block and answers with the last head.
+    Steps of `run`: (1) embed; (2) after each block whose pooled state a live head reads (for
+    dense heads, `ExitHeads.input_blocks`: every block up to the exit), pool the live rows;
+    after block i (from the first exit point on), apply exit head i to the concatenated pooled
+    states it reads (standardise-then-classify folded into one Linear); (3) rows whose max
+    softmax probability ≥ `threshold` answer there and leave the batch — the next block runs
+    only on the rows still alive (per-row exit, so a batch also saves work); (4) the last block
+    always answers.  `threshold` None runs every block and answers with the last head.
     """
 
     def __init__(
@@ -1152,6 +1154,9 @@ class EarlyExitRunner:
             i in exits and (threshold is not None or i == self.n_blocks - 1) for i in range(self.n_blocks)
         ]
         self._heads = [heads.folded(i) for i in range(heads.n_exits)]
+        self._reads = [heads.input_blocks(i) for i in range(heads.n_exits)]
+        needed = {j for i in range(self.n_blocks) if self._is_exit[i] for j in self._reads[i]}
+        self._pool_after = [i in needed for i in range(self.n_blocks)]
 
     def run(self, batch: Batch) -> list[ExitDecision]:
         """Per-row decisions for `batch` (any size), in row order."""
@@ -1161,12 +1166,17 @@ class EarlyExitRunner:
         hidden = self.adapter.embed(batch)
         current = batch
         last = self.n_blocks - 1
+        pooled: dict[int, torch.Tensor] = {}
         for i in range(self.n_blocks):
             hidden = self.adapter.run_block(i, hidden, current)
+            if self._pool_after[i]:
+                pooled[i] = self.adapter.pool(hidden, current)
             if not self._is_exit[i]:
                 continue
             w, b = self._heads[i]
-            probs = torch.softmax(F.linear(self.adapter.pool(hidden, current), w, b), dim=-1)
+            reads = self._reads[i]
+            features = pooled[i] if len(reads) == 1 else torch.cat([pooled[j] for j in reads], dim=-1)
+            probs = torch.softmax(F.linear(features, w, b), dim=-1)
             conf, pred = probs.max(dim=-1)
             if i == last or self.threshold is None:  # the last block always answers
                 done = torch.ones_like(conf, dtype=torch.bool)
@@ -1179,6 +1189,7 @@ class EarlyExitRunner:
             if bool(done.any()):
                 keep = torch.nonzero(~done).reshape(-1)
                 alive, hidden = alive[keep], hidden[keep]
+                pooled = {j: p[keep] for j, p in pooled.items()}
                 length = int(current.attention_mask[keep].sum(1).max())
                 current = current.select(keep, length)
                 hidden = hidden[:, :length]
@@ -1188,7 +1199,13 @@ class EarlyExitRunner:
     def exit_logits(self, batch: Batch) -> torch.Tensor:
         """Every exit head's logits (rows, exits, classes) from one full-depth pass."""
         pooled = self.adapter.forward_exits(batch)
-        return torch.stack([F.linear(p, w, b) for p, (w, b) in zip(pooled, self._heads, strict=True)], dim=1)
+        return torch.stack(
+            [
+                F.linear(torch.cat([pooled[j] for j in reads], dim=-1), w, b)
+                for reads, (w, b) in zip(self._reads, self._heads, strict=True)
+            ],
+            dim=1,
+        )
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,11 @@ def test_throttling_past_the_process_share_is_decided_by_the_view(warm, settings
     hotpath.rate.reset()
     before = answered()
     statuses = [call(URL, **auth(token)).status for _ in range(20)]
-    assert answered() == before + 2
+    # The fast path answers at most this process's share (2); everything past it is the view's.
+    # It may answer only 1: an invalidation message that arrives late (the listener thread
+    # runs on its own) empties the memo, that poll goes to the view, and the view's count
+    # uses up the same local share (seen once in a full run).
+    assert before + 1 <= answered() <= before + 2
     assert statuses[:16] == [200] * 16 and set(statuses[16:]) == {429}
 
 

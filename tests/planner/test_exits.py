@@ -133,6 +133,57 @@ def test_folded_head_equals_standardise_then_classify(tiny_heads: ExitHeads) -> 
     torch.testing.assert_close(x[:, 1] @ w.T + b, tiny_heads.logits(x)[:, 1], atol=1e-4, rtol=1e-4)
 
 
+def _three_block_features(n: int = 120, h: int = 8) -> tuple[torch.Tensor, list[int]]:
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(n, 3, h, generator=gen)
+    labels = ((feats[:, 0, 0] > 0).long() + (feats[:, 1, 1] > 0).long()).tolist()  # 3 classes
+    return feats, labels
+
+
+def test_dense_heads_read_every_block_up_to_their_exit_and_none_after() -> None:
+    feats, labels = _three_block_features()
+    heads = train_exit_heads(feats, labels, ["a", "b", "c"])
+    assert heads.dense and heads.weight.shape == (3, 3, 3 * 8)
+    # the task head (last exit) reads its own block only; the others every block up to theirs
+    assert [heads.input_blocks(e) for e in range(3)] == [(0,), (0, 1), (2,)]
+    base = heads.logits(feats)
+    later = feats.clone()
+    later[:, 2] += 5.0  # block 2 changes: exits 0 and 1 must not move
+    torch.testing.assert_close(heads.logits(later)[:, :2], base[:, :2], rtol=0, atol=0)
+    middle = feats.clone()
+    middle[:, 1] += 5.0  # block 1 changes: exit 0 must not move, exit 1 must
+    moved = heads.logits(middle)
+    torch.testing.assert_close(moved[:, 0], base[:, 0], rtol=0, atol=0)
+    assert not torch.allclose(moved[:, 1], base[:, 1])
+    # the folded Linear over the concatenated states it reads is the same head
+    for e in range(3):
+        w, b = heads.folded(e)
+        x = torch.cat([feats[:, j] for j in heads.input_blocks(e)], dim=-1)
+        torch.testing.assert_close(x @ w.T + b, base[:, e], atol=1e-4, rtol=1e-4)
+
+
+def test_dense_heads_agree_more_with_the_task_head_than_one_block_heads() -> None:
+    # Block 1's own state hides what block 0 knew (the label needs both): a head reading blocks
+    # 0 and 1 can follow the task head, one reading block 1 alone cannot.
+    feats, labels = _three_block_features(n=400)
+    feats[:, 2, :2] = feats[:, 0, :1].sign() + feats[:, 1, 1:2].sign()  # the last block knows
+    dense = train_exit_heads(feats, labels, ["a", "b", "c"])
+    single = train_exit_heads(feats, labels, ["a", "b", "c"], dense=False)
+    assert not single.dense and single.weight.shape == (3, 3, 8)
+    assert [single.input_blocks(e) for e in range(3)] == [(0,), (1,), (2,)]
+    teacher = dense.logits(feats)[:, -1].argmax(-1)
+    agree_dense = (dense.logits(feats)[:, 1].argmax(-1) == teacher).float().mean()
+    agree_single = (single.logits(feats)[:, 1].argmax(-1) == teacher).float().mean()
+    assert agree_dense > agree_single + 0.1, (agree_dense, agree_single)
+    # the task heads are the same fit either way
+    torch.testing.assert_close(dense.logits(feats)[:, -1], single.logits(feats)[:, -1])
+
+
+def test_heads_with_a_weight_of_the_wrong_width_are_refused() -> None:
+    with pytest.raises(ModelFileError, match=r"must be \(2, classes, 4\) or \(2, classes, 8\)"):
+        ExitHeads(("a",), torch.zeros(2, 1, 5), torch.zeros(2, 1), torch.zeros(2, 4), torch.ones(2, 4))
+
+
 def test_heads_save_and_load(tiny_heads: ExitHeads, tmp_path: Path) -> None:
     path = tiny_heads.save(tmp_path / "h.safetensors")
     loaded = ExitHeads.load(path)

@@ -118,7 +118,12 @@ def test_predicted_bytes_equal_the_file_size(
     spec = bundle.adapter.spec()
     n, length = min(64, len(bundle.dataset.split("test"))), bundle.evaluator.max_length
     assert size == pkg.predict_package_bytes(
-        spec, plan, n_classes=len(bundle.heads.classes), check_examples=n, check_seq_len=length
+        spec,
+        plan,
+        n_classes=len(bundle.heads.classes),
+        check_examples=n,
+        check_seq_len=length,
+        head_width=int(bundle.heads.weight.shape[2]),
     )
 
 
@@ -390,3 +395,23 @@ def test_importing_the_module_loads_no_torch() -> None:
     code = "import sys, planner.package; print([m for m in ('torch', 'numpy', 'django') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_package_of_one_block_heads_says_so_and_loads(bundle: Bundle, tmp_path: Path) -> None:
+    # Heads that read their own block only (the format before dense heads) still package: the
+    # manifest records the heads' input width and the reader lays the blob out by it.
+    from dataclasses import replace
+
+    from planner.exits import pooled_features, train_exit_heads
+    from planner.models import TokenizedSplit
+
+    train = bundle.dataset.split("train")
+    feats = pooled_features(bundle.adapter, TokenizedSplit.build(bundle.adapter, train.texts, 32))
+    single = train_exit_heads(feats, train.labels, bundle.dataset.classes, dense=False)
+    one_block = replace(bundle, heads=single)
+    plan = _uniform(one_block, TensorScheme("int8"))
+    info = build_package(one_block, plan, tmp_path, signing_key=KEY)
+    assert info.manifest["exit_heads"]["input_width"] == bundle.adapter.spec().hidden_size
+    assert info.blob_bytes == pkg.predict_bundle_package_bytes(one_block, plan)
+    loaded = load_package(info.path, PUBLIC)
+    assert not loaded.heads.dense and torch.equal(loaded.heads.weight, single.weight)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from planner.data import TextDataset
-from planner.exits import ExitHeads
-from planner.models import TinyAdapter, TokenizedSplit
+from planner.exits import ExitHeads, pooled_features, train_exit_heads
+from planner.models import Batch, TinyAdapter, TokenizedSplit
 from planner.quant import dequantize, quantize
 from planner.runtime import (
     KERNEL_FP32,
@@ -268,3 +268,35 @@ def test_the_compiled_blocks_additive_mask_gives_torchs_masked_attention() -> No
     assert torch.equal(bias == float("-inf"), ~keep) and torch.equal(bias[keep], torch.zeros(8))
     expected = F.scaled_dot_product_attention(q, k, v, keep)
     assert torch.allclose(_masked_attention(q, k, v, bias), expected, atol=1e-6)
+
+
+def test_dense_exit_heads_decide_at_batch_one_as_their_logits_say(
+    one_thread: None, tiny_dataset: TextDataset
+) -> None:
+    # Three blocks: the middle exit's head reads blocks 0 and 1, so the runner must keep the
+    # pooled state of block 0 (and drop the rows that left) to run it.
+    adapter = TinyAdapter(seed=1, n_blocks=3)
+    train = tiny_dataset.split("train")
+    feats = pooled_features(adapter, TokenizedSplit.build(adapter, train.texts, 32))
+    heads = train_exit_heads(feats, train.labels, tiny_dataset.classes)
+    assert heads.input_blocks(1) == (0, 1)
+    texts = tiny_dataset.split("test").texts[:12]
+    batch = adapter.tokenize(texts)
+    with torch.inference_mode():
+        logits = EarlyExitRunner(adapter, adapter.module, heads, None).exit_logits(batch)
+        torch.testing.assert_close(logits, heads.logits(_pooled(adapter, batch)), atol=1e-4, rtol=1e-4)
+        conf = torch.softmax(logits, -1).amax(-1)
+        mid = float(conf[:, :2].median())
+        together = EarlyExitRunner(adapter, adapter.module, heads, mid).run(batch)
+        alone = [
+            EarlyExitRunner(adapter, adapter.module, heads, mid).run(adapter.tokenize([t]))[0] for t in texts
+        ]
+    expected = [next((e for e in range(2) if float(conf[r, e]) >= mid), 2) for r in range(len(texts))]
+    assert len(set(expected)) > 1  # the threshold splits the rows over the exits
+    assert [d.exit_index for d in together] == expected == [d.exit_index for d in alone]
+    for r, d in enumerate(together):
+        assert d.prediction == int(logits[r, d.exit_index].argmax())
+
+
+def _pooled(adapter: TinyAdapter, batch: Batch) -> torch.Tensor:
+    return torch.stack(adapter.forward_exits(batch), dim=1)
