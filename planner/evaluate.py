@@ -72,7 +72,8 @@ def _quantizer_id(quantizer: QuantizeFn | None) -> str:
             f"{getattr(quantizer, '__module__', '?')}.{getattr(quantizer, '__qualname__', repr(quantizer))}"
         )
     try:
-        version = importlib.import_module("planner.quant").PACK_FORMAT_VERSION
+        quant = importlib.import_module("planner.quant")
+        version = f"{quant.PACK_FORMAT_VERSION}/{quant.GPTQ_VERSION}"
     except (ImportError, AttributeError):
         version = "none"
     return f"planner.quant/{version}"

@@ -2,8 +2,9 @@
 
 The last block's head is the model's task head and reads the last block's state only.  An
 intermediate head after block e reads the pooled states of blocks 0…e concatenated ("dense"
-heads; `dense=False` trains the classic kind that reads block e alone): the runtime pools every
-block it runs anyway, and the earlier blocks' states carry what block e's state has mixed away.
+heads; `dense=False` trains the classic kind that reads block e alone): an early-exit run pools
+each block for that block's own exit check anyway, and the earlier blocks' states carry what
+block e's state has mixed away.
 Heads are multinomial logistic regressions on standardised FP32 features, trained full-batch
 with L-BFGS; intermediate heads are trained by self-distillation on the task head's predicted
 distribution (`distill` = 1: only the teacher), because their job is to say early what the full

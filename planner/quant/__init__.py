@@ -23,6 +23,7 @@ _WHERE = {
     "dequantize": "core",
     "quantize_rtn": "core",
     "validate_scheme": "sizes",
+    "GPTQ_VERSION": "gptq",
     "hessian": "gptq",
     "quantize_gptq": "gptq",
     "PACK_FORMAT_VERSION": "packing",
@@ -49,6 +50,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "GPTQ_VERSION",
     "PACK_FORMAT_VERSION",
     "QuantCache",
     "QuantizedTensor",
