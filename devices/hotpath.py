@@ -323,32 +323,34 @@ class Rate:
         with self._lock:
             self._window, self._counts = -1, {}
 
-    def hit_locally(self, digest: str) -> bool:
-        """Count one request if it stays within this process's share (an eighth of the limit),
-        where `hit` would make no shared operation; otherwise count nothing and return False
-        (the caller then goes through `hit`)."""
-        threshold = settings.EDGEFIT_DEVICE_RATE_LIMIT // 8
-        window = int(time.time() // settings.EDGEFIT_DEVICE_RATE_WINDOW_S)
+    def _count(self, digest: str, now: float, cap: int | None = None) -> tuple[int, int] | None:
+        """Count one request for `digest` in this process's window containing `now`:
+        (count so far, window number); with `cap`, count nothing and return None when the
+        count would pass it."""
+        window = int(now // settings.EDGEFIT_DEVICE_RATE_WINDOW_S)
         with self._lock:
             if window != self._window:
                 self._window, self._counts = window, {}
             local = self._counts.get(digest, 0) + 1
-            if local > threshold:
-                return False
+            if cap is not None and local > cap:
+                return None
             self._counts[digest] = local
-        return True
+        return local, window
+
+    def hit_locally(self, digest: str) -> bool:
+        """Count one request if it stays within this process's share (an eighth of the limit),
+        where `hit` would make no shared operation; otherwise count nothing and return False
+        (the caller then goes through `hit`)."""
+        return self._count(digest, time.time(), cap=settings.EDGEFIT_DEVICE_RATE_LIMIT // 8) is not None
 
     def hit(self, digest: str) -> float | None:
         """Count one request; None if allowed, else the seconds until the window ends."""
         limit = settings.EDGEFIT_DEVICE_RATE_LIMIT
         window_s = settings.EDGEFIT_DEVICE_RATE_WINDOW_S
         now = time.time()
-        window = int(now // window_s)
-        with self._lock:
-            if window != self._window:
-                self._window, self._counts = window, {}
-            local = self._counts.get(digest, 0) + 1
-            self._counts[digest] = local
+        counted = self._count(digest, now)
+        assert counted is not None  # no cap: always counted
+        local, window = counted
         threshold = limit // 8
         if local <= threshold:
             return None
