@@ -141,12 +141,15 @@ class ExitHeads:
             raise ModelFileError(f"exit heads file {p} is corrupt: {exc}") from exc
         if meta.get("format") != _FORMAT:
             raise ModelFileError(f"exit heads file {p} has format {meta.get('format')!r}, expected {_FORMAT}")
-        return cls(
-            classes=tuple(json.loads(meta["classes"])),
-            model=meta.get("model", ""),
-            dataset_sha256=meta.get("dataset_sha256", ""),
-            **tensors,
-        )
+        try:
+            return cls(
+                classes=tuple(json.loads(meta["classes"])),
+                model=meta.get("model", ""),
+                dataset_sha256=meta.get("dataset_sha256", ""),
+                **tensors,
+            )
+        except ModelFileError as exc:  # tensors of shapes that do not fit together
+            raise ModelFileError(f"exit heads file {p}: {exc}") from None
 
 
 def pooled_features(adapter: ModelAdapter, split: TokenizedSplit) -> torch.Tensor:

@@ -179,9 +179,21 @@ def test_dense_heads_agree_more_with_the_task_head_than_one_block_heads() -> Non
     torch.testing.assert_close(dense.logits(feats)[:, -1], single.logits(feats)[:, -1])
 
 
-def test_heads_with_a_weight_of_the_wrong_width_are_refused() -> None:
+def test_heads_with_a_weight_of_the_wrong_width_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match=r"must be \(2, classes, 4\) or \(2, classes, 8\)"):
         ExitHeads(("a",), torch.zeros(2, 1, 5), torch.zeros(2, 1), torch.zeros(2, 4), torch.ones(2, 4))
+    # a heads file whose tensors do not fit together names the file and the rule
+    from safetensors.torch import save_file
+
+    path = tmp_path / "odd.safetensors"
+    tensors = {"weight": torch.zeros(2, 1, 5), "bias": torch.zeros(2, 1), "mean": torch.zeros(2, 4)}
+    save_file(
+        {**tensors, "std": torch.ones(2, 4)},
+        str(path),
+        metadata={"format": "edgefit-exit-heads/1", "classes": '["a"]'},
+    )
+    with pytest.raises(ModelFileError, match=r"odd\.safetensors.*must be \(2, classes, 4\)"):
+        ExitHeads.load(path)
 
 
 def test_heads_save_and_load(tiny_heads: ExitHeads, tmp_path: Path) -> None:
