@@ -46,7 +46,13 @@ def plan_list(request: HttpRequest) -> HttpResponse:
             else:
                 messages.success(request, f"Run {run.pk} queued.")
                 return redirect("dashboard:plan", pk=run.pk)
-    runs = PlanningRun.objects.select_related("base_model").annotate(devices=Count("device_profiles"))[:100]
+    # The list shows counters only: leave the runs' progress history and results (JSON that
+    # grows with every trial and device) in the database.
+    runs = (
+        PlanningRun.objects.select_related("base_model")
+        .defer("progress", "result", "error")
+        .annotate(devices=Count("device_profiles"))[:100]
+    )
     return render(request, "dashboard/plan_list.html", {"runs": runs, "form": form})
 
 
