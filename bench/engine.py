@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from planner.cost import COST_MODEL_VERSION, CostParams, FitResult, Observation, fit, predict
+from planner.cost import COST_MODEL_VERSION, FUSED_REGIME, CostParams, FitResult, Observation, fit, predict
 from planner.data.dataset import engine_data_dir
 from planner.evaluate import EvalResult, Evaluator, builtin_evaluator
 from planner.exits.curve import ThresholdCurve, choose_threshold
@@ -707,7 +707,7 @@ def _report(
         "  largest held-out errors: "
         + "; ".join(
             f"{e * 100:+.1f} % ({tl.mean_s * 1e3:.2f} ms, exit {plan.exit_threshold}, "
-            f"{sum(r == 'w8a8-fused' for r in reg.values())} fused Linears)"
+            f"{sum(r == FUSED_REGIME for r in reg.values())} fused Linears)"
             for e, (plan, tl, reg) in worst
         )
     )
@@ -856,8 +856,8 @@ def _fitted_summary(p: CostParams) -> str:
         f"fp32 eff {p.regime_efficiency['fp32']:.2f}, w8a8 eff {p.regime_efficiency['w8a8']:.2f}, "
         f"dequant eff {p.regime_efficiency['dequant']:.2f}, per-op {p.per_tensor_overhead_s * 1e6:.1f} µs, "
         f"w8a8 per-call {p.regime_overhead_s['w8a8'] * 1e6:.1f} µs, "
-        f"fused-block eff {p.regime_efficiency['w8a8-fused']:.2f} and per-Linear "
-        f"{p.regime_overhead_s['w8a8-fused'] * 1e6:.1f} µs, "
+        f"fused-block eff {p.regime_efficiency[FUSED_REGIME]:.2f} and per-Linear "
+        f"{p.regime_overhead_s[FUSED_REGIME] * 1e6:.1f} µs, "
         f"act-quant {p.act_quant_s_per_element * 1e9:.2f} ns/elem, "
         f"exit check {p.exit_check_s * 1e6:.1f} µs, fixed {p.fixed_overhead_s * 1e3:.2f} ms"
     )

@@ -513,7 +513,7 @@ def _tensor_weight(t: TensorSpec, spec: ModelSpec, reach: Sequence[float]) -> fl
 def _regime_storage(scheme: TensorScheme, regime: str) -> TensorScheme:
     """What a kernel regime keeps in memory: W8A8 widens codes to per-channel int8, the
     dequantized / fp32 regimes hold fp32, the others keep the plan's storage."""
-    if regime in ("w8a8", "w8a8-fused") and scheme.is_integer:
+    if regime in ("w8a8", FUSED_REGIME) and scheme.is_integer:
         return TensorScheme("int8")
     if regime in ("dequant", "fp32"):
         return TensorScheme("fp32")

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from planner.cost import FUSED_REGIME
 from planner.exits.curve import confidences, threshold_curve
 from planner.exits.heads import ExitHeads
 from planner.models.base import Batch, ModelAdapter, TokenizedSplit
@@ -131,7 +132,7 @@ _REGIME_OF_KERNEL: dict[str, str] = {
     KERNEL_W8A8: "w8a8",
     KERNEL_W8A8_FROM_INT4: "w8a8",
     KERNEL_W8A8_FROM_LOWBIT: "w8a8",
-    KERNEL_W8A8_FUSED: "w8a8-fused",
+    KERNEL_W8A8_FUSED: FUSED_REGIME,
     KERNEL_INT8: "weight-only",
     KERNEL_INT4: "weight-only",
     KERNEL_DEQUANT_AT_LOAD: "dequant",
@@ -586,10 +587,10 @@ def _qkv_slices(h: int) -> list[slice]:
 
 
 def _w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """(m, k) fp32 rows × int8 (n, k) weight: per-row int8 activations, `torch._int_mm`, rescale + bias."""
-    amax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-    q = (x * (127.0 / amax)).round().to(torch.int8)
-    return torch._int_mm(q, w.t()) * (amax / 127.0) * w_scale + bias
+    """(m, k) fp32 rows × int8 (n, k) weight: per-row int8 activations (`quantize_rows_int8`),
+    `torch._int_mm`, rescale + bias — `Int8DynamicLinear`'s arithmetic as plain ops."""
+    q, act_scale = quantize_rows_int8(x)
+    return torch._int_mm(q, w.t()) * act_scale * w_scale + bias
 
 
 def _masked_attention(
