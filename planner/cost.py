@@ -422,7 +422,10 @@ def _ops(
         act_elements = 0.0
         if t.kind == "embedding":
             touched = min(tokens, rows)
-            nbytes = touched * packed_nbytes((1, cols), stored) + tokens * cols * act_b
+            # Bytes of one looked-up row at the table's precision (a hot row, int8, costs about
+            # as much as a 4-bit row with its scales: not worth its own term).
+            row_bytes = packed_nbytes((1, cols), replace(stored, hot_rows=0))
+            nbytes = touched * row_bytes + tokens * cols * act_b
             macs = 0.0
             comp0 = 0.0
         else:

@@ -393,7 +393,7 @@ class Evaluator:
             return weight
         kind = self.spec.tensor(name).kind
         calib = None
-        if scheme.method == "gptq" and kind == "linear":
+        if (scheme.method == "gptq" and kind == "linear") or scheme.hot_rows:
             calib = self.calibration_inputs()[name]
         if self._quantizer is None:
             # planner.quant's own signature also takes the name (for errors) and the kind.
@@ -519,11 +519,25 @@ class Evaluator:
         return ExitOutputs(logits=logits, cosine=cosine)
 
     def calibration_inputs(self) -> dict[str, torch.Tensor]:
-        """Inputs of every Linear on the calibration split (FP32 model), ≤ _CALIB_ROWS real
-        (non-padding) token rows each, sampled evenly over the buckets with a fixed seed;
-        computed once, on first GPTQ use."""
+        """What every quantizable tensor sees on data, computed once on first use:
+
+        * a Linear: its inputs on the calibration split (FP32 model), ≤ _CALIB_ROWS real
+          (non-padding) token rows each, sampled evenly over the buckets with a fixed seed
+          (GPTQ's Hessian);
+        * an embedding table: the row ids it looks up over the TRAIN split, one per real token
+          (the lookup statistics that pick hot rows).  Not the calibration split: sensitivity
+          profiling measures hot rows on calibration texts, and rows ranked on those very texts
+          looked far better there than on held-out text (KL 0.0013 vs 0.0074 for 4,096 hot rows
+          over an int2 table; ranked on train: 0.0035 vs 0.0030).
+        """
         if self._calib is not None:
             return self._calib
+        calib = self._linear_inputs()
+        calib.update(self._lookups("train"))
+        self._calib = calib
+        return calib
+
+    def _linear_inputs(self) -> dict[str, torch.Tensor]:
         tokens = self._split("calibration").tokens
         linears = {t.name: t for t in self.spec.tensors if t.kind == "linear"}
         grabbed: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
@@ -549,12 +563,35 @@ class Evaluator:
         finally:
             for h in handles:
                 h.remove()
-        calib = {}
-        for name, parts in grabbed.items():
-            rows = torch.cat(parts)
-            calib[name] = rows[:_CALIB_ROWS].contiguous()
-        self._calib = calib
-        return calib
+        return {name: torch.cat(parts)[:_CALIB_ROWS].contiguous() for name, parts in grabbed.items()}
+
+    def _lookups(self, split: str) -> dict[str, torch.Tensor]:
+        """Row ids every embedding table looks up on `split` (forward pre-hooks on the tables)."""
+        tables = [t.name for t in self.spec.tensors if t.kind == "embedding"]
+        grabbed: dict[str, list[torch.Tensor]] = {n: [] for n in tables}
+        mask_now: list[torch.Tensor] = []
+        handles = []
+        for name in tables:
+            mod = self.adapter.module.get_submodule(name.rsplit(".", 1)[0])
+
+            def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+                ids, mask = args[0], mask_now[0]
+                if ids.dim() == 1 and ids.shape[0] == mask.shape[1]:
+                    ids = ids.expand(mask.shape[0], -1)  # one row of ids shared by every text: positions
+                if ids.shape != mask.shape:
+                    raise PlanError(f"tensor {name!r}: its lookups {tuple(ids.shape)} do not match the batch")
+                grabbed[name].append(ids[mask].clone())  # real tokens only, never padding
+
+            handles.append(mod.register_forward_pre_hook(hook))
+        try:
+            with torch.inference_mode():
+                for batch in self._split(split).tokens:
+                    mask_now[:] = [batch.attention_mask.bool()]
+                    self.adapter.embed(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: torch.cat(parts) for name, parts in grabbed.items() if parts}
 
     @property
     def cache_key(self) -> str:

@@ -5,7 +5,8 @@ A package is three files in ``<root>/<digest>/``:
 * ``model.safetensors`` — every tensor the runtime needs, laid out by `_layout` from the spec,
   the plan and a few sizes only (so `predict_package_bytes` is exact without writing):
   the packed weights in `planner.quant.packing`'s conventions (``<tensor>.codes`` uint8 bit
-  stream, ``<tensor>.scales`` / ``.zeros`` fp16, ``<tensor>.values`` fp16/fp32; the metadata's
+  stream, ``<tensor>.scales`` / ``.zeros`` fp16, ``<tensor>.values`` fp16/fp32, a table's hot
+  rows as ``<tensor>.hot_index`` int32 / ``.hot_codes`` uint8 / ``.hot_scales`` fp16; the metadata's
   ``format`` / ``tensors`` entries let `read_packed_safetensors` read them back), the
   parameters the plan never quantizes (biases, norms) as ONE fp32 vector
   ``other_params.values`` in the module's parameter order (names and shapes are in the
@@ -235,6 +236,11 @@ def _layout(
             entries.append(_Entry(f"{t.name}.scales", "<f2", side))
             if not scheme.symmetric:
                 entries.append(_Entry(f"{t.name}.zeros", "<f2", side))
+            if scheme.hot_rows:
+                k = scheme.hot_rows
+                entries.append(_Entry(f"{t.name}.hot_index", "<i4", (k,)))
+                entries.append(_Entry(f"{t.name}.hot_codes", "|u1", (k, cols)))
+                entries.append(_Entry(f"{t.name}.hot_scales", "<f2", (k, 1)))
         else:
             entries.append(
                 _Entry(f"{t.name}.values", "<f2" if scheme.precision == "fp16" else "<f4", (rows, cols))
@@ -590,9 +596,13 @@ def build_package(
     predicted_block = _predicted_block(predicted)
 
     calib = calib_inputs_by_tensor
-    needs_calib = any(_method_stored(t.kind, plan.scheme(t.name)) == "gptq" for t in spec.tensors)
+    needs_calib = any(
+        _method_stored(t.kind, plan.scheme(t.name)) == "gptq" or plan.scheme(t.name).hot_rows
+        for t in spec.tensors
+    )
     if needs_calib and calib is None:
-        # The evaluator's own GPTQ inputs: the package then holds the very codes that were evaluated.
+        # The evaluator's own GPTQ inputs and lookup statistics: the package then holds the very
+        # codes (and hot rows) that were evaluated.
         calib = bundle.evaluator.calibration_inputs()
     with _threads(threads):
         quantized = quantize_plan(adapter.module, spec, plan, calib, cache)
@@ -905,7 +915,7 @@ def load_package(
 
     from planner.exits.heads import ExitHeads
     from planner.quant.core import QuantizedTensor
-    from planner.quant.packing import unpack
+    from planner.quant.packing import PARTS, unpack
     from planner.runtime import EarlyExitRunner, build_runtime_model
 
     started = time.perf_counter()
@@ -967,11 +977,7 @@ def load_package(
     quantized: dict[str, QuantizedTensor] = {}
     for t in spec.tensors:
         scheme = plan.scheme(t.name)
-        parts = {
-            p: arrays.pop(f"{t.name}.{p}")
-            for p in ("codes", "scales", "zeros", "values")
-            if f"{t.name}.{p}" in arrays
-        }
+        parts = {p: arrays.pop(f"{t.name}.{p}") for p in PARTS if f"{t.name}.{p}" in arrays}
         quantized[t.name] = unpack(parts, t.shape, scheme, _method_stored(t.kind, scheme))
     runtime_module, kernels = build_runtime_model(
         module, spec, plan, quantized=quantized, inplace=True, w8a8=w8a8

@@ -322,7 +322,9 @@ class DequantLinear(_QuantLinearBase):
 class PackedEmbedding(nn.Module):
     """An embedding table kept bit-packed: each lookup unpacks and dequantizes only its rows.
 
-    Needs dim % 8 == 0 so every row starts on a whole chunk of the dense bit stream.
+    Needs dim % 8 == 0 so every row starts on a whole chunk of the dense bit stream.  Hot rows
+    (`TensorScheme.hot_rows`) stay int8 with their row scale; a lookup that hits one takes it
+    instead of the low-bit row (`hot_slot` maps a row id to its hot row, −1 for the others).
     """
 
     def __init__(self, qt: QuantizedTensor, padding_idx: int | None = None) -> None:
@@ -341,12 +343,26 @@ class PackedEmbedding(nn.Module):
         self.packed_rows: torch.Tensor
         self.scales: torch.Tensor
         self.zeros: torch.Tensor | None
+        self.hot_slot: torch.Tensor | None
+        self.hot_codes: torch.Tensor | None
+        self.hot_scales: torch.Tensor | None
         packed = pack_codes(qt.codes.numpy(), self.bits)
         self.register_buffer("packed_rows", torch.from_numpy(packed).reshape(rows, row_bytes))
         self.register_buffer("scales", qt.scales.contiguous())
         # Symmetric tables use the fixed mid-point zero; storing it would only cost memory.
         self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.contiguous())
         self.mid_zero = float(2 ** (self.bits - 1))
+        slot = hot_codes = hot_scales = None
+        if qt.hot_index is not None:
+            assert qt.hot_codes is not None and qt.hot_scales is not None
+            # int16 slots while they fit (every count the planner tries does): half the map.
+            dtype = torch.int16 if len(qt.hot_index) < 2**15 else torch.int32
+            slot = torch.full((rows,), -1, dtype=dtype)
+            slot[qt.hot_index.long()] = torch.arange(len(qt.hot_index), dtype=dtype)
+            hot_codes, hot_scales = qt.hot_codes.contiguous(), qt.hot_scales.contiguous()
+        self.register_buffer("hot_slot", slot)
+        self.register_buffer("hot_codes", hot_codes)
+        self.register_buffer("hot_scales", hot_scales)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -355,9 +371,21 @@ class PackedEmbedding(nn.Module):
         q = torch.from_numpy(codes).float().reshape(flat.numel(), -1, self.group)
         s = self.scales.index_select(0, flat).float().unsqueeze(-1)
         if self.zeros is None:
-            return ((q - self.mid_zero) * s).reshape(*ids.shape, self.embedding_dim)
-        z = self.zeros.index_select(0, flat).float().unsqueeze(-1)
-        return ((q - z) * s).reshape(*ids.shape, self.embedding_dim)
+            out = (q - self.mid_zero) * s
+        else:
+            out = (q - self.zeros.index_select(0, flat).float().unsqueeze(-1)) * s
+        out = out.reshape(flat.numel(), self.embedding_dim)
+        if self.hot_slot is not None:
+            assert self.hot_codes is not None and self.hot_scales is not None
+            slot = self.hot_slot.index_select(0, flat).long()
+            hit = torch.nonzero(slot >= 0).reshape(-1)
+            if hit.numel():
+                k = slot.index_select(0, hit)
+                hot = (self.hot_codes.index_select(0, k).float() - 128.0) * self.hot_scales.index_select(
+                    0, k
+                ).float()
+                out.index_copy_(0, hit, hot)
+        return out.reshape(*ids.shape, self.embedding_dim)
 
 
 class _Fp16Embedding(nn.Module):

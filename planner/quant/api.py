@@ -24,16 +24,20 @@ def quantize(
 
     `kind` "embedding" marks a lookup table: its rows are the channels and GPTQ falls back to
     round-to-nearest (a lookup has no input correlation to compensate; the result records
-    method "rtn").  GPTQ on a linear weight needs `calib_inputs` (n, cols) or (…, cols).
+    method "rtn").  `calib_inputs` are what the tensor sees on calibration data: for GPTQ on a
+    linear weight its input rows (n, cols) or (…, cols); for a table with hot rows the row ids
+    it looked up (1-D, one per lookup).
     """
     validate_scheme(tuple(weight.shape), scheme, name)
     if kind not in ("linear", "embedding"):
         raise PlanError(f"tensor {name!r}: kind {kind!r} is not 'linear' or 'embedding'")
+    if scheme.hot_rows and kind != "embedding":
+        raise PlanError(f"tensor {name!r}: hot_rows applies to embedding tables only")
     if scheme.is_integer and scheme.method == "gptq" and kind == "linear":
         if calib_inputs is None:
             raise PlanError(f"tensor {name!r}: method 'gptq' needs calibration inputs (none given)")
         return quantize_gptq(weight, scheme, calib_inputs, name=name)
-    return quantize_rtn(weight, scheme, name)
+    return quantize_rtn(weight, scheme, name, lookups=calib_inputs if kind == "embedding" else None)
 
 
 def quantize_dequantize(

@@ -9,7 +9,11 @@ Layout shared by every integer precision (and by packing and the runtime kernels
   scales are rounded to fp16 *before* the codes are chosen, so the stored fp16 scale is exactly
   the one the codes were computed against;
 * symmetric schemes use the fixed mid-point zero ``2**(bits-1)`` (not stored); asymmetric schemes
-  store an integer zero point per group (kept as fp16, which represents 0..255 exactly).
+  store an integer zero point per group (kept as fp16, which represents 0..255 exactly);
+* an embedding table with hot rows (`TensorScheme.hot_rows` = k) also holds those k rows at
+  int8, symmetric, one fp16 scale per row: ``hot_index`` int32 (k,) ascending row ids,
+  ``hot_codes`` uint8 (k, cols), ``hot_scales`` fp16 (k, 1); they replace the rows' low-bit
+  values (which are still stored, so the packed grid stays one regular stream).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from typing import Any
 import torch
 
 from planner.quant.sizes import n_groups, validate_scheme
-from planner.specs import TensorScheme
+from planner.specs import PlanError, TensorScheme
 
 __all__ = [
     "QuantizedTensor",
     "codes_for",
     "dequantize",
+    "dequantize_hot_rows",
+    "hot_row_index",
     "n_groups",
     "qparams_for",
     "quantize_rtn",
@@ -45,7 +51,8 @@ class QuantizedTensor:
     unpacked), `scales` fp16 (rows, n_groups), `zeros` fp16 (rows, n_groups) for asymmetric
     schemes else None, and `values` None.  For fp16/fp32, `values` holds the stored tensor in
     that dtype and the other fields are None.  `method` records the rounding actually used
-    (GPTQ on an embedding table falls back to RTN).
+    (GPTQ on an embedding table falls back to RTN).  `hot_*` hold a table's hot rows (see the
+    module docstring), else None.
     """
 
     shape: tuple[int, int]
@@ -55,6 +62,9 @@ class QuantizedTensor:
     zeros: torch.Tensor | None = None
     values: torch.Tensor | None = None
     method: str = "rtn"
+    hot_index: torch.Tensor | None = None
+    hot_codes: torch.Tensor | None = None
+    hot_scales: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:
@@ -117,23 +127,57 @@ def codes_for(w: torch.Tensor, scale16: torch.Tensor, zero: torch.Tensor | None,
     return q.round_().add_(z.unsqueeze(-1)).clamp_(0, maxq)
 
 
-def quantize_rtn(weight: torch.Tensor, scheme: TensorScheme, name: str = "weight") -> QuantizedTensor:
+def hot_row_index(lookups: torch.Tensor, rows: int, k: int, name: str = "weight") -> torch.Tensor:
+    """The `k` rows looked up most often in `lookups` (1-D row ids, one per lookup), ascending.
+
+    Ties (and rows never looked up, when fewer than `k` were) go to the lower row id, so the
+    choice is deterministic.
+    """
+    ids = lookups.detach().reshape(-1)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise PlanError(
+            f"tensor {name!r}: hot rows need integer row ids as lookup statistics, got {ids.dtype}"
+        )
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        raise PlanError(f"tensor {name!r}: lookup statistics name rows outside 0..{rows - 1}")
+    counts = torch.bincount(ids.long(), minlength=rows)
+    order = torch.argsort(-counts, stable=True)
+    return torch.sort(order[:k]).values.to(torch.int32)
+
+
+def quantize_rtn(
+    weight: torch.Tensor, scheme: TensorScheme, name: str = "weight", lookups: torch.Tensor | None = None
+) -> QuantizedTensor:
     """Round-to-nearest quantization of a (rows, cols) matrix under `scheme`.
 
     Steps: (1) validate the shape against the scheme; (2) fp16/fp32: store the cast tensor;
     (3) integer: view the matrix as (rows, n_groups, group) and compute one fp16 scale (and
-    zero) per (row, group); (4) round each weight to the nearest code and clamp to the range.
+    zero) per (row, group); (4) round each weight to the nearest code and clamp to the range;
+    (5) with hot rows, pick them from `lookups` (`hot_row_index`) and quantize them again at
+    int8 with one scale per row.
     """
     rows, cols = validate_scheme(tuple(weight.shape), scheme, name)
     w = weight.detach().float()
     if not scheme.is_integer:
         dtype = torch.float16 if scheme.precision == "fp16" else torch.float32
         return QuantizedTensor(shape=(rows, cols), scheme=scheme, values=w.to(dtype).contiguous())
+    if scheme.hot_rows and lookups is None:
+        raise PlanError(
+            f"tensor {name!r}: hot_rows {scheme.hot_rows} needs the table's lookup statistics (none given)"
+        )
     g = scheme.group_size or cols
     ng = cols // g
     grouped = w.reshape(rows * ng, g)
     scale16, zero = qparams_for(grouped, scheme.bits, scheme.symmetric)
     codes = codes_for(grouped, scale16, zero, scheme.bits)
+    hot_index = hot_codes = hot_scales = None
+    if scheme.hot_rows:
+        assert lookups is not None
+        hot_index = hot_row_index(lookups, rows, scheme.hot_rows, name)
+        hot = w[hot_index.long()]
+        hot_scales, _ = qparams_for(hot, 8, True)
+        hot_codes = codes_for(hot, hot_scales, None, 8).to(torch.uint8).contiguous()
+        hot_scales = hot_scales.reshape(-1, 1).contiguous()
     return QuantizedTensor(
         shape=(rows, cols),
         scheme=scheme,
@@ -141,6 +185,9 @@ def quantize_rtn(weight: torch.Tensor, scheme: TensorScheme, name: str = "weight
         scales=scale16.reshape(rows, ng).contiguous(),
         zeros=None if zero is None else zero.reshape(rows, ng).contiguous(),
         method="rtn",
+        hot_index=hot_index,
+        hot_codes=hot_codes,
+        hot_scales=hot_scales,
     )
 
 
@@ -155,4 +202,13 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     codes = qt.codes.float().reshape(rows, ng, g)  # a fresh tensor: safe to work in place
     zero = qt.zero_points().reshape(rows, ng, 1)
     scale = qt.scales.float().reshape(rows, ng, 1)
-    return codes.sub_(zero).mul_(scale).reshape(rows, cols)
+    out = codes.sub_(zero).mul_(scale).reshape(rows, cols)
+    if qt.hot_index is not None:
+        out[qt.hot_index.long()] = dequantize_hot_rows(qt)
+    return out
+
+
+def dequantize_hot_rows(qt: QuantizedTensor) -> torch.Tensor:
+    """The fp32 values of a table's hot rows, (k, cols) in `hot_index` order."""
+    assert qt.hot_codes is not None and qt.hot_scales is not None
+    return (qt.hot_codes.float() - 128.0) * qt.hot_scales.float()

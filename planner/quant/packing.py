@@ -5,7 +5,8 @@ Packed layout of one tensor (every array little-endian, row-major):
 * integer precisions: ``codes`` uint8 (ceil(n·bits/8),) — the n = rows·cols codes as one dense
   little-endian bit stream (8-bit: one byte each; 4-bit: two per byte, low nibble first; 3-bit:
   eight codes in three bytes; 2-bit: four per byte); ``scales`` fp16 (rows, n_groups); for
-  asymmetric schemes ``zeros`` fp16 (rows, n_groups);
+  asymmetric schemes ``zeros`` fp16 (rows, n_groups); for a table with hot rows ``hot_index``
+  int32 (k,), ``hot_codes`` uint8 (k, cols) and ``hot_scales`` fp16 (k, 1);
 * fp16 / fp32: ``values`` in that dtype, shape (rows, cols).
 
 `packed_nbytes` predicts these byte counts from shape and scheme alone and is what the planner
@@ -36,6 +37,7 @@ from planner.specs import PlanError, TensorScheme
 
 __all__ = [
     "PACK_FORMAT_VERSION",
+    "PARTS",
     "WriteReport",
     "pack",
     "pack_codes",
@@ -48,7 +50,11 @@ __all__ = [
     "write_packed_safetensors",
 ]
 
-PACK_FORMAT_VERSION = "edgefit-pack-1"
+#: pack-2 added hot rows; a pack-1 file (none) still reads.
+PACK_FORMAT_VERSION = "edgefit-pack-2"
+_READABLE_FORMATS = ("edgefit-pack-1", PACK_FORMAT_VERSION)
+#: Every array name `pack` may produce for one tensor.
+PARTS: tuple[str, ...] = ("codes", "scales", "zeros", "values", "hot_index", "hot_codes", "hot_scales")
 _CHUNK = 8  # codes per chunk: 8 codes of b bits always fill exactly b whole bytes
 
 
@@ -125,6 +131,11 @@ def pack(qt: QuantizedTensor) -> dict[str, np.ndarray]:
     }
     if qt.zeros is not None:
         out["zeros"] = qt.zeros.detach().cpu().to(torch.float16).contiguous().numpy().copy()
+    if qt.hot_index is not None:
+        assert qt.hot_codes is not None and qt.hot_scales is not None
+        out["hot_index"] = qt.hot_index.detach().cpu().to(torch.int32).contiguous().numpy().copy()
+        out["hot_codes"] = qt.hot_codes.detach().cpu().to(torch.uint8).contiguous().numpy().copy()
+        out["hot_scales"] = qt.hot_scales.detach().cpu().to(torch.float16).contiguous().numpy().copy()
     return out
 
 
@@ -158,6 +169,23 @@ def unpack(
         if "zeros" not in arrays:
             raise PlanError("asymmetric scheme but no packed zero points")
         zeros = torch.from_numpy(arrays["zeros"].astype(np.float16).reshape(rows, ng).copy())
+    hot: dict[str, torch.Tensor] = {}
+    k = scheme.hot_rows
+    if k:
+        want_hot: dict[str, tuple[type, tuple[int, ...]]] = {
+            "hot_index": (np.int32, (k,)),
+            "hot_codes": (np.uint8, (k, cols)),
+            "hot_scales": (np.float16, (k, 1)),
+        }
+        for part, (dtype, want_shape) in want_hot.items():
+            arr = arrays.get(part)
+            if arr is None or arr.dtype != dtype or tuple(arr.shape) != want_shape:
+                got = "missing" if arr is None else f"{arr.dtype} {arr.shape}"
+                raise PlanError(f"packed {part} is {got}, expected {np.dtype(dtype)} {want_shape}")
+            hot[part] = torch.from_numpy(arr.copy())
+        index = hot["hot_index"]
+        if int(index.min()) < 0 or int(index.max()) >= rows or bool((index[1:] <= index[:-1]).any()):
+            raise PlanError(f"packed hot_index must hold {k} ascending row ids in 0..{rows - 1}")
     return QuantizedTensor(
         shape=(rows, cols),
         scheme=scheme,
@@ -165,6 +193,9 @@ def unpack(
         scales=torch.from_numpy(scales.copy()),
         zeros=zeros,
         method=method,
+        hot_index=hot.get("hot_index"),
+        hot_codes=hot.get("hot_codes"),
+        hot_scales=hot.get("hot_scales"),
     )
 
 
@@ -191,7 +222,7 @@ def write_packed_safetensors(
 ) -> WriteReport:
     """Write packed tensors (and fp32 `other_params`) to one safetensors file.
 
-    Keys are ``<tensor name>.<part>`` (part = codes / scales / zeros / values) and, for other
+    Keys are ``<tensor name>.<part>`` (part: one of `PARTS`) and, for other
     parameters, ``<name>.values`` in fp32.  The file's metadata records each tensor's shape,
     scheme and method so `read_packed_safetensors` can rebuild it without the plan.
     """
@@ -234,18 +265,14 @@ def read_packed_safetensors(
 
     with safe_open(str(path), framework="np") as f:
         metadata = f.metadata() or {}
-    if metadata.get("format") != PACK_FORMAT_VERSION:
+    if metadata.get("format") not in _READABLE_FORMATS:
         raise PlanError(f"{path}: not an EdgeFit packed file (format {metadata.get('format')!r})")
     arrays = load_file(str(path))
     quantized: dict[str, QuantizedTensor] = {}
     for name, desc in json.loads(metadata["tensors"]).items():
         scheme = TensorScheme.from_dict(desc["scheme"])
         shape = (int(desc["shape"][0]), int(desc["shape"][1]))
-        parts = {
-            p: arrays[f"{name}.{p}"]
-            for p in ("codes", "scales", "zeros", "values")
-            if f"{name}.{p}" in arrays
-        }
+        parts = {p: arrays[f"{name}.{p}"] for p in PARTS if f"{name}.{p}" in arrays}
         quantized[name] = unpack(parts, shape, scheme, desc.get("method", "rtn"))
     others = {
         name: torch.from_numpy(arrays[f"{name}.values"].copy()) for name in json.loads(metadata["other"])

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from planner.specs import ModelSpec, Plan, PlanError, TensorScheme
 
-__all__ = ["codes_nbytes", "n_groups", "packed_nbytes", "plan_nbytes", "validate_scheme", "weights_nbytes"]
+__all__ = [
+    "HOT_ROW_EXTRA_BYTES",
+    "codes_nbytes",
+    "n_groups",
+    "packed_nbytes",
+    "plan_nbytes",
+    "validate_scheme",
+    "weights_nbytes",
+]
+
+#: Bytes a hot row costs besides its `cols` int8 codes: its int32 row index and fp16 scale.
+HOT_ROW_EXTRA_BYTES = 4 + 2
 
 
 def n_groups(cols: int, scheme: TensorScheme) -> int:
@@ -32,6 +43,8 @@ def validate_scheme(shape: tuple[int, ...], scheme: TensorScheme, name: str = "w
             f"tensor {name!r}: group_size {scheme.group_size} does not divide its input dimension {cols} "
             f"(rule: group size must divide the input dimension)"
         )
+    if scheme.hot_rows >= rows:
+        raise PlanError(f"tensor {name!r}: hot_rows {scheme.hot_rows} must be below its {rows} rows")
     return rows, cols
 
 
@@ -47,7 +60,8 @@ def packed_nbytes(shape: tuple[int, int], scheme: TensorScheme) -> int:
     if not scheme.is_integer:
         return n * (2 if scheme.precision == "fp16" else 4)
     side = rows * n_groups(cols, scheme) * 2
-    return codes_nbytes(n, scheme.bits) + side * (1 if scheme.symmetric else 2)
+    hot = scheme.hot_rows * (cols + HOT_ROW_EXTRA_BYTES)
+    return codes_nbytes(n, scheme.bits) + side * (1 if scheme.symmetric else 2) + hot
 
 
 def weights_nbytes(spec: ModelSpec, plan: Plan) -> int:

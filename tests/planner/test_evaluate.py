@@ -164,6 +164,31 @@ def test_gptq_calibration_inputs_come_from_the_fp32_model(
     torch.testing.assert_close(seen[0], seen[1])
 
 
+def test_embedding_tables_get_their_lookups_on_the_train_split(tiny_evaluator: Evaluator) -> None:
+    calib = tiny_evaluator.calibration_inputs()
+    train = tiny_evaluator._split("train").tokens
+    real = [b.attention_mask.bool() for b in train]
+    words = torch.cat([b.input_ids[m] for b, m in zip(train, real, strict=True)])
+    word_name = "embeddings.word_embeddings.weight"
+    assert torch.equal(torch.sort(calib[word_name]).values, torch.sort(words).values)
+    # Positions: every real token's position, once per text that reaches it.
+    positions = calib["embeddings.position_embeddings.weight"]
+    assert positions.numel() == words.numel()
+    assert int(torch.bincount(positions)[0]) == len(tiny_evaluator.dataset.split("train").texts)
+    assert calib["embeddings.token_type_embeddings.weight"].unique().tolist() == [0]
+
+
+def test_hot_rows_are_chosen_from_the_lookups_and_measured(
+    tiny_adapter: TinyAdapter, tiny_dataset: TextDataset, tiny_heads: ExitHeads, tmp_path: Path
+) -> None:
+    ev = Evaluator(tiny_adapter, tiny_dataset, tiny_heads, cache_dir=tmp_path, threads=1)
+    name = "embeddings.word_embeddings.weight"
+    cold = ev.evaluate(Plan.build({name: TensorScheme("int2", 32)}), "calibration")
+    hot = ev.evaluate(Plan.build({name: TensorScheme("int2", 32, hot_rows=64)}), "calibration")
+    assert hot.weights_key != cold.weights_key
+    assert hot.kl < cold.kl  # the tiny task's 64 most frequent tokens cover most lookups
+
+
 def test_bad_plans_and_mismatched_heads_are_refused(
     tiny_evaluator: Evaluator, tiny_adapter: TinyAdapter, tiny_dataset: TextDataset, tiny_heads: ExitHeads
 ) -> None:

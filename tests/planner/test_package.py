@@ -44,11 +44,15 @@ def _uniform(bundle: Bundle, scheme: TensorScheme, threshold: float | None = Non
 
 
 def _mixed(bundle: Bundle) -> Plan:
-    """int4 g32 attention, int8 asymmetric FFN, fp16 / int3 embeddings, GPTQ on the FFN input."""
+    """int4 g32 attention, int8 asymmetric FFN, int3 embeddings (the word table with 16 int8
+    hot rows, the token-type table fp16), GPTQ on the FFN input."""
     schemes = {}
     for t in bundle.adapter.spec().tensors:
         if t.kind == "embedding":
-            schemes[t.name] = TensorScheme("fp16") if "word" in t.name else TensorScheme("int3")
+            if "token_type" in t.name:
+                schemes[t.name] = TensorScheme("fp16")
+            else:
+                schemes[t.name] = TensorScheme("int3", hot_rows=16 if "word" in t.name else 0)
         elif "intermediate" in t.name:
             schemes[t.name] = TensorScheme("int4", 32, True, "gptq")
         elif "attention" in t.name:

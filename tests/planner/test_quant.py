@@ -426,3 +426,96 @@ def test_tiny_weights_keep_their_relative_precision() -> None:
     weight = torch.randn(16, 64) * 1e-5
     err = (quantize_dequantize(weight, TensorScheme("int8")) - weight).abs().max()
     assert float(err) < 0.02 * float(weight.abs().max())
+
+
+# ----------------------------------------------------------------------------- hot rows
+
+
+def _lookups() -> torch.Tensor:
+    """Row 7 looked up five times, rows 3 and 9 three times each, row 1 once."""
+    return torch.tensor([7, 3, 7, 9, 7, 3, 9, 7, 1, 9, 3, 7])
+
+
+def test_hot_rows_are_the_most_looked_up_rows_ties_to_the_lower_id() -> None:
+    qt = quantize(torch.randn(100, 64), TensorScheme("int2", 32, hot_rows=3), _lookups(), kind="embedding")
+    assert qt.hot_index is not None and qt.hot_index.tolist() == [3, 7, 9]
+    more = quantize(torch.randn(100, 64), TensorScheme("int2", 32, hot_rows=5), _lookups(), kind="embedding")
+    assert more.hot_index is not None and more.hot_index.tolist() == [0, 1, 3, 7, 9]  # then unseen rows by id
+
+
+def test_hot_rows_are_stored_at_int8_and_the_rest_at_the_table_precision() -> None:
+    weight = torch.randn(100, 64)
+    plain = dequantize(quantize(weight, TensorScheme("int2", 32), kind="embedding"))
+    qt = quantize(weight, TensorScheme("int2", 32, hot_rows=3), _lookups(), kind="embedding")
+    hot = dequantize(qt)
+    assert torch.equal(hot[[0, 1, 2, 4]], plain[[0, 1, 2, 4]])
+    int8 = dequantize(quantize(weight[[3, 7, 9]], TensorScheme("int8"), kind="embedding"))
+    assert torch.equal(hot[[3, 7, 9]], int8)
+    assert float((hot[[3, 7, 9]] - weight[[3, 7, 9]]).abs().max()) < 0.1 * float(
+        (plain[[3, 7, 9]] - weight[[3, 7, 9]]).abs().max()
+    )
+
+
+def test_hot_rows_pack_round_trip_and_predicted_bytes_equal_the_bytes_packed() -> None:
+    weight = torch.randn(300, 64)
+    lookups = torch.randint(0, 300, (2000,), generator=torch.Generator().manual_seed(1))
+    for scheme in [
+        TensorScheme("int4", 64, False, hot_rows=16),
+        TensorScheme("int3", 32, True, hot_rows=256),
+        TensorScheme("int2", None, True, hot_rows=1),
+    ]:
+        qt = quantize(weight, scheme, lookups, kind="embedding")
+        packed = pack(qt)
+        assert packed["hot_index"].dtype == np.int32 and packed["hot_codes"].dtype == np.uint8
+        assert sum(a.nbytes for a in packed.values()) == packed_nbytes((300, 64), scheme)
+        back = unpack(packed, qt.shape, scheme)
+        assert torch.equal(dequantize(back), dequantize(qt))
+
+
+def test_hot_rows_need_lookup_statistics_and_a_table() -> None:
+    with pytest.raises(PlanError, match=r"'tok\.weight'.*hot_rows 4 needs the table's lookup statistics"):
+        quantize(torch.randn(100, 64), TensorScheme("int4", hot_rows=4), name="tok.weight", kind="embedding")
+    with pytest.raises(PlanError, match=r"'fc\.weight'.*embedding tables only"):
+        quantize(torch.randn(100, 64), TensorScheme("int4", hot_rows=4), name="fc.weight")
+    with pytest.raises(PlanError, match=r"hot_rows 100 must be below its 100 rows"):
+        quantize(torch.randn(100, 64), TensorScheme("int4", hot_rows=100), _lookups(), kind="embedding")
+    with pytest.raises(PlanError, match=r"rows outside 0\.\.99"):
+        quantize(
+            torch.randn(100, 64), TensorScheme("int4", hot_rows=4), torch.tensor([5, 100]), kind="embedding"
+        )
+    with pytest.raises(PlanError, match=r"hot_rows -1 must be a whole number"):
+        TensorScheme("int4", hot_rows=-1)
+
+
+def test_a_plan_with_hot_rows_on_a_linear_weight_is_refused_naming_it() -> None:
+    spec = tiny_spec(tiny_net())
+    with pytest.raises(
+        PlanError, match=r"'blocks\.0\.up\.weight': hot_rows applies to embedding tables only"
+    ):
+        Plan.build({"blocks.0.up.weight": TensorScheme("int4", hot_rows=8)}).validate(spec)
+    with pytest.raises(PlanError, match=r"'embed\.weight': hot_rows 256 must be below its 100 rows"):
+        Plan.build({"embed.weight": TensorScheme("int4", hot_rows=256)}).validate(spec)
+
+
+def test_a_scheme_without_hot_rows_serialises_as_before() -> None:
+    plain = TensorScheme("int4", 32, False)
+    assert "hot_rows" not in plain.to_dict()
+    hot = TensorScheme("int4", 32, False, hot_rows=256)
+    assert TensorScheme.from_dict(hot.to_dict()) == hot
+    assert TensorScheme("fp16", hot_rows=256) == TensorScheme("fp16")
+
+
+def test_a_plan_with_hot_rows_writes_the_bytes_it_predicts_and_reads_back(tmp_path: Path) -> None:
+    net = tiny_net()
+    spec = tiny_spec(net)
+    plan = Plan.build(
+        {**dict(mixed_plan(spec).schemes), "embed.weight": TensorScheme("int3", 32, hot_rows=8)}
+    )
+    calib = {"embed.weight": _lookups()}
+    quantized = quantize_plan(net, spec, plan, calib)
+    quantizable = set(spec.tensor_names)
+    others = {n: p for n, p in net.named_parameters() if n not in quantizable}
+    report = write_packed_safetensors(tmp_path / "hot.safetensors", quantized, others)
+    assert report.payload_bytes == plan_nbytes(spec, plan)
+    back, _ = read_packed_safetensors(tmp_path / "hot.safetensors")
+    assert torch.equal(dequantize(back["embed.weight"]), dequantize(quantized["embed.weight"]))

@@ -111,6 +111,19 @@ def test_packed_embedding_dequantizes_only_the_rows_looked_up() -> None:
         assert module_storage_bytes(emb) == packed_nbytes((100, 64), scheme)
 
 
+def test_packed_embedding_serves_hot_rows_from_their_int8_copy() -> None:
+    table = torch.randn(100, 64)
+    lookups = torch.tensor([5, 5, 5, 99, 99, 42])
+    for scheme in [TensorScheme("int2", 32, hot_rows=3), TensorScheme("int4", 64, False, hot_rows=2)]:
+        qt = quantize(table, scheme, lookups, kind="embedding")
+        emb = PackedEmbedding(qt)
+        ids = torch.tensor([[0, 5, 99], [42, 5, 1]])
+        assert torch.equal(emb(ids), F.embedding(ids, dequantize(qt)))
+        # The row-id → hot-slot map (int16 per row) replaces the stored int32 row ids.
+        k = scheme.hot_rows
+        assert module_storage_bytes(emb) == packed_nbytes((100, 64), scheme) - 4 * k + 2 * 100
+
+
 def test_runtime_model_reports_kernels_and_matches_the_fake_quantized_model() -> None:
     net = tiny_net()
     spec = tiny_spec(net)
