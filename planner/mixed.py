@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.quant.packing import packed_nbytes, plan_nbytes
+from planner.quant.sizes import packed_nbytes, plan_nbytes
 from planner.sensitivity import SensitivityProfile
 from planner.specs import ModelSpec, Plan, PlanError, TensorScheme, TensorSpec
 
@@ -61,14 +61,37 @@ def profile_scheme_for(profile: SensitivityProfile) -> SchemeFor:
     dimension (else per channel), its symmetry and method; fp16/fp32 as plain storage."""
 
     def scheme_for(tensor: TensorSpec, precision: str) -> TensorScheme:
-        if not precision.startswith("int"):
-            return TensorScheme(precision)
-        gs = profile.group_size
-        if gs is not None and tensor.shape[1] % gs:
-            gs = None
-        return TensorScheme(precision, gs, profile.symmetric, profile.method)
+        return profile.family_scheme(tensor.shape, precision)
 
     return scheme_for
+
+
+@dataclass(frozen=True)
+class _Option:
+    nbytes: int
+    loss: float
+    scheme: TensorScheme
+
+
+def _hull(options: list[_Option]) -> list[_Option]:
+    """The options worth moving through, widest first: drop every option another beats on both
+    bytes and loss, then keep the lower convex hull of (bytes, loss), so that each further step
+    costs more loss per byte saved than the one before (the greedy's marginal costs rise)."""
+    efficient: list[_Option] = []
+    for o in sorted(options, key=lambda o: (o.nbytes, o.loss)):  # narrowest first
+        if not efficient or o.loss < efficient[-1].loss:
+            efficient.append(o)
+    efficient.reverse()  # widest (least loss) first
+    hull: list[_Option] = []
+    for o in efficient:
+        hull.append(o)
+        while len(hull) >= 3:
+            a, b, c = hull[-3], hull[-2], hull[-1]
+            if (c.loss - b.loss) / (b.nbytes - c.nbytes) < (b.loss - a.loss) / (a.nbytes - b.nbytes):
+                hull.pop(-2)
+            else:
+                break
+    return hull
 
 
 def greedy_frontier(
@@ -81,20 +104,23 @@ def greedy_frontier(
     metric: str = "cosine",
     max_steps: int | None = None,
     frozen: Mapping[str, str] | None = None,
+    use_variants: bool = True,
 ) -> list[FrontierPoint]:
-    """The greedy frontier of mixed plans, from the ladders' top rungs down.
+    """The greedy frontier of mixed plans, from the widest options down.
 
     Steps:
-      1. per tensor, its ladder (`embedding_ladder` for embedding tables, else `ladder`;
-         tensors named in `frozen` keep that one precision), the packed bytes of each rung
-         (`packed_nbytes` of `scheme_for(tensor, precision)`) and the profile's loss of each
-         rung; rungs that save no bytes are dropped;
-      2. the loss along each ladder is replaced by its running maximum (a narrower grid is
-         never better: a lower measured loss is noise, and this keeps the frontier monotone);
-      3. repeat up to `max_steps` times: for every tensor not at its bottom rung, the cost of
-         its next move = Δloss / Δbytes; move the cheapest (ties: most bytes saved, then model
-         order), record the plan, its bytes and its proxy loss;
-      4. proxy loss = Σ envelope losses, mapped through the profile's correction for `metric`
+      1. per tensor, its options: each precision of its ladder (`embedding_ladder` for
+         embedding tables, else `ladder`; tensors named in `frozen` keep that one precision)
+         stored as `scheme_for(tensor, precision)`, with the profile's loss, the family losses
+         replaced by their running maximum down the ladder (a narrower grid of the same family
+         is never better: a lower measured loss is noise); plus, with `use_variants`, every
+         variant the profile measured for the tensor whose precision is on its ladder;
+      2. per tensor, the lower convex hull of its options in (bytes, loss) (`_hull`);
+      3. start every tensor at its widest hull option; repeat up to `max_steps` times: for
+         every tensor not at its last option, the cost of its next step = Δloss / Δbytes; take
+         the cheapest (ties: most bytes saved, then model order), record the plan, its bytes
+         and its proxy loss;
+      4. proxy loss = Σ option losses, mapped through the profile's correction for `metric`
          (monotone) when it has one.
     Returns the points in order: bytes strictly decreasing, proxy loss non-decreasing.
     """
@@ -103,8 +129,7 @@ def greedy_frontier(
     table = profile._table(metric)
     col = {p: i for i, p in enumerate(profile.precisions)}
     row = {n: i for i, n in enumerate(profile.tensors)}
-    names = spec.tensor_names
-    rungs: list[list[str]] = []
+    hulls: list[list[_Option]] = []
     for t in spec.tensors:
         if t.name not in row:
             raise PlanError(f"tensor {t.name!r} is not in the sensitivity profile of {profile.model!r}")
@@ -114,51 +139,47 @@ def greedy_frontier(
             steps = embedding_ladder
         else:
             steps = ladder
-        kept: list[str] = []
-        last_bytes = None
         for p in steps:
             if p not in col:
                 raise PlanError(f"precision {p!r} was not profiled for {profile.model!r}")
-            size = packed_nbytes(t.shape, scheme_for(t, p))
-            if last_bytes is None or size < last_bytes:
-                kept.append(p)
-                last_bytes = size
-        rungs.append(kept)
-    depth = max(len(r) for r in rungs)
+        family = np.maximum.accumulate(np.maximum([float(table[row[t.name], col[p]]) for p in steps], 0.0))
+        options = [
+            _Option(packed_nbytes(t.shape, scheme_for(t, p)), float(loss), scheme_for(t, p))
+            for p, loss in zip(steps, family, strict=True)
+        ]
+        if use_variants and t.name not in frozen:
+            options += [
+                _Option(packed_nbytes(t.shape, v.scheme), max(v.losses[metric], 0.0), v.scheme)
+                for v in profile.variants_of(t.name)
+                if v.scheme.precision in steps
+            ]
+        hulls.append(_hull(options))
+    names = spec.tensor_names
     n = len(names)
-    loss = np.full((n, depth), np.inf)
-    nbytes = np.full((n, depth), -1.0)
-    for i, (t, r) in enumerate(zip(spec.tensors, rungs, strict=True)):
-        losses = [float(table[row[t.name], col[p]]) for p in r]
-        loss[i, : len(r)] = np.maximum.accumulate(np.maximum(losses, 0.0))
-        nbytes[i, : len(r)] = [packed_nbytes(t.shape, scheme_for(t, p)) for p in r]
-    bottom = np.array([len(r) - 1 for r in rungs])
-    level = np.zeros(n, dtype=np.int64)
+    level = [0] * n
     a, b = profile.corrections.get(metric, (1.0, 1.0))
 
     def corrected(s: float) -> float:
         return s if (a, b) == (1.0, 1.0) else float(a * max(s, 0.0) ** b)
 
     def point(step: int, changed: str | None) -> FrontierPoint:
-        plan = Plan.build({names[i]: scheme_for(spec.tensors[i], rungs[i][level[i]]) for i in range(n)})
-        total = float(loss[np.arange(n), level].sum())
+        plan = Plan.build({names[i]: hulls[i][level[i]].scheme for i in range(n)})
+        total = sum(hulls[i][level[i]].loss for i in range(n))
         return FrontierPoint(plan, plan_nbytes(spec, plan), corrected(total), step, changed)
 
     points = [point(0, None)]
-    limit = max_steps if max_steps is not None else int(bottom.sum())
-    idx = np.arange(n)
+    limit = max_steps if max_steps is not None else sum(len(h) - 1 for h in hulls)
     for step in range(1, limit + 1):
-        movable = level < bottom
-        if not movable.any():
+        best: tuple[float, int, int] | None = None  # (cost, -bytes saved, index)
+        for i, h in enumerate(hulls):
+            if level[i] + 1 < len(h):
+                here, nxt = h[level[i]], h[level[i] + 1]
+                saved = here.nbytes - nxt.nbytes
+                key = ((nxt.loss - here.loss) / saved, -saved, i)
+                if best is None or key < best:
+                    best = key
+        if best is None:
             break
-        nxt = np.minimum(level + 1, bottom)
-        d_loss = loss[idx, nxt] - loss[idx, level]
-        d_bytes = nbytes[idx, level] - nbytes[idx, nxt]
-        cost = np.where(movable, d_loss / np.where(movable, d_bytes, 1.0), np.inf)
-        best = cost.min()
-        # Ties (often several zero-loss moves): save the most bytes first, then model order.
-        tied = np.flatnonzero(movable & (cost <= best + 1e-15))
-        pick = int(tied[np.argmax(d_bytes[tied])])
-        level[pick] += 1
-        points.append(point(step, names[pick]))
+        level[best[2]] += 1
+        points.append(point(step, names[best[2]]))
     return points

@@ -7,6 +7,12 @@ before the tensor's block.  The profile is stored once per model (JSON via to_di
 
 The proxy predicts a plan's loss as the sum of its tensors' losses: plans are rows of precision
 indices, the profile a (tensors × precisions) matrix, so a batch of plans is one gather + sum.
+
+Besides that matrix — one "family" scheme per precision (the profile's group size, symmetry and
+method) — a profile may hold **variants**: other schemes measured the same way for the tensors
+they apply to (groups of 32 or 64, asymmetric grids, hot rows for embedding tables).  The
+greedy frontier (`planner.mixed`) chooses among all of them; the vectorised proxy reads the
+family matrix only (a plan's scheme counts as its precision's family scheme there).
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from planner.evaluate import Evaluator, kl_divergence
-from planner.specs import PRECISIONS, Plan, PlanError, TensorScheme
+from planner.specs import PRECISIONS, Plan, PlanError, TensorScheme, TensorSpec
 
 __all__ = [
     "METRICS",
+    "SchemeVariant",
     "SensitivityProfile",
     "check_proxy",
     "fidelity_losses",
@@ -37,11 +44,32 @@ METRICS: tuple[str, ...] = ("kl", "disagreement", "cosine")
 
 
 @dataclass(frozen=True)
+class SchemeVariant:
+    """One more measured scheme of one tensor (beyond the profile's family columns)."""
+
+    tensor: str
+    scheme: TensorScheme
+    losses: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "scheme": self.scheme.to_dict(), "losses": dict(self.losses)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SchemeVariant:
+        return cls(
+            tensor=str(data["tensor"]),
+            scheme=TensorScheme.from_dict(data["scheme"]),
+            losses={m: float(v) for m, v in data["losses"].items()},
+        )
+
+
+@dataclass(frozen=True)
 class SensitivityProfile:
     """Loss matrices (tensors × precisions) per metric; column order = `precisions`.
 
     `corrections[metric] = (a, b)` optionally maps the additive sum s to a·s**b (fitted on
-    measured plans; monotone, so rankings are unchanged).
+    measured plans; monotone, so rankings are unchanged).  `variants` are further measured
+    (tensor, scheme) pairs (see the module docstring).
     """
 
     model: str
@@ -56,6 +84,18 @@ class SensitivityProfile:
     losses: dict[str, np.ndarray]
     seconds: float = 0.0
     corrections: dict[str, tuple[float, float]] = field(default_factory=dict)
+    variants: tuple[SchemeVariant, ...] = ()
+
+    def family_scheme(self, shape: tuple[int, int], precision: str) -> TensorScheme:
+        """The scheme the family column of `precision` was measured with for a tensor of `shape`:
+        the profile's group size where it divides the input dimension (else per channel)."""
+        if not precision.startswith("int"):
+            return TensorScheme(precision)
+        gs = self.group_size if self.group_size is not None and shape[1] % self.group_size == 0 else None
+        return TensorScheme(precision, gs, self.symmetric, self.method)
+
+    def variants_of(self, tensor: str) -> list[SchemeVariant]:
+        return [v for v in self.variants if v.tensor == tensor]
 
     def index_matrix(self, plans: Sequence[Plan]) -> np.ndarray:
         """(P, T) int matrix of precision column per tensor; unknown precision → PlanError."""
@@ -117,6 +157,7 @@ class SensitivityProfile:
             "losses": {m: v.tolist() for m, v in self.losses.items()},
             "seconds": self.seconds,
             "corrections": {m: list(v) for m, v in self.corrections.items()},
+            "variants": [v.to_dict() for v in self.variants],
         }
 
     @classmethod
@@ -141,6 +182,7 @@ class SensitivityProfile:
             losses=losses,
             seconds=float(data.get("seconds", 0.0)),
             corrections={m: (float(v[0]), float(v[1])) for m, v in (data.get("corrections") or {}).items()},
+            variants=tuple(SchemeVariant.from_dict(v) for v in data.get("variants") or ()),
         )
 
 
@@ -156,6 +198,18 @@ def fidelity_losses(evaluator: Evaluator, plan: Plan, split: str = "calibration"
     }
 
 
+def _variant_for(tensor: TensorSpec, template: TensorScheme, method: str) -> TensorScheme | None:
+    """`template` as measured on `tensor`, or None where it does not apply (a group size that
+    does not divide the input dimension, hot rows on a Linear or on a table too small)."""
+    if template.group_size is not None and tensor.shape[1] % template.group_size:
+        return None
+    if template.hot_rows and (tensor.kind != "embedding" or template.hot_rows >= tensor.shape[0]):
+        return None
+    # A lookup has no inputs to compensate: GPTQ there is RTN, so measure it as what it is.
+    use = "rtn" if tensor.kind == "embedding" else template.method
+    return TensorScheme(template.precision, template.group_size, template.symmetric, use, template.hot_rows)
+
+
 def profile_sensitivity(
     evaluator: Evaluator,
     precisions: Sequence[str] = ("fp16", "int8", "int4", "int3", "int2"),
@@ -164,18 +218,21 @@ def profile_sensitivity(
     symmetric: bool = True,
     split: str = "calibration",
     progress: Callable[[int, int], None] | None = None,
+    variants: Sequence[TensorScheme] = (),
 ) -> SensitivityProfile:
-    """Measure every tensor at every precision, the rest FP32.
+    """Measure every tensor at every precision, the rest FP32 (and every variant scheme).
 
     Steps:
       1. run the FP32 reference on `split` once (pins its per-stage activations);
       2. for each tensor (in model order, so a block's weights are quantized back to back) and
          each precision: a one-tensor plan; the evaluator resumes from the cached FP32 state
          before the tensor's block and recomputes only that block onward;
-      3. record KL, disagreement and cosine loss; fp32 is column 0 with zero loss.
+      3. record KL, disagreement and cosine loss; fp32 is column 0 with zero loss;
+      4. the same for every scheme of `variants` that applies to the tensor (`_variant_for`)
+         and differs from its family scheme; each becomes a `SchemeVariant`.
     Tensors whose shape the group size does not divide fall back to per-channel scales.
-    Cost: about (n_tensors × n_precisions × mean blocks recomputed / n_blocks) passes over
-    `split`; to bound it, build `evaluator` on ``dataset.subsample("calibration", n)``.
+    Cost: about (n_tensors × (n_precisions + n_variants) × mean blocks recomputed / n_blocks)
+    passes over `split`; to bound it, build `evaluator` on ``dataset.subsample("calibration", n)``.
     """
     started = time.perf_counter()
     spec = evaluator.spec
@@ -185,18 +242,35 @@ def profile_sensitivity(
             raise PlanError(f"precision {p!r} is not one of {', '.join(PRECISIONS)}")
     losses = {m: np.zeros((len(spec.tensors), len(cols))) for m in METRICS}
     evaluator.reference(split)
-    total = len(spec.tensors) * (len(cols) - 1)
+    family = SensitivityProfile(
+        spec.name, evaluator.cache_key, split, 0, group_size, method, symmetric, (), cols, {}
+    )
+    extra: list[tuple[TensorSpec, TensorScheme]] = []
+    for tensor in spec.tensors:
+        own = {family.family_scheme(tensor.shape, p) for p in cols}
+        for template in variants:
+            scheme = _variant_for(tensor, template, method)
+            if scheme is not None and scheme not in own and (tensor, scheme) not in extra:
+                extra.append((tensor, scheme))
+    total = len(spec.tensors) * (len(cols) - 1) + len(extra)
     done = 0
+
+    def measure(name: str, scheme: TensorScheme) -> dict[str, float]:
+        nonlocal done
+        measured = fidelity_losses(evaluator, Plan.build({name: scheme}), split)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return measured
+
+    measured_variants: list[SchemeVariant] = []
     for i, tensor in enumerate(spec.tensors):
-        gs = group_size if group_size is not None and tensor.shape[1] % group_size == 0 else None
         for j, precision in enumerate(cols[1:], start=1):
-            scheme = TensorScheme(precision, gs, symmetric, method)
-            measured = fidelity_losses(evaluator, Plan.build({tensor.name: scheme}), split)
+            measured = measure(tensor.name, family.family_scheme(tensor.shape, precision))
             for m in METRICS:
                 losses[m][i, j] = measured[m]
-            done += 1
-            if progress is not None:
-                progress(done, total)
+        for _, scheme in (x for x in extra if x[0] is tensor):
+            measured_variants.append(SchemeVariant(tensor.name, scheme, measure(tensor.name, scheme)))
     return SensitivityProfile(
         model=spec.name,
         evaluator_key=evaluator.cache_key,
@@ -209,6 +283,7 @@ def profile_sensitivity(
         precisions=cols,
         losses=losses,
         seconds=time.perf_counter() - started,
+        variants=tuple(measured_variants),
     )
 
 

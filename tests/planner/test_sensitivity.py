@@ -65,6 +65,36 @@ def test_profile_entry_equals_a_direct_measurement(profiled: tuple[Evaluator, Se
     assert prof.losses["kl"][prof.tensors.index(name), 4] == pytest.approx(got["kl"])
 
 
+def test_variants_are_measured_where_they_apply_and_round_trip(
+    tiny_adapter: object, tiny_dataset: object, tiny_heads: object, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    ev = Evaluator(
+        tiny_adapter,  # type: ignore[arg-type]
+        tiny_dataset,  # type: ignore[arg-type]
+        tiny_heads,  # type: ignore[arg-type]
+        cache_dir=tmp_path_factory.mktemp("variants"),
+        threads=1,
+    )
+    templates = [
+        TensorScheme("int4", 64, False, "gptq"),  # 64 divides the 64-wide FFN input only
+        TensorScheme("int3", None, True, "gptq", hot_rows=64),  # tables with > 64 rows only
+        TensorScheme("int8", None, True, "gptq"),  # the family's own int8: not measured twice
+    ]
+    prof = profile_sensitivity(ev, ("int8", "int4"), method="gptq", variants=templates)
+    grouped = {v.tensor for v in prof.variants if v.scheme.group_size == 64}
+    assert grouped == {t.name for t in ev.spec.tensors if t.shape[1] % 64 == 0}
+    hot = [v for v in prof.variants if v.scheme.hot_rows]
+    assert {v.tensor for v in hot} == {
+        t.name for t in ev.spec.tensors if t.kind == "embedding" and t.shape[0] > 64
+    }
+    assert all(v.scheme.method == "rtn" for v in hot)  # a lookup is measured as what it is: RTN
+    assert not any(v.scheme == TensorScheme("int8", None, True, "gptq") for v in prof.variants)
+    one = hot[0]
+    assert one.losses["kl"] == pytest.approx(fidelity_losses(ev, Plan.build({one.tensor: one.scheme}))["kl"])
+    again = SensitivityProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert again.variants == prof.variants
+
+
 def test_profile_round_trips_through_json(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
     _, prof = profiled
     again = SensitivityProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
