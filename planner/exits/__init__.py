@@ -6,17 +6,30 @@ from planner.exits.curve import (
     choose_threshold,
     confidences,
     threshold_curve,
+    threshold_for_layers,
 )
-from planner.exits.heads import ExitHeads, pooled_features, prepare_heads, train_exit_heads
+from planner.exits.heads import (
+    L2_GRID,
+    ExitHeads,
+    HeadsChoice,
+    pooled_features,
+    prepare_heads,
+    select_heads,
+    train_exit_heads,
+)
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "L2_GRID",
     "ExitHeads",
+    "HeadsChoice",
     "ThresholdCurve",
     "choose_threshold",
     "confidences",
     "pooled_features",
     "prepare_heads",
+    "select_heads",
     "threshold_curve",
+    "threshold_for_layers",
     "train_exit_heads",
 ]

@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_THRESHOLDS", "ThresholdCurve", "choose_threshold", "confidences", "threshold_curve"]
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "ThresholdCurve",
+    "choose_threshold",
+    "confidences",
+    "threshold_curve",
+    "threshold_for_layers",
+]
 
 #: 0.30, 0.31, …, 0.99 then finer steps up to 0.9999 where confident heads separate.
 DEFAULT_THRESHOLDS: np.ndarray = np.unique(
@@ -168,3 +175,30 @@ def choose_threshold(
         return None
     candidates = np.flatnonzero(cost <= best + 1e-12)
     return float(curve.thresholds[candidates.max()])
+
+
+def threshold_for_layers(
+    curve: ThresholdCurve,
+    max_mean_layers: float,
+    max_loss_points: float,
+    min_agreement: float | None = None,
+) -> float | None:
+    """The most faithful threshold that runs at most `max_mean_layers` blocks on average.
+
+    The other side of `choose_threshold`: there the accuracy bound is fixed and the cost
+    minimised; here the compute budget is fixed (e.g. "1.5× fewer layers") and, among the
+    thresholds within it that lose at most `max_loss_points` of accuracy (and keep agreement
+    ≥ `min_agreement`), the one with the highest top-1 agreement with FP32 is taken (ties: the
+    fewest layers, then the highest threshold).  Use the CALIBRATION curve.  None when no
+    threshold meets the budget and the bounds.
+    """
+    ok = (curve.mean_layers <= max_mean_layers + 1e-12) & (
+        (curve.full_accuracy - curve.accuracy) * 100.0 <= max_loss_points + 1e-9
+    )
+    if min_agreement is not None:
+        ok &= curve.agreement >= min_agreement - 1e-12
+    if not ok.any():
+        return None
+    idx = np.flatnonzero(ok)
+    best = max(idx, key=lambda i: (curve.agreement[i], -curve.mean_layers[i], curve.thresholds[i]))
+    return float(curve.thresholds[best])

@@ -8,7 +8,8 @@ block e's state has mixed away.
 Heads are multinomial logistic regressions on standardised FP32 features, trained full-batch
 with L-BFGS; intermediate heads are trained by self-distillation on the task head's predicted
 distribution (`distill` = 1: only the teacher), because their job is to say early what the full
-model would say.
+model would say.  How strongly each is regularised is chosen on the calibration split
+(`select_heads`).
 
 Measured on the built-in model (FP32, thresholds chosen on calibration for ≤ 4.0 of 6 blocks,
 held-out figures): per-block heads with labels/teacher mixed half and half stop at 3.72 blocks
@@ -31,7 +32,15 @@ import torch.nn.functional as F
 from planner.data.dataset import TextDataset, engine_data_dir
 from planner.models.base import ModelAdapter, ModelFileError, TokenizedSplit
 
-__all__ = ["ExitHeads", "pooled_features", "prepare_heads", "train_exit_heads"]
+__all__ = [
+    "L2_GRID",
+    "ExitHeads",
+    "HeadsChoice",
+    "pooled_features",
+    "prepare_heads",
+    "select_heads",
+    "train_exit_heads",
+]
 
 _FORMAT = "edgefit-exit-heads/1"
 
@@ -200,10 +209,13 @@ def train_exit_heads(
     classes: Sequence[str],
     l2: float = 1e-2,
     distill: float = 1.0,
-    max_iter: int = 50,
+    max_iter: int = 100,
     dense: bool = True,
+    exit_l2: float | None = None,
 ) -> ExitHeads:
     """Train every exit head on FP32 features (N, E, H) of the train split.
+
+    `l2` regularises the task head, `exit_l2` (default: `l2`) the other exits' heads.
 
     Steps:
       1. standardise each block's features with its train mean / std;
@@ -221,6 +233,7 @@ def train_exit_heads(
     std = x.std(0).clamp(min=1e-6)
     z = (x - mean) / std
     onehot = F.one_hot(y, len(classes)).float()
+    rest_l2 = l2 if exit_l2 is None else exit_l2
     n, n_exits, h = z.shape
     zt = z.transpose(0, 1).contiguous()  # (E, N, H)
     with torch.enable_grad():
@@ -231,13 +244,13 @@ def train_exit_heads(
             # (E-1, E·H) column masks: head e reads blocks 0…e
             keep = (torch.arange(n_exits * h)[None] < (torch.arange(1, n_exits)[:, None] * h)).float()
             inputs = z.reshape(n, n_exits * h)[None] * keep[:, None, :]
-            w_rest, b_rest = _fit_logreg(inputs, target.expand(n_exits - 1, -1, -1), l2, max_iter)
+            w_rest, b_rest = _fit_logreg(inputs, target.expand(n_exits - 1, -1, -1), rest_l2, max_iter)
             w_rest = w_rest * keep[:, None, :]
             w_task = torch.zeros(1, w_last.shape[1], n_exits * h)
             w_task[..., (n_exits - 1) * h :] = w_last
             weight, bias = torch.cat([w_rest, w_task]), torch.cat([b_rest, b_last])
         elif n_exits > 1:
-            w_rest, b_rest = _fit_logreg(zt[:-1], target.expand(n_exits - 1, -1, -1), l2, max_iter)
+            w_rest, b_rest = _fit_logreg(zt[:-1], target.expand(n_exits - 1, -1, -1), rest_l2, max_iter)
             weight, bias = torch.cat([w_rest, w_last]), torch.cat([b_rest, b_last])
         else:
             weight, bias = w_last, b_last
@@ -250,27 +263,105 @@ def train_exit_heads(
     )
 
 
+#: Regularisation strengths `prepare_heads` chooses from (on the calibration split).
+L2_GRID: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
+
+
+@dataclass(frozen=True)
+class HeadsChoice:
+    """The regularisation `select_heads` chose, with the calibration figure of every candidate:
+    task head → NLL of the labels; exit heads → mean KL(task head ‖ exit head) over exits."""
+
+    task_l2: float
+    exit_l2: float
+    task_nll: dict[float, float]
+    exit_kl: dict[float, float]
+
+
+def select_heads(
+    train_features: torch.Tensor,
+    train_labels: Sequence[int],
+    calibration_features: torch.Tensor,
+    calibration_labels: Sequence[int],
+    classes: Sequence[str],
+    grid: Sequence[float] = L2_GRID,
+    distill: float = 1.0,
+    dense: bool = True,
+    max_iter: int = 100,
+) -> tuple[ExitHeads, HeadsChoice]:
+    """Train the heads with the regularisation that does best on the CALIBRATION split.
+
+    Steps: (1) the task head alone (the last block's features) for every l2 of `grid`; keep
+    the one with the lowest calibration NLL of the labels; (2) with that task head, every exit
+    head for every l2 of `grid`; keep the set whose heads' distributions are closest to the task
+    head's on calibration (mean KL).  Measured on the built-in task: the task head's calibration
+    NLL is lowest at l2 = 0.03 (1.063, against 1.112 at the earlier fixed 0.01), and held-out
+    accuracy went from 73.2 % to 74.0 %.
+    """
+    y_cal = torch.as_tensor(list(calibration_labels), dtype=torch.long)
+    task_nll: dict[float, float] = {}
+    for l2 in grid:
+        head = train_exit_heads(train_features[:, -1:], train_labels, classes, l2=l2, max_iter=max_iter)
+        task_nll[l2] = float(F.cross_entropy(head.logits(calibration_features[:, -1:])[:, -1], y_cal))
+    task_l2 = min(grid, key=lambda v: (task_nll[v], v))
+    if train_features.shape[1] == 1:
+        heads = train_exit_heads(train_features, train_labels, classes, l2=task_l2, max_iter=max_iter)
+        return heads, HeadsChoice(task_l2, task_l2, task_nll, {})
+    exit_kl: dict[float, float] = {}
+    trained: dict[float, ExitHeads] = {}
+    for l2 in grid:
+        trained[l2] = train_exit_heads(
+            train_features, train_labels, classes, task_l2, distill, max_iter, dense, exit_l2=l2
+        )
+        logp = F.log_softmax(trained[l2].logits(calibration_features), dim=-1)
+        teacher = logp[:, -1:].exp()
+        exit_kl[l2] = float((teacher * (logp[:, -1:] - logp[:, :-1])).sum(-1).mean())
+    exit_l2 = min(grid, key=lambda v: (exit_kl[v], v))
+    return trained[exit_l2], HeadsChoice(task_l2, exit_l2, task_nll, exit_kl)
+
+
+def _cached_features(
+    adapter: ModelAdapter, dataset: TextDataset, split: str, length: int, root: Path
+) -> torch.Tensor:
+    """FP32 pooled features of `split` (one pass), cached by model, data and length: retraining
+    with other settings reuses them.  A damaged file is recomputed, never trusted."""
+    from safetensors.torch import load_file, save_file
+
+    feat_key = hashlib.sha256(f"{adapter.fingerprint}|{dataset.sha256}|L{length}".encode()).hexdigest()[:20]
+    feat_path = root / "features" / f"{feat_key}-{split}.safetensors"
+    if feat_path.is_file():
+        try:
+            cached: torch.Tensor = load_file(str(feat_path))["pooled"]
+            return cached
+        except Exception:  # safetensors raises several types on a damaged file; recompute
+            feat_path.unlink()
+    feats = pooled_features(adapter, TokenizedSplit.build(adapter, dataset.split(split).texts, length))
+    feat_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"pooled": feats.contiguous()}, str(feat_path))
+    return feats
+
+
 def prepare_heads(
     adapter: ModelAdapter,
     dataset: TextDataset,
     data_dir: str | os.PathLike[str] | None = None,
     max_length: int | None = None,
-    l2: float = 1e-2,
+    l2: float | None = None,
     distill: float = 1.0,
     dense: bool = True,
 ) -> ExitHeads:
     """Load the trained heads for (model, dataset, settings) from `data_dir`, or train and save them.
 
     Steps: compute the key from the model fingerprint, dataset hash and settings; load
-    ``heads/<key>.safetensors`` if present; else compute the FP32 train features in one pass
-    (cached as ``features/<key>-train.safetensors``), train, save atomically.  A damaged cache
-    file is recomputed, never trusted.
+    ``heads/<key>.safetensors`` if present; else compute the FP32 train (and calibration)
+    features in one pass each (cached under ``features/``), train — with `l2` for every head,
+    or, when `l2` is None, with the regularisation `select_heads` chooses on the calibration
+    split — and save atomically.  A damaged cache file is recomputed, never trusted.
     """
-    from safetensors.torch import load_file, save_file
-
     root = engine_data_dir(data_dir)
     length = max_length or int(getattr(adapter, "max_length", 128))
-    settings = f"{adapter.fingerprint}|{dataset.sha256}|L{length}|l2={l2}|d={distill}" + (
+    chosen = f"l2={l2}" if l2 is not None else f"l2=calibration-of-{','.join(map(str, L2_GRID))}"
+    settings = f"{adapter.fingerprint}|{dataset.sha256}|L{length}|{chosen}|d={distill}" + (
         "|dense" if dense else ""
     )
     key = hashlib.sha256(settings.encode()).hexdigest()[:20]
@@ -280,21 +371,21 @@ def prepare_heads(
             return ExitHeads.load(heads_path)
         except ModelFileError:
             heads_path.unlink()  # a damaged cache entry: training is deterministic, redo it
-    # Features depend only on model, data and length: retraining with other settings reuses them.
-    feat_key = hashlib.sha256(f"{adapter.fingerprint}|{dataset.sha256}|L{length}".encode()).hexdigest()[:20]
-    feat_path = root / "features" / f"{feat_key}-train.safetensors"
     train = dataset.split("train")
-    feats: torch.Tensor | None = None
-    if feat_path.is_file():
-        try:
-            feats = load_file(str(feat_path))["pooled"]
-        except Exception:  # safetensors raises several types on a damaged file; recompute
-            feat_path.unlink()
-    if feats is None:
-        feats = pooled_features(adapter, TokenizedSplit.build(adapter, train.texts, length))
-        feat_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"pooled": feats.contiguous()}, str(feat_path))
-    heads = train_exit_heads(feats, train.labels, dataset.classes, l2=l2, distill=distill, dense=dense)
+    feats = _cached_features(adapter, dataset, "train", length, root)
+    if l2 is not None:
+        heads = train_exit_heads(feats, train.labels, dataset.classes, l2=l2, distill=distill, dense=dense)
+    else:
+        cal = _cached_features(adapter, dataset, "calibration", length, root)
+        heads, _ = select_heads(
+            feats,
+            train.labels,
+            cal,
+            dataset.split("calibration").labels,
+            dataset.classes,
+            distill=distill,
+            dense=dense,
+        )
     heads = ExitHeads(
         classes=heads.classes,
         weight=heads.weight,

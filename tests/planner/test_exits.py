@@ -10,11 +10,14 @@ import torch
 
 from planner.data import TextDataset
 from planner.exits import (
+    L2_GRID,
     ExitHeads,
     choose_threshold,
     pooled_features,
     prepare_heads,
+    select_heads,
     threshold_curve,
+    threshold_for_layers,
     train_exit_heads,
 )
 from planner.models import ModelFileError, TinyAdapter, TokenizedSplit
@@ -96,6 +99,23 @@ def test_choose_threshold_takes_cheapest_within_bound() -> None:
     assert choose_threshold(curve, 0.0, metric="agreement") is None
     with pytest.raises(ValueError):
         choose_threshold(curve, 1.0, metric="f1")
+
+
+def test_threshold_for_layers_takes_the_most_faithful_within_the_budget() -> None:
+    labels, reference = [0, 1, 0], [1, 1, 0]
+    curve = threshold_curve(_HAND, labels, reference, thresholds=[0.5, 0.75, 0.85, 0.999])
+    # Agreement per threshold: 1/3 (1 layer), 2/3 (2 layers), 2/3 (7/3 layers), 1 (3 layers).
+    assert threshold_for_layers(curve, 2.5, 100.0) == 0.75  # 2/3 twice: the fewer layers
+    assert threshold_for_layers(curve, 1.0, 100.0) == 0.5
+    assert threshold_for_layers(curve, 3.0, 100.0) == 0.999
+    assert threshold_for_layers(curve, 2.5, 100.0, min_agreement=0.9) is None
+    assert threshold_for_layers(curve, 0.5, 100.0) is None
+    # Accuracy: 2/3 without exit; 2/3, 1, 1, 2/3 at the thresholds: none loses any.
+    assert threshold_for_layers(curve, 2.5, 0.0) == 0.75
+    # Labels = FP32 answers: accuracy 1 without exit, 1/3 and 2/3 at t = 0.5 and 0.75.
+    strict = threshold_curve(_HAND, reference, reference, thresholds=[0.5, 0.75, 0.85, 0.999])
+    assert threshold_for_layers(strict, 2.5, 40.0) == 0.75
+    assert threshold_for_layers(strict, 2.5, 10.0) is None
 
 
 def test_choose_threshold_honours_an_agreement_floor() -> None:
@@ -237,3 +257,30 @@ def test_prepare_heads_recovers_from_damaged_cache_files(
         f.write_bytes(b"garbage")
     again = prepare_heads(tiny_adapter, tiny_dataset, data_dir=tmp_path)
     assert again.key == first.key
+
+
+def test_regularisation_is_chosen_on_the_calibration_split(
+    tiny_adapter: TinyAdapter, tiny_dataset: TextDataset, tmp_path: Path
+) -> None:
+    feats = {
+        split: pooled_features(
+            tiny_adapter, TokenizedSplit.build(tiny_adapter, tiny_dataset.split(split).texts, 32)
+        )
+        for split in ("train", "calibration")
+    }
+    labels = {split: tiny_dataset.split(split).labels for split in feats}
+    heads, choice = select_heads(
+        feats["train"], labels["train"], feats["calibration"], labels["calibration"], tiny_dataset.classes
+    )
+    assert set(choice.task_nll) == set(choice.exit_kl) == set(L2_GRID)
+    assert choice.task_l2 == min(L2_GRID, key=lambda v: choice.task_nll[v])
+    assert choice.exit_l2 == min(L2_GRID, key=lambda v: choice.exit_kl[v])
+    same = train_exit_heads(
+        feats["train"], labels["train"], tiny_dataset.classes, l2=choice.task_l2, exit_l2=choice.exit_l2
+    )
+    assert same.key == heads.key
+    # prepare_heads without an l2 trains exactly these, and keeps them apart from fixed-l2 heads.
+    chosen = prepare_heads(tiny_adapter, tiny_dataset, data_dir=tmp_path, max_length=32)
+    prepare_heads(tiny_adapter, tiny_dataset, data_dir=tmp_path, max_length=32, l2=0.01)
+    assert chosen.key == heads.key
+    assert len(list((tmp_path / "heads").glob("*.safetensors"))) == 2
