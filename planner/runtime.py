@@ -1189,6 +1189,8 @@ class EarlyExitRunner:
 
     def run(self, batch: Batch) -> list[ExitDecision]:
         """Per-row decisions for `batch` (any size), in row order."""
+        if len(batch) == 1:
+            return [self._run_one(batch)]
         n = len(batch)
         out: list[ExitDecision | None] = [None] * n
         alive = torch.arange(n)
@@ -1224,6 +1226,28 @@ class EarlyExitRunner:
                 hidden = hidden[:, :length]
         assert all(d is not None for d in out)
         return [d for d in out if d is not None]
+
+    def _run_one(self, batch: Batch) -> ExitDecision:
+        """`run` for one text: the same decisions without the per-row bookkeeping (which rows
+        are alive, which answered) — at batch 1 each exit check is a handful of small ops, and
+        every op saved is a few microseconds on every block of every request."""
+        hidden = self.adapter.embed(batch)
+        pooled: dict[int, torch.Tensor] = {}
+        last = self.n_blocks - 1
+        for i in range(self.n_blocks):
+            hidden = self.adapter.run_block(i, hidden, batch)
+            if self._pool_after[i]:
+                pooled[i] = self.adapter.pool(hidden, batch)
+            if not self._is_exit[i]:
+                continue
+            w, b = self._heads[i]
+            reads = self._reads[i]
+            features = pooled[i] if len(reads) == 1 else torch.cat([pooled[j] for j in reads], dim=-1)
+            conf, pred = torch.softmax(F.linear(features, w, b), dim=-1).max(dim=-1)
+            confidence = float(conf)
+            if i == last or self.threshold is None or confidence >= self.threshold:
+                return ExitDecision(int(pred), i, confidence)
+        raise AssertionError("the last block always answers")  # pragma: no cover
 
     def exit_logits(self, batch: Batch) -> torch.Tensor:
         """Every exit head's logits (rows, exits, classes) from one full-depth pass."""

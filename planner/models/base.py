@@ -91,7 +91,12 @@ class ModelAdapter(ABC):
         return self.name
 
     def pool(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Mean of the hidden states over real (non-padding) tokens: (batch, hidden)."""
+        """Mean of the hidden states over real (non-padding) tokens: (batch, hidden).
+
+        One text without padding (every batch-1 request) takes the plain sum / length: the
+        same numbers (the mask only multiplies by 1.0) in three ops instead of six."""
+        if hidden.shape[0] == 1 and bool(batch.attention_mask.all()):
+            return hidden.sum(1) / float(hidden.shape[1])
         mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 

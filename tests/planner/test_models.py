@@ -70,6 +70,21 @@ def test_padding_does_not_change_a_row(tiny_adapter: TinyAdapter) -> None:
     torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=1e-5)
 
 
+def test_pooling_one_unpadded_text_takes_the_short_path_with_the_same_numbers(
+    tiny_adapter: TinyAdapter,
+) -> None:
+    batch = tiny_adapter.tokenize(["the cat saw rain on the hill"])
+    hidden = torch.randn(1, batch.input_ids.shape[1], 32)
+    mask = batch.attention_mask.unsqueeze(-1).float()
+    masked = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    assert torch.equal(tiny_adapter.pool(hidden, batch), masked)
+    # One text padded (a check-set row): the mask is used.
+    padded = tiny_adapter.tokenize(["the cat", "the cat saw rain on the hill"]).select(torch.tensor([0]))
+    hidden = torch.randn(1, padded.input_ids.shape[1], 32)
+    real = int(padded.attention_mask.sum())
+    assert torch.allclose(tiny_adapter.pool(hidden, padded), hidden[:, :real].mean(1))
+
+
 def test_tokenize_truncates_to_max_length(tiny_adapter: TinyAdapter) -> None:
     batch = tiny_adapter.tokenize(["word " * 100], max_length=10)
     assert batch.input_ids.shape == (1, 10)
