@@ -34,6 +34,8 @@ from planner.models.base import TokenizedSplit
 from planner.quant import QuantCache, plan_nbytes, quantize_plan, write_packed_safetensors
 from planner.runtime import (
     KERNEL_FP32,
+    KERNEL_FP32_DEFAULT,
+    KERNEL_FP32_ONEDNN,
     EarlyExitRunner,
     LatencyStats,
     RuntimeEval,
@@ -561,9 +563,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fp32_linear_paths(threads: int) -> list[str]:
-    """fp32 GFLOP/s of torch's default F.linear vs oneDNN's (`planner.runtime.benchmark_linear`,
-    interleaved) at a batch-1 text and an evaluation batch of this model's widest Linear: why
-    the engine's fp32 runs on oneDNN (planner.models.linear)."""
+    """fp32 GFLOP/s of torch's default F.linear (MKL) vs oneDNN's (`planner.runtime.benchmark_linear`,
+    interleaved) at a batch-1 text and an evaluation batch of this model's widest Linear: the
+    check on planner.models.linear's choice of fp32 path for this CPU."""
     lines = []
     for rows in (57, 4096):
         got = benchmark_linear(
@@ -572,11 +574,14 @@ def _fp32_linear_paths(threads: int) -> list[str]:
             rows,
             threads=threads,
             repeats=max(5, 20_000 // rows),
-            kernels=("fp32 F.linear", KERNEL_FP32),
+            kernels=(KERNEL_FP32_DEFAULT, KERNEL_FP32_ONEDNN),
         )
-        mkl, dnn = (2 * rows * 384 * 1536 / got[k].median_s / 1e9 for k in ("fp32 F.linear", KERNEL_FP32))
+        mkl, dnn = (
+            2 * rows * 384 * 1536 / got[k].median_s / 1e9 for k in (KERNEL_FP32_DEFAULT, KERNEL_FP32_ONEDNN)
+        )
         lines.append(
-            f"{rows}×384→1536: F.linear {mkl:.0f} GFLOP/s, oneDNN {dnn:.0f} GFLOP/s ({dnn / mkl:.2f}×)"
+            f"{rows}×384→1536: F.linear {mkl:.0f} GFLOP/s, oneDNN {dnn:.0f} GFLOP/s ({dnn / mkl:.2f}×); "
+            f"this host's fp32 path: {KERNEL_FP32}"
         )
     return lines
 
@@ -861,10 +866,10 @@ def _print_targets(
             "host latency ≥ 2.5× at batch 1 (loss ≤ 1 pt)",
             f"{t_ratio:.2f}× ({best_t.label}: {best_t.latency.mean_s * 1e3:.1f} vs {base_lat * 1e3:.1f} ms)",
             t_ratio >= 2.5,
-            "the FP32 baseline runs on oneDNN (the fp32 Linear lines above); in the fused W8A8 "
-            "blocks _int_mm is ~55 % of the time and the per-call dynamo/wrapper overhead ~20 % "
-            "(profile: README): fewer blocks per text (earlier exits) or one compiled call for "
-            "several blocks",
+            "the FP32 baseline runs on the host's faster fp32 path (the fp32 Linear lines above); "
+            "in the fused W8A8 blocks _int_mm is ~55 % of the time and the per-call "
+            "dynamo/wrapper overhead ~20 % (profile: README): fewer blocks per text (earlier "
+            "exits) or one compiled call for several blocks",
         ),
         (
             "proxy Spearman ≥ 0.95, ≥ 10,000 plans/s",

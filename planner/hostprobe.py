@@ -70,8 +70,8 @@ def _matmul_rates(size: int, repeats: int) -> tuple[float, float]:
 
     a = torch.randn(size, size)
     b = torch.randn(size, size)
-    # The fp32 kernel the runtime's Linears use (oneDNN where torch has it: MKL's sgemm runs
-    # AVX2 code on AMD CPUs, ~2.3× slower there), so the cost model's fp32 peak is that path's.
+    # The fp32 kernel the runtime's Linears use (oneDNN on non-Intel CPUs, where MKL's sgemm
+    # runs AVX2 code, ~2.3× slower; MKL on Intel), so the cost model's fp32 peak is that path's.
     with torch.inference_mode():
         fp32_seconds = _median_seconds(lambda: onednn_linear(a, b), repeats)
     ai = torch.randint(-128, 127, (size, size), dtype=torch.int8)

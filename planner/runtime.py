@@ -21,8 +21,9 @@ symmetric weights × per-token dynamic symmetric int8 activations on ``torch._in
 int8 → int32), rescaled by act_scale × weight_scale, plus bias.  On the 2-core hosts measured
 (Intel Xeon, AMD EPYC Zen 5) ``_int_mm`` is 3–8× faster per GEMM than fp32 at 57 × 384 × 1536
 in isolation, while the weight-only kernels above are not faster than fp32 at all.  FP32 layers
-(and the FP32 baseline every speed-up is measured against) run on oneDNN
-(`planner.models.linear`), 2.3× faster than torch's default F.linear on the AMD host.
+(and the FP32 baseline every speed-up is measured against) run on the host's faster fp32
+path (`planner.models.linear`): oneDNN on AMD (2.3× torch's default F.linear there), MKL's
+F.linear on Intel (oneDNN 0.83–0.85× of it on the Xeon measured).
 int2/int3/int4 per-channel codes are widened exactly to int8 at load (the package stays
 packed; run-time memory is int8: "int4 weights unpacked to int8 at load, W8A8 _int_mm");
 grouped scales are re-quantized per channel to int8 at load (reported per tensor).  Sibling
@@ -65,7 +66,7 @@ from planner.exits.curve import confidences, threshold_curve
 from planner.exits.heads import ExitHeads
 from planner.models.base import Batch, ModelAdapter, TokenizedSplit
 from planner.models.bert import _Layer
-from planner.models.linear import onednn_linear, onednn_linear_available
+from planner.models.linear import onednn_linear, onednn_linear_available, onednn_product
 from planner.quant.api import quantize
 from planner.quant.apply import QuantCache, quantizable_parameter, quantize_plan
 from planner.quant.core import QuantizedTensor, dequantize
@@ -77,6 +78,8 @@ __all__ = [
     "KERNEL_DEQUANT_AT_LOAD",
     "KERNEL_FP16_UPCAST",
     "KERNEL_FP32",
+    "KERNEL_FP32_DEFAULT",
+    "KERNEL_FP32_ONEDNN",
     "KERNEL_INT4",
     "KERNEL_INT8",
     "KERNEL_PACKED_GATHER",
@@ -117,7 +120,10 @@ KERNEL_INT8 = "int8pack_mm"
 KERNEL_INT4 = "int4pack_mm_for_cpu"
 KERNEL_FP16_UPCAST = "fp16-storage upcast-per-call fp32"
 KERNEL_DEQUANT_AT_LOAD = "dequantized-at-load fp32"
-KERNEL_FP32 = "fp32 oneDNN linear" if onednn_linear_available() else "fp32 F.linear"
+KERNEL_FP32_ONEDNN = "fp32 oneDNN linear"
+KERNEL_FP32_DEFAULT = "fp32 F.linear"
+#: The fp32 path this host's model takes (planner.models.linear: oneDNN unless the CPU is Intel).
+KERNEL_FP32 = KERNEL_FP32_ONEDNN if onednn_linear_available() else KERNEL_FP32_DEFAULT
 KERNEL_PACKED_GATHER = "packed-row-gather dequant"
 KERNEL_BYPASSED = "bypassed: fp32 matmul on .weight dequantized per read"
 KERNEL_W8A8 = "w8a8 _int_mm"
@@ -925,10 +931,11 @@ def benchmark_linear(
 ) -> dict[str, LatencyStats]:
     """Time one Linear of the given shape on `rows` input rows under each host kernel.
 
-    Kernels: fp32 F.linear (torch's default path), fp32 on oneDNN (`KERNEL_FP32`, what the
-    runtime's fp32 layers use), int8pack_mm and int4pack_mm_for_cpu with fp32 and with bf16
-    activations, fp16 storage with per-call upcast; `kernels` keeps only the named ones.  The
-    variants are interleaved call by call so a noisy, shared machine slows them all alike.
+    Kernels: fp32 F.linear (torch's default path, MKL), fp32 on oneDNN (the runtime's fp32
+    layers use whichever of the two `KERNEL_FP32` names), int8pack_mm and int4pack_mm_for_cpu
+    with fp32 and with bf16 activations, fp16 storage with per-call upcast; `kernels` keeps
+    only the named ones.  The variants are interleaved call by call so a noisy, shared machine
+    slows them all alike.
     """
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
@@ -936,8 +943,8 @@ def benchmark_linear(
     int8 = quantize(weight, _scheme("int8"))
     int4 = quantize(weight, _scheme("int4", 32 if in_features % 128 else 128))
     layers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "fp32 F.linear": lambda t: F.linear(t, weight),
-        KERNEL_FP32: lambda t: onednn_linear(t, weight),
+        KERNEL_FP32_DEFAULT: lambda t: F.linear(t, weight),
+        KERNEL_FP32_ONEDNN: lambda t: onednn_product(t, weight),
         f"{KERNEL_INT8} (fp32 act)": Int8Linear(int8),
         f"{KERNEL_INT8} (bf16 act)": Int8Linear(int8, act_dtype=torch.bfloat16),
         f"{KERNEL_INT4} (fp32 act)": Int4Linear(int4),

@@ -1,19 +1,22 @@
-"""An fp32 `nn.Linear` that multiplies on oneDNN when torch has it.
+"""An fp32 `nn.Linear` that multiplies on oneDNN where that is the faster fp32 path.
 
 Why: torch's CPU `F.linear` in fp32 goes to MKL's sgemm, and MKL picks its AVX2 kernels on
-non-Intel CPUs.  On the AMD EPYC (Zen 5, AVX-512) this project is measured on, oneDNN's fp32
-inner product is 1.6–2.4× faster at the demo model's shapes (batch-1 texts of ~57 tokens and
-4,096-token evaluation batches alike; `python -m bench engine` prints both paths' throughput in
-every run).  It is the same IEEE fp32 arithmetic in another summation order (results agree to
-fp32 rounding; tested at 1e-5), so the FP32 model, the evaluator's quantized-weight passes and
-the host runtime's FP32 baseline all use it: a faster FP32 baseline makes the runtime's integer
-speed-up harder to reach, not easier.
+non-Intel CPUs.  On the AMD EPYC (Zen 5, AVX-512) hosts this project has been measured on,
+oneDNN's fp32 inner product is 1.6–2.4× faster at the demo model's shapes (batch-1 texts of ~57
+tokens and 4,096-token evaluation batches alike).  On Intel CPUs MKL runs its own AVX-512
+kernels and is the faster one (oneDNN at 0.83–0.85× of it on a Xeon with AMX, 2026-12-03).  So
+the path is chosen by CPU vendor: oneDNN unless the CPU is GenuineIntel.  `python -m bench
+engine` prints both paths' throughput in every run, so the choice is checked where it is used.
+It is the same IEEE fp32 arithmetic in another summation order (results agree to fp32 rounding;
+tested at 1e-5), and the FP32 model, the evaluator's quantized-weight passes and the host
+runtime's FP32 baseline all take the chosen path: the faster FP32 baseline makes the runtime's
+integer speed-up harder to reach, not easier.
 
-The fast path is taken only where it is exact and cheap to reach: fp32 tensors on the CPU, no
+The oneDNN path is taken only where it is exact and cheap to reach: fp32 tensors on the CPU, no
 autograd graph to record (oneDNN's op has no backward), and `torch.ops.mkldnn._linear_pointwise`
 present (it is the op torch's own compiler emits for fp32 Linears).  Everything else — a pass
 that records gradients, bf16/fp16 inputs, a torch without oneDNN — is `F.linear`.
-`EDGEFIT_ONEDNN_LINEAR=0` turns the fast path off (for an A/B measurement).
+`EDGEFIT_ONEDNN_LINEAR=1` / `=0` forces the oneDNN path on / off (for an A/B measurement).
 """
 
 from __future__ import annotations
@@ -24,12 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OneDNNLinear", "linear_gelu", "onednn_linear", "onednn_linear_available"]
+__all__ = [
+    "OneDNNLinear",
+    "linear_gelu",
+    "onednn_linear",
+    "onednn_linear_available",
+    "onednn_linear_supported",
+    "onednn_product",
+]
 
 
 def _probe() -> bool:
-    if os.environ.get("EDGEFIT_ONEDNN_LINEAR", "1") == "0":
-        return False
+    """Whether oneDNN's fp32 inner product is here and gives F.linear's numbers."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -40,18 +49,43 @@ def _probe() -> bool:
         return False
 
 
-_AVAILABLE = _probe()
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``…) from /proc/cpuinfo, or ""."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _preferred() -> bool:
+    forced = os.environ.get("EDGEFIT_ONEDNN_LINEAR", "")
+    if forced in {"0", "1"}:
+        return forced == "1"
+    return cpu_vendor() != "GenuineIntel"
+
+
+_SUPPORTED = _probe()
+_AVAILABLE = _SUPPORTED and _preferred()
+
+
+def onednn_linear_supported() -> bool:
+    """Whether oneDNN's fp32 inner product works here (the probe ran once, at import)."""
+    return _SUPPORTED
 
 
 def onednn_linear_available() -> bool:
-    """Whether fp32 Linears here run on oneDNN (the probe ran once, at import)."""
+    """Whether the model's fp32 Linears run on oneDNN here (supported and the faster path for
+    this CPU's vendor, or forced by `EDGEFIT_ONEDNN_LINEAR`)."""
     return _AVAILABLE
 
 
-def _fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
-        _AVAILABLE
-        and x.dtype == torch.float32
+        x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
@@ -63,8 +97,22 @@ def _fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
     )
 
 
+def _fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return _AVAILABLE and _eligible(x, weight, bias)
+
+
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` on oneDNN whenever it is supported and exact, whatever the
+    host prefers (for A/B measurements and tests of the op itself)."""
+    if _SUPPORTED and _eligible(x, weight, bias):
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return out
+    return F.linear(x, weight, bias)
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, on oneDNN when that is exact and possible (see module doc)."""
+    """`F.linear(x, weight, bias)`, on oneDNN where that is this host's fp32 path and exact
+    (see module doc)."""
     if _fast(x, weight, bias):
         out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return out
@@ -89,7 +137,8 @@ def linear_gelu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class OneDNNLinear(nn.Linear):
-    """`nn.Linear` (same parameters, state dict and hooks) whose fp32 product runs on oneDNN."""
+    """`nn.Linear` (same parameters, state dict and hooks) whose fp32 product runs on oneDNN
+    where that is this host's fp32 path (`onednn_linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return onednn_linear(x, self.weight, self.bias)

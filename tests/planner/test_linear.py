@@ -1,4 +1,4 @@
-"""The fp32 Linear on oneDNN: same numbers as F.linear, used by the model, safe under autograd."""
+"""The fp32 Linear on oneDNN: same numbers as F.linear, chosen by CPU vendor, safe under autograd."""
 
 from __future__ import annotations
 
@@ -9,13 +9,42 @@ import torch
 import torch.nn.functional as F
 
 from planner.models import TinyAdapter
-from planner.models.linear import OneDNNLinear, linear_gelu, onednn_linear, onednn_linear_available
+from planner.models import linear as linear_mod
+from planner.models.linear import (
+    OneDNNLinear,
+    cpu_vendor,
+    linear_gelu,
+    onednn_linear,
+    onednn_linear_available,
+    onednn_linear_supported,
+    onednn_product,
+)
 
 
-def test_x86_torch_builds_take_the_onednn_path() -> None:
-    # The speed-up the engine's figures rest on; on an x86 host with this torch it must be there.
+def test_x86_torch_builds_have_the_onednn_op_and_take_it_unless_the_cpu_is_intel() -> None:
+    # On an x86 host with this torch the op must be there; MKL is the faster fp32 path on Intel
+    # CPUs only (its AVX-512 kernels are vendor-dispatched).
     if platform.machine().lower() in {"x86_64", "amd64"}:
-        assert onednn_linear_available()
+        assert onednn_linear_supported()
+        assert cpu_vendor() != ""
+        assert onednn_linear_available() == (cpu_vendor() != "GenuineIntel")
+
+
+@pytest.mark.parametrize(
+    ("forced", "vendor", "want"),
+    [
+        ("", "AuthenticAMD", True),
+        ("", "GenuineIntel", False),
+        ("1", "GenuineIntel", True),
+        ("0", "AuthenticAMD", False),
+    ],
+)
+def test_the_path_follows_the_vendor_unless_forced(
+    monkeypatch: pytest.MonkeyPatch, forced: str, vendor: str, want: bool
+) -> None:
+    monkeypatch.setenv("EDGEFIT_ONEDNN_LINEAR", forced)
+    monkeypatch.setattr(linear_mod, "cpu_vendor", lambda: vendor)
+    assert linear_mod._preferred() is want
 
 
 @pytest.mark.parametrize(
@@ -29,9 +58,10 @@ def test_matches_f_linear_to_fp32_rounding(shape: tuple[int, ...], with_bias: bo
     w = torch.randn(1536, 384, generator=gen) * 0.05
     b = torch.randn(1536, generator=gen) if with_bias else None
     with torch.inference_mode():
-        got, want = onednn_linear(x, w, b), F.linear(x, w, b)
-    assert got.shape == want.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want = F.linear(x, w, b)
+        for got in (onednn_product(x, w, b), onednn_linear(x, w, b)):
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_non_contiguous_operands_give_the_same_product() -> None:
@@ -39,7 +69,7 @@ def test_non_contiguous_operands_give_the_same_product() -> None:
     x = torch.randn(384, 20, generator=gen).t()  # a transposed view
     w = torch.randn(384, 96, generator=gen).t()
     with torch.inference_mode():
-        torch.testing.assert_close(onednn_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(onednn_product(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_autograd_falls_back_and_gradients_flow() -> None:

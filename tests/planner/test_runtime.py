@@ -24,6 +24,8 @@ from planner.runtime import (
     KERNEL_DEQUANT_AT_LOAD,
     KERNEL_FP16_UPCAST,
     KERNEL_FP32,
+    KERNEL_FP32_DEFAULT,
+    KERNEL_FP32_ONEDNN,
     KERNEL_INT4,
     KERNEL_INT8,
     KERNEL_PACKED_GATHER,
@@ -267,8 +269,8 @@ def test_observed_kernels_reveal_model_code_that_bypasses_the_kernels() -> None:
 def test_benchmark_linear_times_the_kernels_asked_for_and_names_an_unknown_one() -> None:
     from planner.runtime import benchmark_linear
 
-    got = benchmark_linear(64, 32, 4, repeats=2, warmup=1, kernels=("fp32 F.linear", KERNEL_FP32))
-    assert list(got) == ["fp32 F.linear", KERNEL_FP32]
+    got = benchmark_linear(64, 32, 4, repeats=2, warmup=1, kernels=(KERNEL_FP32_DEFAULT, KERNEL_FP32_ONEDNN))
+    assert list(got) == [KERNEL_FP32_DEFAULT, KERNEL_FP32_ONEDNN]
     assert all(len(s.samples_s) == 2 and s.median_s > 0 for s in got.values())
     with pytest.raises(PlanError, match="unknown kernel"):
         benchmark_linear(64, 32, 4, repeats=1, warmup=0, kernels=("magic",))
