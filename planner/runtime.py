@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.cost import FUSED_REGIME
-from planner.exits.curve import confidences, threshold_curve
+from planner.exits.curve import ThresholdCurve, confidences, threshold_curve
 from planner.exits.heads import ExitHeads
 from planner.models.base import Batch, ModelAdapter, TokenizedSplit
 from planner.models.bert import _Layer
@@ -113,6 +113,8 @@ __all__ = [
     "module_storage_bytes",
     "observed_kernels",
     "quantize_rows_int8",
+    "runtime_exit_curve",
+    "runtime_exit_logits",
     "runtime_layer",
 ]
 
@@ -1288,6 +1290,31 @@ class RuntimeEval:
         return dict(self.__dict__, exit_fraction=list(self.exit_fraction), predictions=list(self.predictions))
 
 
+def runtime_exit_logits(runner: EarlyExitRunner, tokens: TokenizedSplit, threads: int = 2) -> np.ndarray:
+    """Every exit's logits (rows, exits, classes) from the runtime kernels over a tokenized
+    split, one full-depth pass per length bucket, rows in the split's order."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            return tokens.unsort([runner.exit_logits(b) for b in tokens]).numpy().astype(np.float64)
+    finally:
+        torch.set_num_threads(old)
+
+
+def runtime_exit_curve(
+    runner: EarlyExitRunner,
+    tokens: TokenizedSplit,
+    labels: Sequence[int] | np.ndarray,
+    reference: Sequence[int] | np.ndarray,
+    threads: int = 2,
+) -> ThresholdCurve:
+    """The whole threshold curve of the runtime model itself (its kernels' numerics) on a
+    split: the runtime's counterpart of `Evaluator.curve`, for choosing thresholds on
+    calibration by what the device will run."""
+    return threshold_curve(runtime_exit_logits(runner, tokens, threads), labels, reference)
+
+
 def evaluate_runtime(
     runner: EarlyExitRunner,
     tokens: TokenizedSplit,
@@ -1305,13 +1332,7 @@ def evaluate_runtime(
     (e.g. the FP32 model's), else against this model's own full-depth answers.
     """
     started = time.perf_counter()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            logits = tokens.unsort([runner.exit_logits(b) for b in tokens]).numpy().astype(np.float64)
-    finally:
-        torch.set_num_threads(old)
+    logits = runtime_exit_logits(runner, tokens, threads)
     y = np.asarray(labels)
     ref = np.asarray(reference) if reference is not None else logits[:, -1].argmax(-1)
     grid = [runner.threshold] if runner.threshold is not None else [1.1]

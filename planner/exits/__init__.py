@@ -7,6 +7,7 @@ from planner.exits.curve import (
     confidences,
     threshold_curve,
     threshold_for_layers,
+    worst_of,
 )
 from planner.exits.heads import (
     L2_GRID,
@@ -32,4 +33,5 @@ __all__ = [
     "threshold_curve",
     "threshold_for_layers",
     "train_exit_heads",
+    "worst_of",
 ]

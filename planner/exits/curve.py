@@ -20,6 +20,7 @@ __all__ = [
     "confidences",
     "threshold_curve",
     "threshold_for_layers",
+    "worst_of",
 ]
 
 #: 0.30, 0.31, …, 0.99 then finer steps up to 0.9999 where confident heads separate.
@@ -202,3 +203,32 @@ def threshold_for_layers(
     idx = np.flatnonzero(ok)
     best = max(idx, key=lambda i: (curve.agreement[i], -curve.mean_layers[i], curve.thresholds[i]))
     return float(curve.thresholds[best])
+
+
+def worst_of(*curves: ThresholdCurve) -> ThresholdCurve:
+    """The pessimistic envelope of curves of ONE plan measured two ways (e.g. the evaluator's
+    weight-only numerics and the runtime's W8A8 kernels) on the same split and grid: per
+    threshold the lowest accuracy and agreement and the most blocks run.  Choosing a threshold
+    on it keeps every way of measuring within the bounds — what a headline that reports the
+    worse of the two needs.  `exit_fraction` per threshold is the costliest curve's.
+    """
+    if not curves:
+        raise ValueError("worst_of needs at least one curve")
+    first = curves[0]
+    for c in curves[1:]:
+        if c.n_blocks != first.n_blocks or not np.array_equal(c.thresholds, first.thresholds):
+            raise ValueError("worst_of needs curves over the same thresholds and blocks")
+    layers = np.stack([c.mean_layers for c in curves])
+    costliest = layers.argmax(0)
+    fractions = np.stack([c.exit_fraction for c in curves])
+    return ThresholdCurve(
+        thresholds=first.thresholds,
+        accuracy=np.min([c.accuracy for c in curves], axis=0),
+        agreement=np.min([c.agreement for c in curves], axis=0),
+        mean_layers=layers.max(0),
+        mean_cost=np.max([c.mean_cost for c in curves], axis=0),
+        exit_fraction=fractions[costliest, np.arange(len(first.thresholds))],
+        full_accuracy=min(c.full_accuracy for c in curves),
+        full_agreement=min(c.full_agreement for c in curves),
+        n_blocks=first.n_blocks,
+    )

@@ -19,6 +19,7 @@ from planner.exits import (
     threshold_curve,
     threshold_for_layers,
     train_exit_heads,
+    worst_of,
 )
 from planner.models import ModelFileError, TinyAdapter, TokenizedSplit
 
@@ -116,6 +117,28 @@ def test_threshold_for_layers_takes_the_most_faithful_within_the_budget() -> Non
     strict = threshold_curve(_HAND, reference, reference, thresholds=[0.5, 0.75, 0.85, 0.999])
     assert threshold_for_layers(strict, 2.5, 40.0) == 0.75
     assert threshold_for_layers(strict, 2.5, 10.0) is None
+
+
+def test_worst_of_takes_per_threshold_the_lower_figures_and_the_costlier_exit() -> None:
+    grid = [0.5, 0.75, 0.85, 0.999]
+    labels, reference = [0, 1, 0], [1, 1, 0]
+    a = threshold_curve(_HAND, labels, reference, thresholds=grid)
+    # The same plan measured another way: every confidence a little lower (later exits).
+    b = threshold_curve(_HAND * 0.7, labels, reference, thresholds=grid)
+    w = worst_of(a, b)
+    np.testing.assert_array_equal(w.agreement, np.minimum(a.agreement, b.agreement))
+    np.testing.assert_array_equal(w.accuracy, np.minimum(a.accuracy, b.accuracy))
+    np.testing.assert_array_equal(w.mean_layers, np.maximum(a.mean_layers, b.mean_layers))
+    for t in range(len(grid)):
+        costlier = a if a.mean_layers[t] >= b.mean_layers[t] else b
+        np.testing.assert_array_equal(w.exit_fraction[t], costlier.exit_fraction[t])
+    assert w.full_agreement == min(a.full_agreement, b.full_agreement)
+    assert not np.array_equal(a.mean_layers, b.mean_layers)  # the two really differ
+    assert worst_of(a).agreement.tolist() == a.agreement.tolist()
+    with pytest.raises(ValueError, match="same thresholds"):
+        worst_of(a, threshold_curve(_HAND, labels, reference, thresholds=[0.5]))
+    with pytest.raises(ValueError):
+        worst_of()
 
 
 def test_choose_threshold_honours_an_agreement_floor() -> None:

@@ -23,6 +23,7 @@ from planner.runtime import (
     int_mm_supported,
     measure_text_latency,
     quantize_rows_int8,
+    runtime_exit_curve,
 )
 from planner.specs import Plan, TensorScheme
 
@@ -239,6 +240,11 @@ def test_evaluate_runtime_applies_the_runners_threshold(
         direct = [mid_runner.run(adapter.tokenize([t]))[0] for t in split.texts]
     assert list(mid.predictions) == [d.prediction for d in direct]
     assert mid.mean_layers == pytest.approx(sum(d.exit_index + 1 for d in direct) / len(direct))
+    # The whole curve from the same kernels: at the runner's threshold it gives the same figures.
+    curve = runtime_exit_curve(mid_runner, tokens, split.labels, list(mid.predictions), threads=1)
+    at = curve.at(0.6)
+    assert at["mean_layers"] == pytest.approx(mid.mean_layers) and at["agreement"] == 1.0
+    assert at["accuracy"] == pytest.approx(mid.accuracy)
 
 
 def test_text_latency_reports_per_text_medians_and_exits(
