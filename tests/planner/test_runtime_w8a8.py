@@ -23,6 +23,7 @@ from planner.runtime import (
     int_mm_supported,
     measure_text_latency,
     quantize_rows_int8,
+    quantize_rows_int8_asym,
     runtime_exit_curve,
 )
 from planner.specs import Plan, TensorScheme
@@ -99,6 +100,38 @@ def test_row_quantization_is_within_half_a_step_and_handles_zero_rows() -> None:
     assert bool(torch.isfinite(scale).all()) and int(q[2].abs().max()) == 0
 
 
+def test_asymmetric_row_quantization_uses_the_whole_range_and_keeps_zero_exact() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, generator=gen)
+    x[1] = x[1].abs() + 0.5  # one-sided row
+    x[2] = 0.0
+    x[3, :20] = 0.0
+    q, scale, zero = quantize_rows_int8_asym(x)
+    assert q.dtype == torch.int8 and scale.shape == zero.shape == (6, 1) and zero.dtype == torch.int32
+    back = (q.int() - zero).float() * scale
+    assert bool(((back - x).abs() <= scale / 2 + 1e-6).all())
+    assert bool((back[x == 0.0] == 0.0).all())  # zero is a code: no offset on zero inputs
+    # The whole 256-code range is used: each row reaches both ends (a row's range includes 0).
+    assert int(q.min()) == -128 and int(q.max()) == 127
+    # A one-sided row gets about twice the symmetric grid's resolution.
+    _, sym_scale = quantize_rows_int8(x)
+    assert float(scale[1]) < 0.51 * float(sym_scale[1])
+
+
+def test_asymmetric_input_linear_tracks_the_fp32_reference_better_on_skewed_rows(one_thread: None) -> None:
+    torch.manual_seed(4)
+    w, b = torch.randn(48, 64) * 0.1, torch.randn(48)
+    qt = quantize(w, TensorScheme("int8"))
+    sym, asym = Int8DynamicLinear(qt, b), Int8DynamicLinear(qt, b)
+    asym.asymmetric_input = True
+    assert torch.equal(asym.weight_rowsum, asym.weight_int8.sum(1, dtype=torch.int32))
+    x = torch.randn(32, 64).abs() + 1.0  # skewed rows, as after a LayerNorm with large channels
+    ref = F.linear(x, dequantize(qt), b)
+    with torch.inference_mode():
+        e_sym, e_asym = _rel_err(sym(x), ref), _rel_err(asym(x), ref)
+    assert e_asym < 0.7 * e_sym < 0.02
+
+
 @pytest.fixture()
 def runtime_pair(
     tiny_adapter: TinyAdapter, tiny_heads: ExitHeads
@@ -117,6 +150,20 @@ def runtime_pair(
     assert sum(n.startswith(KERNEL_W8A8_FROM_INT4) for n in notes) == 6
     assert sum(n.startswith(KERNEL_W8A8 + ";") or n == KERNEL_W8A8 for n in notes) == 6
     assert KERNEL_W8A8_FROM_LOWBIT not in counts
+    # Asymmetric activations exactly where a LayerNorm output is read: Q, K, V, intermediate.
+    layer = module.encoder.layer[0]
+    flags = [
+        m.asymmetric_input
+        for m in (
+            layer.attention.self.query,
+            layer.attention.self.key,
+            layer.attention.self.value,
+            layer.attention.output.dense,
+            layer.intermediate.dense,
+            layer.output.dense,
+        )
+    ]
+    assert flags == [True, True, True, False, True, False]
     regimes = report.regimes()
     assert regimes["bert.encoder.layer.0.attention.self.query.weight".removeprefix("bert.")] == "w8a8-fused"
     assert regimes["embeddings.word_embeddings.weight"] == "fp32"
@@ -182,7 +229,8 @@ def test_fused_w8a8_block_caches_its_arguments_until_apply(
     assert torch.equal(first, second)
     # The weights passed are the layer's own buffers (Q/K/V: their fused concatenation).
     _, weights, heads, _, _ = args
-    assert weights[0] is linears[0].shared_input.weight and weights[3] is linears[3].weight_int8
+    assert weights[0] is linears[0].shared_input.weight and weights[4] is linears[3].weight_int8
+    assert weights[2] is linears[0].shared_input.rowsum and weights[11] is linears[4].weight_rowsum
     assert heads == layer.attention.self.n_heads
     layer.float()  # any _apply (.to(), .float(), …) drops the cache
     assert "_block_args_cache" not in vars(layer)
