@@ -301,8 +301,16 @@ def _predict_text_mean(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads for every measurement")
-    parser.add_argument("--latency-texts", type=int, default=32, help="held-out texts timed at batch 1")
+    parser.add_argument(
+        "--latency-texts", type=int, default=32, help="held-out texts the latency model's plans are timed on"
+    )
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per text (median taken)")
+    parser.add_argument(
+        "--table-rounds",
+        type=int,
+        default=3,
+        help="timed rounds per text when the table's rows are timed on every held-out text",
+    )
     parser.add_argument(
         "--cost-plans",
         type=int,
@@ -469,10 +477,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row.runtime = evaluate_runtime(runners[row.label], tokens, test.labels, ref, threads=args.threads)
     _log(f"runtime models built and evaluated on test ({len(rows)} models)")
     batch32 = ev.adapter.tokenize([test.texts[i] for i in range(32)], ev.max_length)
-    b32 = {
-        name: measure_batch_latency(runners[name], batch32, repeats=7, threads=args.threads)
-        for name in ("FP32", "mixed + exit")
-    }
+    # Three alternating passes per model, the least disturbed (lowest median) kept: one pass
+    # each once read 485 ms for the mixed plan while repeated runs read 177-246 ms.
+    passes: dict[str, list[LatencyStats]] = {"FP32": [], "mixed + exit": []}
+    for _ in range(3):
+        for name, got_passes in passes.items():
+            got_passes.append(measure_batch_latency(runners[name], batch32, repeats=5, threads=args.threads))
+    b32 = {name: min(got_passes, key=lambda p: p.median_s) for name, got_passes in passes.items()}
 
     # (6) cost model on this host ------------------------------------------------------------
     fp32_paths = _fp32_linear_paths(args.threads)
@@ -510,11 +521,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     got = measure_text_latency(
         {**runners, **cost_runners}, batches, rounds=args.rounds, warmup=1, threads=args.threads
     )
-    for row in rows:
-        row.latency = got[row.label]
-    lat = {row.label: got[row.label] for row in rows}
     measured = [(plan, got[f"p{k}"], cost_regimes[f"p{k}"]) for k, (plan, _) in enumerate(cost_plans)]
-    del runners, cost_runners
+    del cost_runners
+    # The table's batch-1 latency: the rows alone on EVERY held-out text (interleaved, so the
+    # FP32 baseline and the plans share the machine's speed of the moment).  An early-exit
+    # plan's time follows how deep each text runs, and 32 texts are too few for that: for the
+    # headline plan, evenly spaced samples of 32 / 64 / 96 / 128 texts ran 4.28 / 3.84 / 4.21 /
+    # 3.55 blocks on average against 3.77 over the split, a ±10 % swing of the speed-up.
+    all_batches = [ev.adapter.tokenize([text], ev.max_length) for text in test.texts]
+    all_lengths = [int(b.attention_mask.sum()) for b in all_batches]
+    _log(
+        f"table rows: timing {len(rows)} runtime models on all {len(all_batches)} test texts × "
+        f"{args.table_rounds} rounds, interleaved"
+    )
+    full = measure_text_latency(
+        runners, all_batches, rounds=args.table_rounds, warmup=0, threads=args.threads
+    )
+    for row in rows:
+        row.latency = full[row.label]
+    del runners
     train = [m for i, m in enumerate(measured) if i % 2 == 0]
     held = [m for i, m in enumerate(measured) if i % 2 == 1]
     obs = [o for plan, tl, reg in train for o in _observations(spec, plan, tl, cost_lengths, reg)]
@@ -532,7 +557,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for row in rows:
         assert row.latency is not None
         row.predicted_s = _predict_text_mean(
-            spec, row.plan, host, fitted.params, lengths, row.latency.exits, row.regimes
+            spec, row.plan, host, fitted.params, all_lengths, row.latency.exits, row.regimes
         )
 
     # (7) real evaluations, uncached --------------------------------------------------------
@@ -574,8 +599,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         held,
         len(train),
         b32,
-        lat,
         lengths,
+        all_lengths,
         real_eval_times,
         ref_s,
         gflop,
@@ -642,8 +667,8 @@ def _report(
     held: list[tuple[Plan, TextLatency, dict[str, str]]],
     n_train_plans: int,
     b32: dict[str, LatencyStats],
-    lat: dict[str, TextLatency],
     lengths: list[int],
+    table_lengths: list[int],
     real_eval_times: list[float],
     ref_s: float,
     gflop: float,
@@ -714,13 +739,13 @@ def _report(
     print("acc%/loss pt/agree/layers: evaluator (weight-only fake quantization, planner.evaluate) on TEST.")
     print("rt *: the runtime model's own kernels (W8A8 _int_mm, per-token int8 activations) on TEST.")
     print(
-        f"b1 ms: batch-1 latency, mean over {len(lengths)} test texts "
-        f"(mean {statistics.fmean(lengths):.0f} tokens) "
-        f"of each text's median over {args.rounds} interleaved rounds; measured in this run."
+        f"b1 ms: batch-1 latency, mean over all {len(table_lengths)} test texts "
+        f"(mean {statistics.fmean(table_lengths):.0f} tokens) of each text's median over "
+        f"{args.table_rounds} interleaved rounds; measured in this run."
     )
     print(
         f"pred ms: calibrated host cost model (predicted, {COST_MODEL_VERSION} with kernel regimes) "
-        "for the same texts and exits."
+        f"for the same texts and exits; fitted on {len(lengths)} texts × {args.rounds} rounds (below)."
     )
     print()
     print("kernels per tensor (runtime):")
@@ -890,10 +915,11 @@ def _print_targets(
             "host latency ≥ 2.5× at batch 1 (loss ≤ 1 pt)",
             f"{t_ratio:.2f}× ({best_t.label}: {best_t.latency.mean_s * 1e3:.1f} vs {base_lat * 1e3:.1f} ms)",
             t_ratio >= 2.5,
-            "the FP32 baseline runs on the host's faster fp32 path (the fp32 Linear lines above); "
-            "in the fused W8A8 blocks _int_mm is ~55 % of the time and the per-call "
-            "dynamo/wrapper overhead ~20 % (profile: README): fewer blocks per text (earlier "
-            "exits) or one compiled call for several blocks",
+            "the FP32 baseline runs on the host's faster fp32 path (the fp32 Linear lines above). "
+            "Profile of the headline plan at batch 1 (Intel Xeon host, 2026-12-03): _int_mm ~34 % "
+            "of the time, inductor's fused loops ~27 %, dynamo guards and the compiled-region "
+            "wrapper ~9 %, attention GEMMs ~6 %; at the split's 47-token mean the fixed costs "
+            "weigh more than at 57.  Earlier exits, or one compiled call for several blocks",
         ),
         (
             "proxy Spearman ≥ 0.95, ≥ 10,000 plans/s",
