@@ -1298,11 +1298,7 @@ class EarlyExitRunner:
                 pooled[i] = self.adapter.pool(hidden, current)
             if not self._is_exit[i]:
                 continue
-            w, b = self._heads[i]
-            reads = self._reads[i]
-            features = pooled[i] if len(reads) == 1 else torch.cat([pooled[j] for j in reads], dim=-1)
-            probs = torch.softmax(F.linear(features, w, b), dim=-1)
-            conf, pred = probs.max(dim=-1)
+            conf, pred = self._head_answer(i, pooled)
             if i == last or self.threshold is None:  # the last block always answers
                 done = torch.ones_like(conf, dtype=torch.bool)
             else:
@@ -1321,6 +1317,14 @@ class EarlyExitRunner:
         assert all(d is not None for d in out)
         return [d for d in out if d is not None]
 
+    def _head_answer(self, i: int, pooled: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exit head i on the pooled states it reads: (max softmax probability, class) per row."""
+        w, b = self._heads[i]
+        reads = self._reads[i]
+        features = pooled[i] if len(reads) == 1 else torch.cat([pooled[j] for j in reads], dim=-1)
+        conf, pred = torch.softmax(F.linear(features, w, b), dim=-1).max(dim=-1)
+        return conf, pred
+
     def _run_one(self, batch: Batch) -> ExitDecision:
         """`run` for one text: the same decisions without the per-row bookkeeping (which rows
         are alive, which answered) — at batch 1 each exit check is a handful of small ops, and
@@ -1334,10 +1338,7 @@ class EarlyExitRunner:
                 pooled[i] = self.adapter.pool(hidden, batch)
             if not self._is_exit[i]:
                 continue
-            w, b = self._heads[i]
-            reads = self._reads[i]
-            features = pooled[i] if len(reads) == 1 else torch.cat([pooled[j] for j in reads], dim=-1)
-            conf, pred = torch.softmax(F.linear(features, w, b), dim=-1).max(dim=-1)
+            conf, pred = self._head_answer(i, pooled)
             confidence = float(conf)
             if i == last or self.threshold is None or confidence >= self.threshold:
                 return ExitDecision(int(pred), i, confidence)
