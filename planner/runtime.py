@@ -648,22 +648,6 @@ def _qkv_slices(h: int) -> list[slice]:
     return [slice(0, h), slice(h, 2 * h), slice(2 * h, 3 * h)]
 
 
-def _w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """(m, k) fp32 rows × int8 (n, k) weight: per-row symmetric int8 activations
-    (`quantize_rows_int8`), `torch._int_mm`, rescale + bias — `Int8DynamicLinear`'s arithmetic
-    as plain ops."""
-    q, act_scale = quantize_rows_int8(x)
-    return torch._int_mm(q, w.t()) * act_scale * w_scale + bias
-
-
-def _w8a8_linear_asym(
-    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_rowsum: torch.Tensor, bias: torch.Tensor
-) -> torch.Tensor:
-    """`_w8a8_linear` with per-row asymmetric activations (`quantize_rows_int8_asym`)."""
-    q, act_scale, zero = quantize_rows_int8_asym(x)
-    return (torch._int_mm(q, w.t()) - zero * w_rowsum) * act_scale * w_scale + bias
-
-
 def _masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_bias: torch.Tensor
 ) -> torch.Tensor:
@@ -713,13 +697,15 @@ def w8a8_bert_block(
     b, t, h = x.shape
     x2 = x.reshape(b * t, h)
     qkv = (
-        _w8a8_linear_asym(x2, wqkv, sqkv, rqkv, bqkv).view(b, t, 3, heads, h // heads).permute(2, 0, 3, 1, 4)
+        _int8_product(x2, wqkv, sqkv, rqkv, bqkv, True)
+        .view(b, t, 3, heads, h // heads)
+        .permute(2, 0, 3, 1, 4)
     )
     ctx = _masked_attention(qkv[0], qkv[1], qkv[2], mask_bias)
     ctx = ctx.transpose(1, 2).reshape(b * t, h)
-    y = F.layer_norm(_w8a8_linear(ctx, wo, so, bo) + x2, (h,), g1, b1, eps1)
-    inner = F.gelu(_w8a8_linear_asym(y, wi, si, ri, bi))
-    out = F.layer_norm(_w8a8_linear(inner, w2, s2, b2) + y, (h,), g2, b2n, eps2)
+    y = F.layer_norm(_int8_product(ctx, wo, so, None, bo, False) + x2, (h,), g1, b1, eps1)
+    inner = F.gelu(_int8_product(y, wi, si, ri, bi, True))
+    out = F.layer_norm(_int8_product(inner, w2, s2, None, b2, False) + y, (h,), g2, b2n, eps2)
     return out.view(b, t, h)
 
 
@@ -1110,14 +1096,17 @@ def _int8_product(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
-    weight_rowsum: torch.Tensor,
+    weight_rowsum: torch.Tensor | None,
     bias: torch.Tensor | None,
     asymmetric: bool,
 ) -> torch.Tensor:
     """(m, k) fp32 rows × int8 (n, k) weight on ``torch._int_mm`` with per-row int8
     activations: symmetric (`quantize_rows_int8`) or asymmetric (`quantize_rows_int8_asym`,
-    whose zero point comes off the int32 accumulator as zero · Σ_k w, exactly in int32)."""
+    whose zero point comes off the int32 accumulator as zero · Σ_k w, exactly in int32; the
+    row sums are needed then only).  `Int8DynamicLinear`, `_FusedSiblings` and the fused
+    block (`w8a8_bert_block`, compiled) all multiply through here."""
     if asymmetric:
+        assert weight_rowsum is not None
         q, act_scale, zero = quantize_rows_int8_asym(x)
         acc = torch._int_mm(q, weight.t()) - zero * weight_rowsum
     else:
