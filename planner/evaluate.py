@@ -363,6 +363,10 @@ class Evaluator:
     def labels(self, split: str = "test") -> np.ndarray:
         return self._split(split).labels
 
+    def tokenized(self, split: str = "test") -> TokenizedSplit:
+        """`split` as the passes run it: tokenized once, in length-sorted padded buckets."""
+        return self._split(split).tokens
+
     def curve(self, plan: Plan, split: str = "calibration") -> ThresholdCurve:
         """The early-exit threshold curve of `plan`'s weights on `split`."""
         out = self.outputs(plan, split)
