@@ -637,8 +637,8 @@ class _GemmFloor:
 
 def _eval_gemm_floor(ev: Evaluator, spec: ModelSpec, threads: int) -> _GemmFloor:
     """The fp32 path's rate (`KERNEL_FP32`) at the evaluator's bucket size on the model's widest
-    Linear, with `threads` threads and with one (on a VM whose two vCPUs share one core the two
-    are equal, and the evaluator cannot go faster than one core)."""
+    Linear, with `threads` threads and with one (where the two are about equal, the VM's vCPUs
+    share a core or a neighbour is busy: the evaluator then runs at one core's speed)."""
     tokens = ev.tokenized("test")
     padded = sum(int(b.input_ids.numel()) for b in tokens)
     gflop_padded = 2 * sum(t.macs_per_token for t in spec.tensors if t.kind == "linear") * padded / 1e9
@@ -1003,7 +1003,7 @@ def _print_targets(
                 f"the pass is compute-bound: its Linears alone need {floor.seconds:.2f} s at this host's "
                 f"measured fp32 rate ({floor.gflop_per_s:.0f} GFLOP/s"
                 + (
-                    f", no faster on {floor.threads} threads than on one: the vCPUs share a core"
+                    f", hardly faster on {floor.threads} threads than on one: shared or contended cores"
                     if floor.thread_scaling < 1.3
                     else ""
                 )
