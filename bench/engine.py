@@ -643,11 +643,14 @@ def _eval_gemm_floor(ev: Evaluator, spec: ModelSpec, threads: int) -> _GemmFloor
     padded = sum(int(b.input_ids.numel()) for b in tokens)
     gflop_padded = 2 * sum(t.macs_per_token for t in spec.tensors if t.kind == "linear") * padded / 1e9
     rows = ev.max_tokens_per_batch
-    rates = []
-    for n_threads in (threads, 1):
-        got = benchmark_linear(1536, 384, rows, threads=n_threads, repeats=20, kernels=(KERNEL_FP32,))
-        rates.append(2 * rows * 384 * 1536 / got[KERNEL_FP32].median_s / 1e9)
+    rates = [_widest_linear_rates(rows, n, 20, (KERNEL_FP32,))[KERNEL_FP32] for n in (threads, 1)]
     return _GemmFloor(rows, gflop_padded, rates[0], rates[1], threads)
+
+
+def _widest_linear_rates(rows: int, threads: int, repeats: int, kernels: tuple[str, ...]) -> dict[str, float]:
+    """GFLOP/s of each fp32 kernel on the model's widest Linear (384→1536) over `rows` rows."""
+    got = benchmark_linear(1536, 384, rows, threads=threads, repeats=repeats, kernels=kernels)
+    return {k: 2 * rows * 384 * 1536 / got[k].median_s / 1e9 for k in kernels}
 
 
 def _fp32_linear_paths(threads: int) -> list[str]:
@@ -656,17 +659,10 @@ def _fp32_linear_paths(threads: int) -> list[str]:
     check on planner.models.linear's choice of fp32 path for this CPU."""
     lines = []
     for rows in (57, 4096):
-        got = benchmark_linear(
-            1536,
-            384,
-            rows,
-            threads=threads,
-            repeats=max(5, 20_000 // rows),
-            kernels=(KERNEL_FP32_DEFAULT, KERNEL_FP32_ONEDNN),
+        rates = _widest_linear_rates(
+            rows, threads, max(5, 20_000 // rows), (KERNEL_FP32_DEFAULT, KERNEL_FP32_ONEDNN)
         )
-        mkl, dnn = (
-            2 * rows * 384 * 1536 / got[k].median_s / 1e9 for k in (KERNEL_FP32_DEFAULT, KERNEL_FP32_ONEDNN)
-        )
+        mkl, dnn = rates[KERNEL_FP32_DEFAULT], rates[KERNEL_FP32_ONEDNN]
         lines.append(
             f"{rows}×384→1536: F.linear {mkl:.0f} GFLOP/s, oneDNN {dnn:.0f} GFLOP/s ({dnn / mkl:.2f}×); "
             f"this host's fp32 path: {KERNEL_FP32}"
