@@ -18,7 +18,9 @@ activations and rescaling the int32 results:
 
 A block the runtime runs as one compiled function (all its Linears in regime "w8a8-fused")
 pays no per_tensor_overhead_s on any of its ops (Linears, attention, elementwise): its fixed
-cost per call is regime_overhead_s["w8a8-fused"] per Linear.
+cost per call is regime_overhead_s["w8a8-fused"] per Linear.  The regimes "w8a16" and
+"w8a16-fused" (~16-bit activations as two int8 digits on the same int8 GEMM) are priced with
+the parameters of "w8a8" / "w8a8-fused" on twice the multiply-adds (REGIME_PRICED_AS).
   A weight precision the device lacks
 (not in `weight_formats`, or no peak) falls back along int2 → int3 → int4 → int8 → fp16 → fp32:
 the weight stays packed in memory (bytes are the packed bytes) but is dequantized and computed
@@ -50,11 +52,14 @@ from planner.quant.sizes import packed_nbytes, plan_nbytes
 from planner.specs import DeviceSpec, ModelSpec, Plan, PlanError, TensorScheme, TensorSpec
 
 __all__ = [
+    "ACTIVATION_DIGITS",
     "COMPUTE_PRECISIONS",
     "COST_MODEL_VERSION",
     "FUSED_REGIME",
+    "PRICED_REGIMES",
     "REGIMES",
     "REGIME_COMPUTE_PRECISION",
+    "REGIME_PRICED_AS",
     "CostParams",
     "CostPrediction",
     "FitReport",
@@ -69,11 +74,28 @@ __all__ = [
     "reach_probabilities",
 ]
 
-COST_MODEL_VERSION = "roofline-4"
+COST_MODEL_VERSION = "roofline-5"
+#: Kernel regimes with their own efficiency and overhead (CostParams keys, fitted per host).
+PRICED_REGIMES: tuple[str, ...] = (
+    "fp32",
+    "w8a8",
+    "w8a8-fused",
+    "weight-only",
+    "dequant",
+    "fp16-upcast",
+    "gather",
+)
+#: Regimes priced with another regime's parameters on more integer work: "w8a16" is W8A8 with
+#: ~16-bit activations as two int8 digits (planner.runtime.quantize_rows_two_digits_asym), one
+#: `_int_mm` on twice the rows — the same kernel, ACTIVATION_DIGITS × the multiply-adds.
+REGIME_PRICED_AS: dict[str, str] = {"w8a16": "w8a8", "w8a16-fused": "w8a8-fused"}
+ACTIVATION_DIGITS: dict[str, int] = {"w8a16": 2, "w8a16-fused": 2}
 #: Host kernel regimes a tensor can run in (see planner.runtime.KernelReport.regimes).
-REGIMES: tuple[str, ...] = ("fp32", "w8a8", "w8a8-fused", "weight-only", "dequant", "fp16-upcast", "gather")
+REGIMES: tuple[str, ...] = (*PRICED_REGIMES, *REGIME_PRICED_AS)
 #: The peak each regime's multiply-adds run on.
 REGIME_COMPUTE_PRECISION: dict[str, str] = {
+    "w8a16": "int8",
+    "w8a16-fused": "int8",
     "fp32": "fp32",
     "w8a8": "int8",
     "w8a8-fused": "int8",
@@ -90,7 +112,8 @@ _PARAMS_TYPE = "CostParams"
 _MAX_EFFICIENCY = 1e3
 _PARAMS_VERSION = 3
 #: The regime of a block's Linears when the runtime runs the whole block (its Linears,
-#: attention, norms, GELU) as one compiled function: no eager per-op launches inside it.
+#: attention, norms, GELU) as one compiled function: no eager per-op launches inside it
+#: (its Linears with two-digit activations: "w8a16-fused", priced as this one).
 FUSED_REGIME = "w8a8-fused"
 
 
@@ -107,7 +130,7 @@ def _default_regime_efficiency() -> dict[str, float]:
 
 
 def _default_regime_overhead() -> dict[str, float]:
-    return {r: 0.0 for r in REGIMES}
+    return {r: 0.0 for r in PRICED_REGIMES}
 
 
 def _default_compute_efficiency() -> dict[str, float]:
@@ -150,10 +173,11 @@ class CostParams:
         reffs.update(self.regime_efficiency)
         rover = dict(_default_regime_overhead())
         rover.update(self.regime_overhead_s)
-        unknown = (set(reffs) | set(rover)) - set(REGIMES)
+        unknown = (set(reffs) | set(rover)) - set(PRICED_REGIMES)
         if unknown:
             raise PlanError(
-                f"unknown kernel regime(s) {', '.join(sorted(unknown))}; known: {', '.join(REGIMES)}"
+                f"unknown kernel regime(s) {', '.join(sorted(unknown))}; with parameters of their own: "
+                f"{', '.join(PRICED_REGIMES)}"
             )
         object.__setattr__(self, "regime_efficiency", reffs)
         object.__setattr__(self, "regime_overhead_s", rover)
@@ -384,6 +408,7 @@ class _Op:
     memory_s0: float  # at 100 % memory efficiency
     compute_s0: float  # at 100 % compute efficiency
     regime: str = ""  # "" = priced by compute precision (no host kernel known)
+    kernel_regime: str = ""  # the host kernel's own regime (w8a16 is priced as `regime` w8a8)
     act_elements: float = 0.0  # activation elements quantized / rescaled per call (W8A8)
     #: Pays `per_tensor_overhead_s` (an eager launch); False inside a compiled fused block,
     #: whose fixed cost per call is the regime's own overhead.
@@ -417,6 +442,10 @@ def _ops(
         cp = REGIME_COMPUTE_PRECISION[regime] if regime else compute_precision(scheme.precision, device)
         if regime and _peak_ops(device, cp) is None:
             raise PlanError(f"device {device.name!r} has no {cp} peak for kernel regime {regime!r}")
+        digits = ACTIVATION_DIGITS.get(regime, 1)
+        kernel_regime = regime
+        # From here on the regime is the one whose parameters price it (w8a16 → w8a8).
+        regime = REGIME_PRICED_AS.get(regime, regime)
         stored = _regime_storage(scheme, regime)
         rows, cols = t.shape
         act_elements = 0.0
@@ -433,9 +462,11 @@ def _ops(
             macs = float(t.macs_per_token) * tokens
             peak = _peak_ops(device, cp)
             assert peak is not None
-            comp0 = 2.0 * macs / peak
+            # Two-digit activations: the int8 GEMM runs on `digits` × the rows.
+            comp0 = 2.0 * macs * digits / peak
             if regime == "w8a8":
-                act_elements = float(tokens * (rows + cols))
+                # Quantized inputs (one code per digit) and rescaled outputs.
+                act_elements = float(tokens * (rows + digits * cols))
         ops.append(
             _Op(
                 name=t.name,
@@ -450,6 +481,7 @@ def _ops(
                 memory_s0=nbytes / bw,
                 compute_s0=comp0,
                 regime=regime,
+                kernel_regime=kernel_regime,
                 act_elements=act_elements,
                 op_overhead=regime != FUSED_REGIME,
             )
@@ -457,7 +489,8 @@ def _ops(
     linear_regimes: dict[int, set[str]] = {}
     for t in spec.tensors:
         if t.kind == "linear" and 0 <= t.block < spec.n_blocks:
-            linear_regimes.setdefault(t.block, set()).add((kernels or {}).get(t.name, ""))
+            regime = (kernels or {}).get(t.name, "")
+            linear_regimes.setdefault(t.block, set()).add(REGIME_PRICED_AS.get(regime, regime))
     fused_blocks = {k for k, regimes in linear_regimes.items() if regimes == {FUSED_REGIME}}
     act_peak = _peak_ops(device, act)
     assert act_peak is not None
@@ -585,7 +618,7 @@ def predict(
                 compute_s=comp,
                 seconds=secs,
                 bound="compute" if comp > mem else "memory",
-                regime=op.regime,
+                regime=op.kernel_regime,
             )
         )
     heads = _exit_head_runs(spec, plan, reach)
@@ -686,10 +719,10 @@ _I_MEM = 0
 _I_COMP = {p: 1 + i for i, p in enumerate(COMPUTE_PRECISIONS)}
 _I_TENSOR = 1 + _N_COMP
 _I_FIXED = 2 + _N_COMP
-_I_REFF = {r: 3 + _N_COMP + i for i, r in enumerate(REGIMES)}
-_I_ROVER = {r: 3 + _N_COMP + len(REGIMES) + i for i, r in enumerate(REGIMES)}
-_I_ACTQ = 3 + _N_COMP + 2 * len(REGIMES)
-_I_EXIT = 4 + _N_COMP + 2 * len(REGIMES)
+_I_REFF = {r: 3 + _N_COMP + i for i, r in enumerate(PRICED_REGIMES)}
+_I_ROVER = {r: 3 + _N_COMP + len(PRICED_REGIMES) + i for i, r in enumerate(PRICED_REGIMES)}
+_I_ACTQ = 3 + _N_COMP + 2 * len(PRICED_REGIMES)
+_I_EXIT = 4 + _N_COMP + 2 * len(PRICED_REGIMES)
 #: θ entries that are inverse efficiencies (the roofs); the rest are seconds.
 _EFFICIENCY_SLOTS: frozenset[int] = frozenset([_I_MEM, *_I_COMP.values(), *_I_REFF.values()])
 
@@ -698,8 +731,8 @@ _THETA_NAMES: tuple[str, ...] = (
     *(f"compute_efficiency[{p}]" for p in COMPUTE_PRECISIONS),
     "per_tensor_overhead_s",
     "fixed_overhead_s",
-    *(f"regime_efficiency[{r}]" for r in REGIMES),
-    *(f"regime_overhead_s[{r}]" for r in REGIMES),
+    *(f"regime_efficiency[{r}]" for r in PRICED_REGIMES),
+    *(f"regime_overhead_s[{r}]" for r in PRICED_REGIMES),
     "act_quant_s_per_element",
     "exit_check_s",
 )
@@ -710,8 +743,8 @@ def _theta(params: CostParams) -> np.ndarray:
         [1.0 / params.mem_efficiency]
         + [1.0 / params.compute_efficiency[p] for p in COMPUTE_PRECISIONS]
         + [params.per_tensor_overhead_s, params.fixed_overhead_s]
-        + [1.0 / params.regime_efficiency[r] for r in REGIMES]
-        + [params.regime_overhead_s[r] for r in REGIMES]
+        + [1.0 / params.regime_efficiency[r] for r in PRICED_REGIMES]
+        + [params.regime_overhead_s[r] for r in PRICED_REGIMES]
         + [params.act_quant_s_per_element, params.exit_check_s]
     )
 
@@ -732,8 +765,8 @@ def _params_from(theta: np.ndarray, prior: CostParams, identified: np.ndarray) -
         compute_efficiency={p: inv(_I_COMP[p], prior.compute_efficiency[p]) for p in COMPUTE_PRECISIONS},
         per_tensor_overhead_s=sec(_I_TENSOR, prior.per_tensor_overhead_s),
         fixed_overhead_s=sec(_I_FIXED, prior.fixed_overhead_s),
-        regime_efficiency={r: inv(_I_REFF[r], prior.regime_efficiency[r]) for r in REGIMES},
-        regime_overhead_s={r: sec(_I_ROVER[r], prior.regime_overhead_s[r]) for r in REGIMES},
+        regime_efficiency={r: inv(_I_REFF[r], prior.regime_efficiency[r]) for r in PRICED_REGIMES},
+        regime_overhead_s={r: sec(_I_ROVER[r], prior.regime_overhead_s[r]) for r in PRICED_REGIMES},
         act_quant_s_per_element=sec(_I_ACTQ, prior.act_quant_s_per_element),
         exit_check_s=sec(_I_EXIT, prior.exit_check_s),
     )

@@ -26,7 +26,10 @@ path (`planner.models.linear`): oneDNN on AMD (2.3× torch's default F.linear th
 F.linear on Intel (oneDNN 0.83–0.85× of it on the Xeon measured).
 int2/int3/int4 per-channel codes are widened exactly to int8 at load (the package stays
 packed; run-time memory is int8: "int4 weights unpacked to int8 at load, W8A8 _int_mm");
-grouped scales are re-quantized per channel to int8 at load (reported per tensor).  Sibling
+grouped scales are re-quantized per channel to int8 at load (reported per tensor).  The
+Linears reading a LayerNorm output take asymmetric activations, optionally at ~16 bits as
+two int8 digits on the same kernel (`normalized_input_bits=16`, kernel "W8A16", cost regime
+"w8a16").  Sibling
 layers reading one input (Q, K, V) run as one fused GEMM.  A BERT layer whose six Linears are
 all W8A8 runs as one fused block (`w8a8_bert_block`, same numerics) through ``torch.compile``
 (inductor fuses activation quantization, rescale, bias, residual, LayerNorm, GELU and the
@@ -86,6 +89,9 @@ __all__ = [
     "KERNEL_W8A8",
     "KERNEL_W8A8_FROM_INT4",
     "KERNEL_W8A8_FROM_LOWBIT",
+    "KERNEL_W8A8_FUSED",
+    "KERNEL_W8A16",
+    "KERNEL_W8A16_FUSED",
     "DequantLinear",
     "EarlyExitRunner",
     "ExitDecision",
@@ -114,6 +120,7 @@ __all__ = [
     "observed_kernels",
     "quantize_rows_int8",
     "quantize_rows_int8_asym",
+    "quantize_rows_two_digits_asym",
     "runtime_exit_curve",
     "runtime_exit_logits",
     "runtime_layer",
@@ -134,7 +141,12 @@ KERNEL_W8A8_FROM_INT4 = "int4 weights unpacked to int8 at load, W8A8 _int_mm"
 KERNEL_W8A8_FROM_LOWBIT = "low-bit weights widened to int8 at load, W8A8 _int_mm"
 #: Any of the three above, run inside a fused BERT block (`w8a8_bert_block`).
 KERNEL_W8A8_FUSED = "W8A8 _int_mm in a fused block (torch.compile)"
+#: A W8A8 Linear whose input (a LayerNorm output) is quantized to ~16 bits as two int8
+#: digits (`quantize_rows_two_digits_asym`), one _int_mm on twice the rows; alone / fused.
+KERNEL_W8A16 = "W8A16 _int_mm (activations as two int8 digits)"
+KERNEL_W8A16_FUSED = "W8A16 _int_mm (activations as two int8 digits) in a fused block (torch.compile)"
 _INT4_GROUPS = (32, 64, 128, 256)
+_INT8_ACT_NOTE = "per-token int8 activations"
 #: How planner.cost prices each kernel (a bypassed layer runs fp32 on a dequantized weight).
 _REGIME_OF_KERNEL: dict[str, str] = {
     KERNEL_FP32: "fp32",
@@ -142,6 +154,8 @@ _REGIME_OF_KERNEL: dict[str, str] = {
     KERNEL_W8A8_FROM_INT4: "w8a8",
     KERNEL_W8A8_FROM_LOWBIT: "w8a8",
     KERNEL_W8A8_FUSED: FUSED_REGIME,
+    KERNEL_W8A16: "w8a16",
+    KERNEL_W8A16_FUSED: "w8a16-fused",
     KERNEL_INT8: "weight-only",
     KERNEL_INT4: "weight-only",
     KERNEL_DEQUANT_AT_LOAD: "dequant",
@@ -481,7 +495,7 @@ def runtime_layer(
     if w8a8 and qt.scheme.is_integer:
         layer = Int8DynamicLinear(qt, bias)
         kernel = {"int8": KERNEL_W8A8, "int4": KERNEL_W8A8_FROM_INT4}.get(p, KERNEL_W8A8_FROM_LOWBIT)
-        return layer, kernel, f"per-token int8 activations; weights {layer.how}"
+        return layer, kernel, f"{_INT8_ACT_NOTE}; weights {layer.how}"
     if int8_kernel_supported(qt):
         zero_note = "" if qt.zeros is None else "; zero point as rank-1 term"
         return Int8Linear(qt, bias, act_dtype), KERNEL_INT8, f"{act} activations{zero_note}"
@@ -525,6 +539,7 @@ def build_runtime_model(
     act_dtype: torch.dtype = torch.bfloat16,
     dequant_all: bool = False,
     w8a8: bool = False,
+    normalized_input_bits: int = 8,
 ) -> tuple[nn.Module, KernelReport]:
     """A copy of `module` whose quantizable layers run `plan` with real kernels.
 
@@ -535,9 +550,13 @@ def build_runtime_model(
     their float32 path is a slow reference loop on x86 (50-120x slower than F.linear at 32-128
     rows, measured); pass torch.float32 for bit-faithful numerics.  `dequant_all` runs every
     integer Linear as fp32 F.linear on weights dequantized at load; `w8a8` runs every integer
-    Linear as W8A8 on torch._int_mm (see `runtime_layer`).
+    Linear as W8A8 on torch._int_mm (see `runtime_layer`); `normalized_input_bits` (8 or 16)
+    is the activation precision of the W8A8 Linears that read a LayerNorm output (16: two
+    int8 digits, see `_mark_normalized_inputs`).
     """
     plan.validate(spec)
+    if normalized_input_bits not in (8, 16):
+        raise PlanError(f"normalized_input_bits must be 8 or 16, got {normalized_input_bits!r}")
     if quantized is None:
         quantized = quantize_plan(module, spec, plan, calib_inputs_by_tensor, cache)
     target = module if inplace else copy.deepcopy(module)
@@ -559,26 +578,39 @@ def build_runtime_model(
             with torch.no_grad():
                 quantizable_parameter(target, t.name).copy_(qt.values.float())
         choices.append(KernelChoice(t.name, qt.scheme.precision, kernel, note))
-    _mark_normalized_inputs(target)
+    _mark_normalized_inputs(target, normalized_input_bits)
     _share_input_quantization(target)
     fused = _fuse_bert_layers(target)
-    choices = [
-        replace(c, kernel=KERNEL_W8A8_FUSED, note=f"{c.kernel}; {c.note}" if c.note else c.kernel)
-        if any(name == c.name or name.endswith("." + c.name) for name in fused)
-        else c
-        for c in choices
-    ]
-    return target.eval(), KernelReport(tuple(choices))
+    reported = []
+    for c in choices:
+        layer = target.get_submodule(c.name[: -len(".weight")])
+        in_block = any(name == c.name or name.endswith("." + c.name) for name in fused)
+        two_digits = isinstance(layer, Int8DynamicLinear) and layer.two_digit_input
+        if two_digits:
+            note = c.note.replace(_INT8_ACT_NOTE, "per-token asymmetric activations as two int8 digits")
+            kernel = KERNEL_W8A16_FUSED if in_block else KERNEL_W8A16
+            c = replace(c, kernel=kernel, note=f"{c.kernel}; {note}")
+        elif in_block:
+            c = replace(c, kernel=KERNEL_W8A8_FUSED, note=f"{c.kernel}; {c.note}" if c.note else c.kernel)
+        reported.append(c)
+    return target.eval(), KernelReport(tuple(reported))
 
 
-def _mark_normalized_inputs(model: nn.Module) -> None:
+def _mark_normalized_inputs(model: nn.Module, bits: int) -> None:
     """Asymmetric per-token activations for the W8A8 Linears that read a LayerNorm output
     (BERT's query/key/value and intermediate).  Those rows are skewed (a few large channels
     of one sign), so symmetric int8 leaves half its codes unused; on the demo model's
     CALIBRATION split the asymmetric grid there raised the W8A8 runtime's full-depth agreement
     with FP32 from 0.968 to 0.970 (the 6.1× mixed plan) and 0.980 to 0.982 (uniform int8),
     while making the attention-context and GELU-output inputs asymmetric too lowered it
-    (0.966 / 0.958 for the 6.1× plan): those stay symmetric."""
+    (0.966 / 0.958 for the 6.1× plan): those stay symmetric.
+
+    `bits` 16 quantizes these inputs as two int8 digits (`quantize_rows_two_digits_asym`, one
+    `_int_mm` on twice the rows).  Measured on 2026-12-04 for the 6.07× frontier plan of the
+    bench: the runtime's full-depth calibration agreement 0.966 → 0.982, and at the
+    calibrated exit threshold 0.62 the worse-of-evaluator-and-runtime agreement on TEST
+    0.9477 → 0.9577 (calibration 0.9498 → 0.9618).  Its batch-1 cost on a host with fast int8
+    GEMMs (AVX-512 VNNI) is not measured yet, so the default stays 8."""
     for layer in model.modules():
         if not isinstance(layer, _Layer):
             continue
@@ -586,6 +618,7 @@ def _mark_normalized_inputs(model: nn.Module) -> None:
         for m in (sa.query, sa.key, sa.value, layer.intermediate.dense):
             if isinstance(m, Int8DynamicLinear):
                 m.asymmetric_input = True
+                m.two_digit_input = bits == 16
 
 
 def _share_input_quantization(model: nn.Module) -> None:
@@ -627,6 +660,8 @@ def _fuse_bert_layers(model: nn.Module) -> set[str]:
             True,
             False,
         ]:
+            continue
+        if len({cast(Int8DynamicLinear, m).two_digit_input for m in (*linears[:3], linears[4])}) != 1:
             continue
         qkv = [m for m in linears[:3] if isinstance(m, Int8DynamicLinear)]
         fused = cast("_FusedSiblings | None", qkv[0].shared_input)
@@ -681,6 +716,7 @@ def w8a8_bert_block(
     heads: int,
     eps1: float,
     eps2: float,
+    two_digits: bool = False,
 ) -> torch.Tensor:
     """One post-norm BERT layer with every Linear on W8A8 `_int_mm` (the numerics of
     `Int8DynamicLinear`: per-token symmetric int8 activations, per-channel int8 weights).
@@ -689,7 +725,8 @@ def w8a8_bert_block(
     bias, norm 1 weight, bias, intermediate int8, scale, row sums, bias, output int8, scale,
     bias, norm 2 weight, bias); Q, K and V run as one GEMM on their concatenated weights.  The
     two GEMMs reading a LayerNorm output (Q/K/V, intermediate) take asymmetric per-token
-    activations, the other two symmetric — as `build_runtime_model` marks the layers.  A pure
+    activations (as two int8 digits if `two_digits`), the other two symmetric — as
+    `build_runtime_model` marks the layers.  A pure
     function of tensors (no Python state), so one `torch.compile` serves every layer of every
     plan of the same shapes.
     """
@@ -697,14 +734,14 @@ def w8a8_bert_block(
     b, t, h = x.shape
     x2 = x.reshape(b * t, h)
     qkv = (
-        _int8_product(x2, wqkv, sqkv, rqkv, bqkv, True)
+        _int8_product(x2, wqkv, sqkv, rqkv, bqkv, True, two_digits)
         .view(b, t, 3, heads, h // heads)
         .permute(2, 0, 3, 1, 4)
     )
     ctx = _masked_attention(qkv[0], qkv[1], qkv[2], mask_bias)
     ctx = ctx.transpose(1, 2).reshape(b * t, h)
     y = F.layer_norm(_int8_product(ctx, wo, so, None, bo, False) + x2, (h,), g1, b1, eps1)
-    inner = F.gelu(_int8_product(y, wi, si, ri, bi, True))
+    inner = F.gelu(_int8_product(y, wi, si, ri, bi, True, two_digits))
     out = F.layer_norm(_int8_product(inner, w2, s2, None, b2, False) + y, (h,), g2, b2n, eps2)
     return out.view(b, t, h)
 
@@ -750,7 +787,9 @@ def fused_block_compile_error() -> str | None:
 
 
 #: (linears, `w8a8_bert_block` weights, heads, eps1, eps2) of one fused layer.
-_BlockArgs: TypeAlias = "tuple[tuple[Int8DynamicLinear, ...], tuple[torch.Tensor, ...], int, float, float]"
+_BlockArgs: TypeAlias = (
+    "tuple[tuple[Int8DynamicLinear, ...], tuple[torch.Tensor, ...], int, float, float, bool]"
+)
 
 
 class _W8A8BertLayer(_Layer):
@@ -787,7 +826,7 @@ class _W8A8BertLayer(_Layer):
                 weights += (layer.bias,)
                 if norm is not None:
                     weights += (norm.weight, norm.bias)
-            cached = (linears, weights, heads, float(n1.eps), float(n2.eps))
+            cached = (linears, weights, heads, float(n1.eps), float(n2.eps), fused.two_digits)
             self.__dict__["_block_args_cache"] = cached
         return cast("_BlockArgs", cached)
 
@@ -800,12 +839,12 @@ class _W8A8BertLayer(_Layer):
         """Post-norm BERT layer; `keep` is a (batch, 1, 1, seq) bool mask of real tokens."""
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return super().forward(x, keep)
-        linears, weights, heads, eps1, eps2 = self._block_args()
+        linears, weights, heads, eps1, eps2, two_digits = self._block_args()
         for layer in linears:
             # `calls` is a plain attribute: skip nn.Module.__setattr__'s parameter/buffer checks.
             layer.__dict__["calls"] += 1
         mask_bias = attention_mask_bias(keep)
-        args = (x, mask_bias, weights, heads, eps1, eps2)
+        args = (x, mask_bias, weights, heads, eps1, eps2, two_digits)
         fn = _compiled_block()
         if fn is not None:
             torch._dynamo.maybe_mark_dynamic(x, 1)
@@ -1092,6 +1131,30 @@ def quantize_rows_int8_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q, scale, zero.to(torch.int32)
 
 
+#: The second digit's weight: x ≈ scale · (q − zero + r / RESIDUAL_STEPS), |r| ≤ 127.
+RESIDUAL_STEPS = 254.0
+
+
+def quantize_rows_two_digits_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row asymmetric activations at ~16 bits as two int8 digits, stacked for one GEMM:
+    (digits (2m, k) int8 = [q; r], scale (m, 1) fp32, zero (m, 1) int32), where
+    x ≈ scale · (q − zero + r / 254).
+
+    q, scale and zero are `quantize_rows_int8_asym`'s; r is the rounding residual
+    x / scale + zero − q (within ±½ step, as nothing clips) on a 254-step int8 grid, so the
+    error is ≤ scale / 508 instead of scale / 2.  Stacking both digits as 2m rows lets one
+    ``_int_mm`` read the weight once for both.
+    """
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    scale = ((hi.clamp(min=0.0) - lo.clamp(max=0.0)) / 255.0).clamp_(min=1e-12)
+    inverse = 1.0 / scale
+    zero = -128.0 - torch.round(lo.clamp(max=0.0) * inverse)
+    shifted = x * inverse + zero
+    q = torch.round(shifted).clamp_(-128, 127)
+    r = torch.round((shifted - q) * RESIDUAL_STEPS).clamp_(-127, 127)
+    return torch.cat([q, r]).to(torch.int8), scale, zero.to(torch.int32)
+
+
 def _int8_product(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -1099,12 +1162,22 @@ def _int8_product(
     weight_rowsum: torch.Tensor | None,
     bias: torch.Tensor | None,
     asymmetric: bool,
+    two_digits: bool = False,
 ) -> torch.Tensor:
     """(m, k) fp32 rows × int8 (n, k) weight on ``torch._int_mm`` with per-row int8
     activations: symmetric (`quantize_rows_int8`) or asymmetric (`quantize_rows_int8_asym`,
     whose zero point comes off the int32 accumulator as zero · Σ_k w, exactly in int32; the
-    row sums are needed then only).  `Int8DynamicLinear`, `_FusedSiblings` and the fused
-    block (`w8a8_bert_block`, compiled) all multiply through here."""
+    row sums are needed then only), or with `two_digits` asymmetric at ~16 bits
+    (`quantize_rows_two_digits_asym`: both digits in one product on 2m rows).
+    `Int8DynamicLinear`, `_FusedSiblings` and the fused block (`w8a8_bert_block`, compiled)
+    all multiply through here."""
+    if asymmetric and two_digits:
+        assert weight_rowsum is not None
+        digits, act_scale, zero = quantize_rows_two_digits_asym(x)
+        both = torch._int_mm(digits, weight.t())
+        m = x.shape[0]
+        y = ((both[:m] - zero * weight_rowsum) + both[m:] * (1.0 / RESIDUAL_STEPS)) * act_scale
+        return y.mul_(weight_scale) if bias is None else torch.addcmul(bias, y, weight_scale)
     if asymmetric:
         assert weight_rowsum is not None
         q, act_scale, zero = quantize_rows_int8_asym(x)
@@ -1127,9 +1200,10 @@ class _FusedSiblings:
     """
 
     def __init__(self, layers: Sequence[Int8DynamicLinear]) -> None:
-        if len({layer.asymmetric_input for layer in layers}) != 1:
+        if len({(layer.asymmetric_input, layer.two_digit_input) for layer in layers}) != 1:
             raise PlanError("fused sibling layers must quantize their shared input alike")
         self.asymmetric = layers[0].asymmetric_input
+        self.two_digits = layers[0].two_digit_input
         self.weight = torch.cat([layer.weight_int8 for layer in layers]).contiguous()
         self.scale = torch.cat([layer.weight_scale for layer in layers]).contiguous()
         self.rowsum = torch.cat([layer.weight_rowsum for layer in layers]).contiguous()
@@ -1160,7 +1234,9 @@ class _FusedSiblings:
         if self.value is not None and self.source is x and self.version == self._version(x):
             self.hits += 1
         else:
-            self.value = _int8_product(x2, self.weight, self.scale, self.rowsum, self.bias, self.asymmetric)
+            self.value = _int8_product(
+                x2, self.weight, self.scale, self.rowsum, self.bias, self.asymmetric, self.two_digits
+            )
             self.source, self.version = x, self._version(x)
         return self.value[:, self.slices[id(layer)]]
 
@@ -1173,9 +1249,12 @@ class Int8DynamicLinear(_QuantLinearBase):
     point); (3) ``torch._int_mm`` (int8 × int8 → int32) against the stored (k, n) weight view
     (minus zero · Σ_k w when asymmetric); (4) y = int32 · act_scale (m, 1) · weight_scale (1, n)
     + bias.  `build_runtime_model` sets `asymmetric_input` on the Linears that read a LayerNorm
-    output (BERT's Q/K/V and FFN input).  When `int_mm_supported`
-    says no (e.g. CUDA with ≤ 16 rows), the same int8 weight is dequantized per call and run
-    through fp32 F.linear on the unquantized activations (`fallback_calls` counts those).
+    output (BERT's Q/K/V and FFN input), and `two_digit_input` there when asked for 16-bit
+    inputs: the row is quantized as two int8 digits stacked into 2m rows of ONE `_int_mm`
+    (the weight is read once), y = ((acc_hi − zero · Σw) + acc_lo / 254) · act_scale · w_scale.
+    When `int_mm_supported` says no (e.g. CUDA with ≤ 16 rows), the same int8 weight is
+    dequantized per call and run through fp32 F.linear on the unquantized activations
+    (`fallback_calls` counts those).
     """
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
@@ -1191,6 +1270,9 @@ class Int8DynamicLinear(_QuantLinearBase):
         # Σ_k w[n, k] in int32: what an asymmetric input's zero point adds to output n.
         self.register_buffer("weight_rowsum", w.sum(dim=1, dtype=torch.int32))
         self.asymmetric_input = False
+        # With `asymmetric_input`: ~16-bit activations as two int8 digits
+        # (`quantize_rows_two_digits_asym`) instead of one.
+        self.two_digit_input = False
         self.exact = exact
         self.how = how
         self.fallback_calls = 0
@@ -1209,7 +1291,13 @@ class Int8DynamicLinear(_QuantLinearBase):
         if self.shared_input is not None:
             return self.shared_input.output(self, x, x2).reshape(*lead, self.out_features)
         out = _int8_product(
-            x2, self.weight_int8, self.weight_scale, self.weight_rowsum, self.bias, self.asymmetric_input
+            x2,
+            self.weight_int8,
+            self.weight_scale,
+            self.weight_rowsum,
+            self.bias,
+            self.asymmetric_input,
+            self.two_digit_input,
         )
         return out.reshape(*lead, self.out_features)
 

@@ -49,6 +49,8 @@ KERNEL_REGIMES: tuple[str, ...] = (
     "dequant",
     "fp16-upcast",
     "gather",
+    "w8a16",
+    "w8a16-fused",
 )
 #: field → (kind, required, rule text)
 LIMITS: dict[str, tuple[str, bool, str]] = {

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from planner.cost import REGIMES, CostParams, Observation, fit, predict
+from planner.cost import PRICED_REGIMES, REGIMES, CostParams, Observation, fit, predict
 from planner.specs import DeviceSpec, Plan, PlanError, TensorScheme
 from tests.planner.test_cost import minilm_spec
 
@@ -62,6 +62,29 @@ def test_w8a8_is_priced_on_the_int8_peak_with_int8_bytes_and_activation_cost() -
         CostParams(regime_efficiency={"magic": 1.0})
 
 
+def test_two_digit_activations_are_priced_as_w8a8_on_twice_the_integer_work() -> None:
+    spec = minilm_spec()
+    name = "encoder.layer.0.intermediate.dense.weight"
+    plan = Plan.build({name: TensorScheme("int8")})
+    params = CostParams(regime_overhead_s={"w8a8": 7e-6}, act_quant_s_per_element=1e-9)
+    a8 = next(
+        o
+        for o in predict(spec, plan, HOST, seq_len=40, params=params, kernels={name: "w8a8"}).ops
+        if o.name == name
+    )
+    a16 = next(
+        o
+        for o in predict(spec, plan, HOST, seq_len=40, params=params, kernels={name: "w8a16"}).ops
+        if o.name == name
+    )
+    assert a16.regime == "w8a16" and a16.compute_precision == "int8" and a16.macs == a8.macs
+    assert a16.compute_s == pytest.approx(2 * a8.compute_s)
+    assert a16.bytes_read == a8.bytes_read  # the weight is read once for both digits
+    # Two codes per input element are quantized: 40 tokens × 384 more elements.
+    extra = params.per_tensor_overhead_s + 7e-6 + 1e-9 * 40 * (1536 + 2 * 384)
+    assert a16.seconds == pytest.approx(max(a16.memory_s, a16.compute_s) + extra)
+
+
 def test_params_round_trip_and_accept_version_1() -> None:
     p = CostParams(
         regime_efficiency={"w8a8": 0.7}, regime_overhead_s={"w8a8": 3e-6}, act_quant_s_per_element=4e-9
@@ -73,7 +96,9 @@ def test_params_round_trip_and_accept_version_1() -> None:
     v2 = {"_type": "CostParams", "_version": 2, "_data": {"per_tensor_overhead_s": 7e-6}}
     assert CostParams.from_dict(v2).exit_check_s == 7e-6
     assert CostParams.from_dict(CostParams(exit_check_s=0.0).to_dict()).exit_check_s == 0.0
-    assert set(REGIMES) == set(CostParams().regime_overhead_s)
+    assert set(PRICED_REGIMES) == set(CostParams().regime_overhead_s) < set(REGIMES)
+    with pytest.raises(PlanError, match="unknown kernel regime"):
+        CostParams(regime_efficiency={"w8a16": 1.0})  # priced with w8a8's parameters, none of its own
 
 
 def test_fit_recovers_regime_efficiencies_and_overheads() -> None:
@@ -143,6 +168,14 @@ def test_a_fused_block_pays_its_regime_overhead_instead_of_per_op_launches() -> 
         assert op.seconds == pytest.approx(max(op.memory_s, op.compute_s))
         other = next(o for o in mixed.ops if o.name == name)
         assert other.seconds == pytest.approx(max(other.memory_s, other.compute_s) + 50e-6)
+    # Two-digit Linears inside the compiled block keep the block fused.
+    two = dict.fromkeys(block0, "w8a8-fused") | {block0[0]: "w8a16-fused"}
+    att = next(
+        o
+        for o in predict(spec, plan, HOST, seq_len=40, params=params, kernels=two).ops
+        if o.name == "attention.0"
+    )
+    assert att.seconds == pytest.approx(by_name["attention.0"].seconds)
     # block 1 is not fused in either: its attention still pays the launch
     att1 = by_name["attention.1"]
     assert att1.seconds == pytest.approx(max(att1.memory_s, att1.compute_s) + 50e-6)

@@ -16,6 +16,7 @@ from planner.runtime import (
     KERNEL_W8A8_FROM_INT4,
     KERNEL_W8A8_FROM_LOWBIT,
     KERNEL_W8A8_FUSED,
+    KERNEL_W8A16_FUSED,
     EarlyExitRunner,
     Int8DynamicLinear,
     build_runtime_model,
@@ -24,9 +25,10 @@ from planner.runtime import (
     measure_text_latency,
     quantize_rows_int8,
     quantize_rows_int8_asym,
+    quantize_rows_two_digits_asym,
     runtime_exit_curve,
 )
-from planner.specs import Plan, TensorScheme
+from planner.specs import Plan, PlanError, TensorScheme
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,6 +134,66 @@ def test_asymmetric_input_linear_tracks_the_fp32_reference_better_on_skewed_rows
     assert e_asym < 0.7 * e_sym < 0.02
 
 
+def test_two_digit_rows_are_within_1_508th_of_a_step() -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, generator=gen) * 3
+    x[1] = x[1].abs() + 0.5  # one-sided row
+    x[2] = 0.0
+    digits, scale, zero = quantize_rows_two_digits_asym(x)
+    assert digits.dtype == torch.int8 and digits.shape == (12, 40)
+    q, r = digits[:6].int(), digits[6:].int()
+    one_q, one_scale, one_zero = quantize_rows_int8_asym(x)
+    # The first digit is exactly the one-digit quantization; the second is its residual.
+    assert torch.equal(q, one_q.int()) and torch.equal(scale, one_scale) and torch.equal(zero, one_zero)
+    assert int(r.abs().max()) <= 127
+    back = ((q - zero).float() + r.float() / 254.0) * scale
+    assert bool(((back - x).abs() <= scale / 508 + 1e-5 * x.abs().amax()).all())
+    assert bool((back[2] == 0.0).all())
+
+
+def test_two_digit_input_linear_is_far_closer_to_the_fp32_reference(one_thread: None) -> None:
+    torch.manual_seed(6)
+    w, b = torch.randn(48, 64) * 0.1, torch.randn(48)
+    qt = quantize(w, TensorScheme("int8"))
+    one, two = Int8DynamicLinear(qt, b), Int8DynamicLinear(qt, b)
+    one.asymmetric_input = two.asymmetric_input = True
+    two.two_digit_input = True
+    x = torch.randn(32, 64)
+    x[:, 3] *= 20  # an outlier channel stretches every row's grid
+    ref = F.linear(x, dequantize(qt), b)  # the same int8 weights, fp32 activations
+    with torch.inference_mode():
+        e_one, e_two = _rel_err(one(x), ref), _rel_err(two(x), ref)
+    assert e_two < e_one / 50 and e_two < 1e-4
+
+
+def test_normalized_input_bits_choose_one_or_two_digits(one_thread: None, tiny_adapter: TinyAdapter) -> None:
+    spec = tiny_adapter.spec()
+    plan = Plan.build({t.name: TensorScheme("int8") for t in spec.tensors if t.kind == "linear"})
+    x = torch.randn(1, 5, tiny_adapter.config.hidden_size)
+    keep = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    outputs = {}
+    for bits, kernel, regime in (
+        (8, KERNEL_W8A8_FUSED, "w8a8-fused"),
+        (16, KERNEL_W8A16_FUSED, "w8a16-fused"),
+    ):
+        module, report = build_runtime_model(
+            tiny_adapter.module, spec, plan, w8a8=True, normalized_input_bits=bits
+        )
+        query = module.encoder.layer[0].attention.self.query
+        assert query.two_digit_input is (bits == 16)
+        assert report.kernel_for("encoder.layer.0.attention.self.query.weight") == kernel
+        assert report.regimes()["encoder.layer.0.intermediate.dense.weight"] == regime
+        assert report.kernel_for("encoder.layer.0.output.dense.weight") == KERNEL_W8A8_FUSED
+        with torch.inference_mode():
+            outputs[bits] = module.encoder.layer[0](x, keep)  # the fused block follows the flag
+    dense, _ = build_runtime_model(tiny_adapter.module, spec, plan, dequant_all=True)
+    with torch.inference_mode():
+        ref = dense.encoder.layer[0](x, keep)  # the same weights, fp32 activations
+    assert _rel_err(outputs[16], ref) < _rel_err(outputs[8], ref)
+    with pytest.raises(PlanError, match="normalized_input_bits must be 8 or 16"):
+        build_runtime_model(tiny_adapter.module, spec, plan, w8a8=True, normalized_input_bits=4)
+
+
 @pytest.fixture()
 def runtime_pair(
     tiny_adapter: TinyAdapter, tiny_heads: ExitHeads
@@ -228,10 +290,10 @@ def test_fused_w8a8_block_caches_its_arguments_until_apply(
     assert [m.calls for m in linears] == [c + 2 for c in before]
     assert torch.equal(first, second)
     # The weights passed are the layer's own buffers (Q/K/V: their fused concatenation).
-    _, weights, heads, _, _ = args
+    _, weights, heads, _, _, two_digits = args
     assert weights[0] is linears[0].shared_input.weight and weights[4] is linears[3].weight_int8
     assert weights[2] is linears[0].shared_input.rowsum and weights[11] is linears[4].weight_rowsum
-    assert heads == layer.attention.self.n_heads
+    assert heads == layer.attention.self.n_heads and two_digits is linears[0].two_digit_input
     layer.float()  # any _apply (.to(), .float(), …) drops the cache
     assert "_block_args_cache" not in vars(layer)
 
