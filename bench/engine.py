@@ -47,6 +47,7 @@ from planner.runtime import (
     KERNEL_FP32_DEFAULT,
     KERNEL_FP32_ONEDNN,
     EarlyExitRunner,
+    KernelReport,
     LatencyStats,
     RuntimeEval,
     TextLatency,
@@ -401,6 +402,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{len(cands)} candidates around 6× evaluated on calibration"
     )
     max_layers = spec.n_blocks / _LAYER_TARGET
+
+    def w8a8_model(plan: Plan) -> tuple[torch.nn.Module, KernelReport]:
+        """The runtime model of `plan` on W8A8 kernels, from the evaluator's own GPTQ inputs
+        (its codes are the evaluated codes)."""
+        return build_runtime_model(
+            ev.adapter.module,
+            spec,
+            plan,
+            calib_inputs_by_tensor=calib,
+            cache=qcache,
+            w8a8=True,
+            normalized_input_bits=args.normalized_input_bits,
+        )
+
     # Every candidate is judged on calibration the two ways the headline reports it: the
     # evaluator's weight-only numerics and the runtime's W8A8 kernels (per-token int8
     # activations cost another 0.5–1.5 points of agreement), taking the worse per threshold.
@@ -410,15 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cand_rows = []
     for c in cands:
         r = ev.evaluate(c.plan, "calibration")
-        module, _ = build_runtime_model(
-            ev.adapter.module,
-            spec,
-            c.plan,
-            calib_inputs_by_tensor=calib,
-            cache=qcache,
-            w8a8=True,
-            normalized_input_bits=args.normalized_input_bits,
-        )
+        module, _ = w8a8_model(c.plan)
         rt_curve = runtime_exit_curve(
             EarlyExitRunner(ev.adapter, module, ev.heads, None),
             cal_tokens,
@@ -494,15 +501,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lengths = [int(b.attention_mask.sum()) for b in batches]
     runners: dict[str, EarlyExitRunner] = {}
     for row in rows:
-        module, report = build_runtime_model(
-            ev.adapter.module,
-            spec,
-            row.plan,
-            calib_inputs_by_tensor=calib,
-            cache=qcache,
-            w8a8=True,
-            normalized_input_bits=args.normalized_input_bits,
-        )
+        module, report = w8a8_model(row.plan)
         row.kernels = report.by_kernel()
         row.regimes = report.regimes()
         runners[row.label] = EarlyExitRunner(ev.adapter, module, ev.heads, row.plan.exit_threshold)

@@ -94,8 +94,6 @@ ACTIVATION_DIGITS: dict[str, int] = {"w8a16": 2, "w8a16-fused": 2}
 REGIMES: tuple[str, ...] = (*PRICED_REGIMES, *REGIME_PRICED_AS)
 #: The peak each regime's multiply-adds run on.
 REGIME_COMPUTE_PRECISION: dict[str, str] = {
-    "w8a16": "int8",
-    "w8a16-fused": "int8",
     "fp32": "fp32",
     "w8a8": "int8",
     "w8a8-fused": "int8",
@@ -104,6 +102,7 @@ REGIME_COMPUTE_PRECISION: dict[str, str] = {
     "fp16-upcast": "fp32",
     "gather": "fp32",
 }
+REGIME_COMPUTE_PRECISION.update({r: REGIME_COMPUTE_PRECISION[base] for r, base in REGIME_PRICED_AS.items()})
 #: Precisions a device can compute in (DeviceSpec has peaks for exactly these).
 COMPUTE_PRECISIONS: tuple[str, ...] = ("int4", "int8", "fp16", "fp32")
 _FALLBACK_CHAIN: tuple[str, ...] = ("int2", "int3", "int4", "int8", "fp16", "fp32")

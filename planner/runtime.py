@@ -726,9 +726,8 @@ def w8a8_bert_block(
     bias, norm 2 weight, bias); Q, K and V run as one GEMM on their concatenated weights.  The
     two GEMMs reading a LayerNorm output (Q/K/V, intermediate) take asymmetric per-token
     activations (as two int8 digits if `two_digits`), the other two symmetric — as
-    `build_runtime_model` marks the layers.  A pure
-    function of tensors (no Python state), so one `torch.compile` serves every layer of every
-    plan of the same shapes.
+    `build_runtime_model` marks the layers.  A pure function of tensors (no Python state), so
+    one `torch.compile` serves every layer of every plan of the same shapes (and digits).
     """
     wqkv, sqkv, rqkv, bqkv, wo, so, bo, g1, b1, wi, si, ri, bi, w2, s2, b2, g2, b2n = weights
     b, t, h = x.shape
@@ -1123,12 +1122,19 @@ def quantize_rows_int8_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     spends half of them on the side a skewed row does not use), and 0 is exactly the code
     `zero`, so padding-like and near-zero inputs add no systematic offset.
     """
+    steps, scale, zero = _asym_row_grid(x)
+    q = (torch.round(steps) + zero).clamp_(-128, 127).to(torch.int8)
+    return q, scale, zero.to(torch.int32)
+
+
+def _asym_row_grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x / scale, scale (m, 1), zero (m, 1) as whole floats) of the per-row asymmetric grid
+    shared by `quantize_rows_int8_asym` and `quantize_rows_two_digits_asym`."""
     lo, hi = torch.aminmax(x, dim=1, keepdim=True)  # one pass for both ends
     scale = ((hi.clamp(min=0.0) - lo.clamp(max=0.0)) / 255.0).clamp_(min=1e-12)
     inverse = 1.0 / scale  # one division per row; the elements are multiplied
     zero = -128.0 - torch.round(lo.clamp(max=0.0) * inverse)
-    q = (torch.round(x * inverse) + zero).clamp_(-128, 127).to(torch.int8)
-    return q, scale, zero.to(torch.int32)
+    return x * inverse, scale, zero
 
 
 #: The second digit's weight: x ≈ scale · (q − zero + r / RESIDUAL_STEPS), |r| ≤ 127.
@@ -1145,13 +1151,10 @@ def quantize_rows_two_digits_asym(x: torch.Tensor) -> tuple[torch.Tensor, torch.
     error is ≤ scale / 508 instead of scale / 2.  Stacking both digits as 2m rows lets one
     ``_int_mm`` read the weight once for both.
     """
-    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
-    scale = ((hi.clamp(min=0.0) - lo.clamp(max=0.0)) / 255.0).clamp_(min=1e-12)
-    inverse = 1.0 / scale
-    zero = -128.0 - torch.round(lo.clamp(max=0.0) * inverse)
-    shifted = x * inverse + zero
-    q = torch.round(shifted).clamp_(-128, 127)
-    r = torch.round((shifted - q) * RESIDUAL_STEPS).clamp_(-127, 127)
+    steps, scale, zero = _asym_row_grid(x)
+    whole = torch.round(steps)
+    q = (whole + zero).clamp_(-128, 127)
+    r = torch.round((steps - whole) * RESIDUAL_STEPS).clamp_(-127, 127)
     return torch.cat([q, r]).to(torch.int8), scale, zero.to(torch.int32)
 
 
@@ -1177,15 +1180,13 @@ def _int8_product(
         both = torch._int_mm(digits, weight.t())
         m = x.shape[0]
         y = ((both[:m] - zero * weight_rowsum) + both[m:] * (1.0 / RESIDUAL_STEPS)) * act_scale
-        return y.mul_(weight_scale) if bias is None else torch.addcmul(bias, y, weight_scale)
-    if asymmetric:
+    elif asymmetric:
         assert weight_rowsum is not None
         q, act_scale, zero = quantize_rows_int8_asym(x)
-        acc = torch._int_mm(q, weight.t()) - zero * weight_rowsum
+        y = (torch._int_mm(q, weight.t()) - zero * weight_rowsum) * act_scale
     else:
         q, act_scale = quantize_rows_int8(x)
-        acc = torch._int_mm(q, weight.t())
-    y = acc * act_scale  # int32 × fp32 → fp32 in one pass
+        y = torch._int_mm(q, weight.t()) * act_scale  # int32 × fp32 → fp32 in one pass
     return y.mul_(weight_scale) if bias is None else torch.addcmul(bias, y, weight_scale)
 
 
