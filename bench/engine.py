@@ -812,8 +812,9 @@ def _report(
     )
     print("acc%/loss pt/agree/layers: evaluator (weight-only fake quantization, planner.evaluate) on TEST.")
     print(
-        "rt *: the runtime model's own kernels (W8A8 _int_mm: per-token int8 activations, the "
-        "LayerNorm-fed Linears' as two int8 digits) on TEST."
+        "rt *: the runtime model's own kernels (W8A8 _int_mm, per-token int8 activations"
+        + (", the LayerNorm-fed Linears' as two int8 digits" if args.normalized_input_bits == 16 else "")
+        + ") on TEST."
     )
     print(
         f"b1 ms: batch-1 latency, mean over all {len(table_lengths)} test texts "
