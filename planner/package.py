@@ -982,8 +982,6 @@ def load_package(
     runtime_module, kernels = build_runtime_model(
         module, spec, plan, quantized=quantized, inplace=True, w8a8=w8a8
     )
-    for param in runtime_module.parameters():
-        param.requires_grad_(False)  # inference only: no autograd bookkeeping per call
     heads = ExitHeads(
         classes=classes,
         weight=torch.from_numpy(arrays["exit_heads.weight"]),

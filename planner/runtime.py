@@ -27,9 +27,9 @@ F.linear on Intel (oneDNN 0.83–0.85× of it on the Xeon measured).
 int2/int3/int4 per-channel codes are widened exactly to int8 at load (the package stays
 packed; run-time memory is int8: "int4 weights unpacked to int8 at load, W8A8 _int_mm");
 grouped scales are re-quantized per channel to int8 at load (reported per tensor).  The
-Linears reading a LayerNorm output take asymmetric activations, optionally at ~16 bits as
-two int8 digits on the same kernel (`normalized_input_bits=16`, kernel "W8A16", cost regime
-"w8a16").  Sibling
+Linears reading a LayerNorm output take asymmetric activations, Q/K/V's by default at ~16 bits
+as two int8 digits on the same kernel (`attention_input_bits` / `intermediate_input_bits`,
+kernel "W8A16", cost regime "w8a16").  Sibling
 layers reading one input (Q, K, V) run as one fused GEMM.  A BERT layer whose six Linears are
 all W8A8 runs as one fused block (`w8a8_bert_block`, same numerics) through ``torch.compile``
 (inductor fuses activation quantization, rescale, bias, residual, LayerNorm, GELU and the
@@ -77,6 +77,8 @@ from planner.quant.packing import pack_codes, unpack_codes
 from planner.specs import ModelSpec, Plan, PlanError, TensorScheme
 
 __all__ = [
+    "DEFAULT_ATTENTION_INPUT_BITS",
+    "DEFAULT_INTERMEDIATE_INPUT_BITS",
     "KERNEL_BYPASSED",
     "KERNEL_DEQUANT_AT_LOAD",
     "KERNEL_FP16_UPCAST",
@@ -527,6 +529,13 @@ def observed_kernels(model: nn.Module, report: KernelReport) -> KernelReport:
     return KernelReport(tuple(choices))
 
 
+#: Activation bits of the W8A8 Linears that read a LayerNorm output (see
+#: `_mark_normalized_inputs` for the measurements behind them): Q/K/V as two int8 digits,
+#: the FFN input as one.
+DEFAULT_ATTENTION_INPUT_BITS = 16
+DEFAULT_INTERMEDIATE_INPUT_BITS = 8
+
+
 def build_runtime_model(
     module: nn.Module,
     spec: ModelSpec,
@@ -539,7 +548,8 @@ def build_runtime_model(
     act_dtype: torch.dtype = torch.bfloat16,
     dequant_all: bool = False,
     w8a8: bool = False,
-    normalized_input_bits: int = 8,
+    attention_input_bits: int = DEFAULT_ATTENTION_INPUT_BITS,
+    intermediate_input_bits: int = DEFAULT_INTERMEDIATE_INPUT_BITS,
 ) -> tuple[nn.Module, KernelReport]:
     """A copy of `module` whose quantizable layers run `plan` with real kernels.
 
@@ -550,13 +560,18 @@ def build_runtime_model(
     their float32 path is a slow reference loop on x86 (50-120x slower than F.linear at 32-128
     rows, measured); pass torch.float32 for bit-faithful numerics.  `dequant_all` runs every
     integer Linear as fp32 F.linear on weights dequantized at load; `w8a8` runs every integer
-    Linear as W8A8 on torch._int_mm (see `runtime_layer`); `normalized_input_bits` (8 or 16)
-    is the activation precision of the W8A8 Linears that read a LayerNorm output (16: two
-    int8 digits, see `_mark_normalized_inputs`).
+    Linear as W8A8 on torch._int_mm (see `runtime_layer`); `attention_input_bits` and
+    `intermediate_input_bits` (8 or 16) are the activation precisions of the W8A8 Linears that
+    read a LayerNorm output — Q/K/V and the FFN input (16: two int8 digits, see
+    `_mark_normalized_inputs`).
     """
     plan.validate(spec)
-    if normalized_input_bits not in (8, 16):
-        raise PlanError(f"normalized_input_bits must be 8 or 16, got {normalized_input_bits!r}")
+    for field, bits in (
+        ("attention_input_bits", attention_input_bits),
+        ("intermediate_input_bits", intermediate_input_bits),
+    ):
+        if bits not in (8, 16):
+            raise PlanError(f"{field} must be 8 or 16, got {bits!r}")
     if quantized is None:
         quantized = quantize_plan(module, spec, plan, calib_inputs_by_tensor, cache)
     target = module if inplace else copy.deepcopy(module)
@@ -578,7 +593,7 @@ def build_runtime_model(
             with torch.no_grad():
                 quantizable_parameter(target, t.name).copy_(qt.values.float())
         choices.append(KernelChoice(t.name, qt.scheme.precision, kernel, note))
-    _mark_normalized_inputs(target, normalized_input_bits)
+    _mark_normalized_inputs(target, attention_input_bits, intermediate_input_bits)
     _share_input_quantization(target)
     fused = _fuse_bert_layers(target)
     reported = []
@@ -593,10 +608,15 @@ def build_runtime_model(
         elif in_block:
             c = replace(c, kernel=KERNEL_W8A8_FUSED, note=f"{c.kernel}; {c.note}" if c.note else c.kernel)
         reported.append(c)
+    # Inference only: no autograd bookkeeping per call, and every runtime model (built here or
+    # loaded from a package) meets the compiled block with the same requires_grad flags, so
+    # dynamo's guards do not compile a second graph per origin.
+    for param in target.parameters():
+        param.requires_grad_(False)
     return target.eval(), KernelReport(tuple(reported))
 
 
-def _mark_normalized_inputs(model: nn.Module, bits: int) -> None:
+def _mark_normalized_inputs(model: nn.Module, attention_bits: int, intermediate_bits: int) -> None:
     """Asymmetric per-token activations for the W8A8 Linears that read a LayerNorm output
     (BERT's query/key/value and intermediate).  Those rows are skewed (a few large channels
     of one sign), so symmetric int8 leaves half its codes unused; on the demo model's
@@ -605,17 +625,29 @@ def _mark_normalized_inputs(model: nn.Module, bits: int) -> None:
     while making the attention-context and GELU-output inputs asymmetric too lowered it
     (0.966 / 0.958 for the 6.1× plan): those stay symmetric.
 
-    `bits` 16 quantizes these inputs as two int8 digits (`quantize_rows_two_digits_asym`, one
-    `_int_mm` on twice the rows).  Measured on 2026-12-04 for the 6.07× frontier plan of the
-    bench: the runtime's full-depth calibration agreement 0.966 → 0.982, and at the
-    calibrated exit threshold 0.62 the worse-of-evaluator-and-runtime agreement on TEST
-    0.9477 → 0.9577 (calibration 0.9498 → 0.9618).  Its batch-1 cost on a host with fast int8
-    GEMMs (AVX-512 VNNI) is not measured yet, so the default stays 8."""
+    16 bits quantizes a site's inputs as two int8 digits (`quantize_rows_two_digits_asym`, one
+    `_int_mm` on twice the rows).  The defaults (Q/K/V 16, FFN input 8) come from
+    `python -m bench engine` on 2026-12-04 (AMD EPYC with AVX-512 VNNI, the 6.05× frontier plan
+    at its calibrated exit threshold; test agreement is the worse of evaluator and runtime):
+
+        Q/K/V  FFN in   test agreement   batch-1 ms / FP32 ms (same run)
+          8      8          0.9497          5.15 / 15.61  3.03×
+         16      8          0.9537          4.71 / 13.65  2.90×
+         16     16          0.9557          6.39 / 15.59  2.44×
+
+    The FFN input's GEMM is the wider one (384→1536 against 3 × 384→384), so its second digit
+    costs more than the Q/K/V one and brings less; both at 16 bits missed the 2.5× latency
+    target, Q/K/V alone meets it with the 0.95 agreement target."""
     for layer in model.modules():
         if not isinstance(layer, _Layer):
             continue
         sa = layer.attention.self
-        for m in (sa.query, sa.key, sa.value, layer.intermediate.dense):
+        for m, bits in (
+            (sa.query, attention_bits),
+            (sa.key, attention_bits),
+            (sa.value, attention_bits),
+            (layer.intermediate.dense, intermediate_bits),
+        ):
             if isinstance(m, Int8DynamicLinear):
                 m.asymmetric_input = True
                 m.two_digit_input = bits == 16
@@ -660,8 +692,6 @@ def _fuse_bert_layers(model: nn.Module) -> set[str]:
             True,
             False,
         ]:
-            continue
-        if len({cast(Int8DynamicLinear, m).two_digit_input for m in (*linears[:3], linears[4])}) != 1:
             continue
         qkv = [m for m in linears[:3] if isinstance(m, Int8DynamicLinear)]
         fused = cast("_FusedSiblings | None", qkv[0].shared_input)
@@ -716,7 +746,8 @@ def w8a8_bert_block(
     heads: int,
     eps1: float,
     eps2: float,
-    two_digits: bool = False,
+    qkv_two_digits: bool = False,
+    intermediate_two_digits: bool = False,
 ) -> torch.Tensor:
     """One post-norm BERT layer with every Linear on W8A8 `_int_mm` (the numerics of
     `Int8DynamicLinear`: per-token symmetric int8 activations, per-channel int8 weights).
@@ -725,7 +756,8 @@ def w8a8_bert_block(
     bias, norm 1 weight, bias, intermediate int8, scale, row sums, bias, output int8, scale,
     bias, norm 2 weight, bias); Q, K and V run as one GEMM on their concatenated weights.  The
     two GEMMs reading a LayerNorm output (Q/K/V, intermediate) take asymmetric per-token
-    activations (as two int8 digits if `two_digits`), the other two symmetric — as
+    activations (as two int8 digits if `qkv_two_digits` / `intermediate_two_digits`), the other
+    two symmetric — as
     `build_runtime_model` marks the layers.  A pure function of tensors (no Python state), so
     one `torch.compile` serves every layer of every plan of the same shapes (and digits).
     """
@@ -733,14 +765,14 @@ def w8a8_bert_block(
     b, t, h = x.shape
     x2 = x.reshape(b * t, h)
     qkv = (
-        _int8_product(x2, wqkv, sqkv, rqkv, bqkv, True, two_digits)
+        _int8_product(x2, wqkv, sqkv, rqkv, bqkv, True, qkv_two_digits)
         .view(b, t, 3, heads, h // heads)
         .permute(2, 0, 3, 1, 4)
     )
     ctx = _masked_attention(qkv[0], qkv[1], qkv[2], mask_bias)
     ctx = ctx.transpose(1, 2).reshape(b * t, h)
     y = F.layer_norm(_int8_product(ctx, wo, so, None, bo, False) + x2, (h,), g1, b1, eps1)
-    inner = F.gelu(_int8_product(y, wi, si, ri, bi, True, two_digits))
+    inner = F.gelu(_int8_product(y, wi, si, ri, bi, True, intermediate_two_digits))
     out = F.layer_norm(_int8_product(inner, w2, s2, None, b2, False) + y, (h,), g2, b2n, eps2)
     return out.view(b, t, h)
 
@@ -785,9 +817,10 @@ def fused_block_compile_error() -> str | None:
     return err
 
 
-#: (linears, `w8a8_bert_block` weights, heads, eps1, eps2) of one fused layer.
+#: (linears, `w8a8_bert_block` weights, heads, eps1, eps2, Q/K/V and intermediate inputs as
+#: two digits) of one fused layer.
 _BlockArgs: TypeAlias = (
-    "tuple[tuple[Int8DynamicLinear, ...], tuple[torch.Tensor, ...], int, float, float, bool]"
+    "tuple[tuple[Int8DynamicLinear, ...], tuple[torch.Tensor, ...], int, float, float, bool, bool]"
 )
 
 
@@ -825,7 +858,8 @@ class _W8A8BertLayer(_Layer):
                 weights += (layer.bias,)
                 if norm is not None:
                     weights += (norm.weight, norm.bias)
-            cached = (linears, weights, heads, float(n1.eps), float(n2.eps), fused.two_digits)
+            digits = (fused.two_digits, inter.two_digit_input)
+            cached = (linears, weights, heads, float(n1.eps), float(n2.eps), *digits)
             self.__dict__["_block_args_cache"] = cached
         return cast("_BlockArgs", cached)
 
@@ -838,12 +872,12 @@ class _W8A8BertLayer(_Layer):
         """Post-norm BERT layer; `keep` is a (batch, 1, 1, seq) bool mask of real tokens."""
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return super().forward(x, keep)
-        linears, weights, heads, eps1, eps2, two_digits = self._block_args()
+        linears, weights, heads, eps1, eps2, qkv_digits, inter_digits = self._block_args()
         for layer in linears:
             # `calls` is a plain attribute: skip nn.Module.__setattr__'s parameter/buffer checks.
             layer.__dict__["calls"] += 1
         mask_bias = attention_mask_bias(keep)
-        args = (x, mask_bias, weights, heads, eps1, eps2, two_digits)
+        args = (x, mask_bias, weights, heads, eps1, eps2, qkv_digits, inter_digits)
         fn = _compiled_block()
         if fn is not None:
             torch._dynamo.maybe_mark_dynamic(x, 1)

@@ -37,9 +37,12 @@ def test_bench_then_report(enrolled: Agent, server: FakeServer, packages: dict[s
         "host",
     }
     regimes = m["runtime"]["regimes"]
-    assert len(regimes) == 15 and set(regimes.values()) == {"w8a8-fused", "gather"}
+    assert len(regimes) == 15 and set(regimes.values()) == {"w8a8-fused", "w8a16-fused", "gather"}
     # int4 weights widened to int8 at load, every block's Linears run as one fused W8A8 block
-    assert m["runtime"]["kernels"]["W8A8 _int_mm in a fused block (torch.compile)"] == 12
+    # (Q/K/V on two-digit inputs)
+    kernels = m["runtime"]["kernels"]
+    assert kernels["W8A8 _int_mm in a fused block (torch.compile)"] == 6
+    assert kernels["W8A16 _int_mm (activations as two int8 digits) in a fused block (torch.compile)"] == 6
     assert m["measured_at"].endswith("Z")
 
     code, out, _ = enrolled.run("report")

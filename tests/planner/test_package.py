@@ -24,6 +24,7 @@ from planner.runtime import (
     KERNEL_W8A8,
     KERNEL_W8A8_FROM_INT4,
     KERNEL_W8A8_FUSED,
+    KERNEL_W8A16_FUSED,
     EarlyExitRunner,
     build_runtime_model,
 )
@@ -363,14 +364,16 @@ def test_a_loaded_package_runs_exactly_like_the_runtime_model_it_came_from(
     monkeypatch.setattr(planner.builtin, "load_bundle", forbidden)
     loaded = load_package(built.path, PUBLIC)
     assert loaded.digest == built.digest and loaded.plan == plan
-    # both blocks' Linears are all integer: they run as fused W8A8 blocks (the note keeps how
-    # each weight got to int8)
+    # both blocks' Linears are all integer: they run as fused W8A8 blocks, Q/K/V on two-digit
+    # inputs (the note keeps how each weight got to int8)
     assert loaded.kernels.by_kernel() == {
         "fp16-storage upcast-per-call fp32": 1,
         "packed-row-gather dequant": 2,
-        KERNEL_W8A8_FUSED: 12,
+        KERNEL_W8A8_FUSED: 6,
+        KERNEL_W8A16_FUSED: 6,
     }
-    notes = [c.note.split(";")[0] for c in loaded.kernels.choices if c.kernel == KERNEL_W8A8_FUSED]
+    fused = (KERNEL_W8A8_FUSED, KERNEL_W8A16_FUSED)
+    notes = [c.note.split(";")[0] for c in loaded.kernels.choices if c.kernel in fused]
     assert notes.count(KERNEL_W8A8_FROM_INT4) == 10 and notes.count(KERNEL_W8A8) == 2
     check = loaded.check_set
     assert len(check) == 24

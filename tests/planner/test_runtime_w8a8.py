@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,32 +168,42 @@ def test_two_digit_input_linear_is_far_closer_to_the_fp32_reference(one_thread: 
     assert e_two < e_one / 50 and e_two < 1e-4
 
 
-def test_normalized_input_bits_choose_one_or_two_digits(one_thread: None, tiny_adapter: TinyAdapter) -> None:
+def test_input_bits_choose_one_or_two_digits_per_site(one_thread: None, tiny_adapter: TinyAdapter) -> None:
     spec = tiny_adapter.spec()
     plan = Plan.build({t.name: TensorScheme("int8") for t in spec.tensors if t.kind == "linear"})
-    x = torch.randn(1, 5, tiny_adapter.config.hidden_size)
+    x = torch.randn(1, 5, tiny_adapter.config.hidden_size, generator=torch.Generator().manual_seed(0))
     keep = torch.ones(1, 1, 1, 5, dtype=torch.bool)
-    outputs = {}
-    for bits, kernel, regime in (
-        (8, KERNEL_W8A8_FUSED, "w8a8-fused"),
-        (16, KERNEL_W8A16_FUSED, "w8a16-fused"),
-    ):
-        module, report = build_runtime_model(
-            tiny_adapter.module, spec, plan, w8a8=True, normalized_input_bits=bits
-        )
-        query = module.encoder.layer[0].attention.self.query
-        assert query.two_digit_input is (bits == 16)
-        assert report.kernel_for("encoder.layer.0.attention.self.query.weight") == kernel
-        assert report.regimes()["encoder.layer.0.intermediate.dense.weight"] == regime
-        assert report.kernel_for("encoder.layer.0.output.dense.weight") == KERNEL_W8A8_FUSED
-        with torch.inference_mode():
-            outputs[bits] = module.encoder.layer[0](x, keep)  # the fused block follows the flag
+    query, inter = "encoder.layer.0.attention.self.query.weight", "encoder.layer.0.intermediate.dense.weight"
+    errors, outputs = {}, {}
     dense, _ = build_runtime_model(tiny_adapter.module, spec, plan, dequant_all=True)
     with torch.inference_mode():
         ref = dense.encoder.layer[0](x, keep)  # the same weights, fp32 activations
-    assert _rel_err(outputs[16], ref) < _rel_err(outputs[8], ref)
-    with pytest.raises(PlanError, match="normalized_input_bits must be 8 or 16"):
-        build_runtime_model(tiny_adapter.module, spec, plan, w8a8=True, normalized_input_bits=4)
+    for attention_bits, intermediate_bits in ((8, 8), (16, 8), (8, 16), (16, 16)):
+        module, report = build_runtime_model(
+            tiny_adapter.module,
+            spec,
+            plan,
+            w8a8=True,
+            attention_input_bits=attention_bits,
+            intermediate_input_bits=intermediate_bits,
+        )
+        layer = module.encoder.layer[0]
+        assert layer.attention.self.query.two_digit_input is (attention_bits == 16)
+        assert layer.intermediate.dense.two_digit_input is (intermediate_bits == 16)
+        # Either mix still runs as one fused block, each site on its own kernel.
+        assert report.kernel_for(query) == (KERNEL_W8A16_FUSED if attention_bits == 16 else KERNEL_W8A8_FUSED)
+        assert report.regimes()[inter] == ("w8a16-fused" if intermediate_bits == 16 else "w8a8-fused")
+        assert report.kernel_for("encoder.layer.0.output.dense.weight") == KERNEL_W8A8_FUSED
+        with torch.inference_mode():
+            outputs[attention_bits, intermediate_bits] = out = layer(x, keep)
+        errors[attention_bits, intermediate_bits] = _rel_err(out, ref)
+    # The fused block follows each flag on its own (every mix computes something different)…
+    assert all(not torch.equal(a, b) for a, b in itertools.combinations(outputs.values(), 2))
+    # …and both second digits together bring the block closer to fp32.
+    assert errors[16, 16] < errors[8, 8]
+    for field in ("attention_input_bits", "intermediate_input_bits"):
+        with pytest.raises(PlanError, match=f"{field} must be 8 or 16, got 4"):
+            build_runtime_model(tiny_adapter.module, spec, plan, w8a8=True, **{field: 4})
 
 
 @pytest.fixture()
@@ -206,9 +218,10 @@ def runtime_pair(
     plan = Plan.build(schemes)
     module, report = build_runtime_model(tiny_adapter.module, spec, plan, w8a8=True)
     counts = report.by_kernel()
-    # every block's six Linears are W8A8, so both blocks run fused; the note keeps the kernel
-    assert counts[KERNEL_W8A8_FUSED] == 12 and counts[KERNEL_FP32] == 3
-    notes = [c.note for c in report.choices if c.kernel == KERNEL_W8A8_FUSED]
+    # every block's six Linears are W8A8, so both blocks run fused (Q/K/V on two-digit inputs
+    # by default); the note keeps the kernel
+    assert counts[KERNEL_W8A8_FUSED] == 6 and counts[KERNEL_W8A16_FUSED] == 6 and counts[KERNEL_FP32] == 3
+    notes = [c.note for c in report.choices if c.kernel in (KERNEL_W8A8_FUSED, KERNEL_W8A16_FUSED)]
     assert sum(n.startswith(KERNEL_W8A8_FROM_INT4) for n in notes) == 6
     assert sum(n.startswith(KERNEL_W8A8 + ";") or n == KERNEL_W8A8 for n in notes) == 6
     assert KERNEL_W8A8_FROM_LOWBIT not in counts
@@ -227,7 +240,8 @@ def runtime_pair(
     ]
     assert flags == [True, True, True, False, True, False]
     regimes = report.regimes()
-    assert regimes["bert.encoder.layer.0.attention.self.query.weight".removeprefix("bert.")] == "w8a8-fused"
+    assert regimes["encoder.layer.0.attention.self.query.weight"] == "w8a16-fused"
+    assert regimes["encoder.layer.0.intermediate.dense.weight"] == "w8a8-fused"
     assert regimes["embeddings.word_embeddings.weight"] == "fp32"
     return tiny_adapter, module, plan
 
@@ -290,10 +304,11 @@ def test_fused_w8a8_block_caches_its_arguments_until_apply(
     assert [m.calls for m in linears] == [c + 2 for c in before]
     assert torch.equal(first, second)
     # The weights passed are the layer's own buffers (Q/K/V: their fused concatenation).
-    _, weights, heads, _, _, two_digits = args
+    _, weights, heads, _, _, qkv_digits, intermediate_digits = args
     assert weights[0] is linears[0].shared_input.weight and weights[4] is linears[3].weight_int8
     assert weights[2] is linears[0].shared_input.rowsum and weights[11] is linears[4].weight_rowsum
-    assert heads == layer.attention.self.n_heads and two_digits is linears[0].two_digit_input
+    assert heads == layer.attention.self.n_heads
+    assert qkv_digits is linears[0].two_digit_input and intermediate_digits is linears[4].two_digit_input
     layer.float()  # any _apply (.to(), .float(), …) drops the cache
     assert "_block_args_cache" not in vars(layer)
 
