@@ -1582,16 +1582,23 @@ def measure_text_latency(
     rounds: int = 5,
     warmup: int = 1,
     threads: int = 2,
+    chunk: int = 16,
 ) -> dict[str, TextLatency]:
     """Batch-1 latency of several runners over the same texts, interleaved against noise.
 
     Steps: (1) fix torch's thread count and enter inference mode; (2) `warmup` untimed passes
-    of every runner over every text; (3) `rounds` rounds, each timing every runner on every
-    text (runner order rotated per round, so a burst of load from another process hits all
-    runners alike); (4) per text the median over rounds, then mean and median over texts.
+    of every runner over every text; (3) `rounds` rounds; a round walks the texts in chunks of
+    `chunk` and times every runner on each chunk before the next (runner order rotated per
+    chunk and round), so a slow spell of this shared host lands on all runners alike while
+    each still runs several texts in a row, as a deployed model does, with its weights warm in
+    cache; (4) per text the median over rounds, then mean and median over texts.
+
+    Interleaving whole passes over the texts instead (a pass of one runner over 497 texts is
+    2–8 s) left identical-kernel plans of the engine bench 10–25 % apart in one run (measured
+    2026-12-04), as spells of contention fell on some passes and not others.
     """
-    if rounds < 1 or warmup < 0 or not batches:
-        raise PlanError("measure_text_latency needs rounds ≥ 1, warmup ≥ 0 and at least one text")
+    if rounds < 1 or warmup < 0 or chunk < 1 or not batches:
+        raise PlanError("measure_text_latency needs rounds ≥ 1, warmup ≥ 0, chunk ≥ 1 and at least one text")
     names = list(runners)
     samples = {n: [[0.0] * rounds for _ in batches] for n in names}
     exits: dict[str, list[int]] = {n: [0] * len(batches) for n in names}
@@ -1603,15 +1610,17 @@ def measure_text_latency(
                 for n in names:
                     for b in batches:
                         runners[n].run(b)
+            starts = range(0, len(batches), chunk)
             for r in range(rounds):
-                order = names[r % len(names) :] + names[: r % len(names)]
-                for n in order:
-                    run = runners[n].run
-                    for t, b in enumerate(batches):
-                        start = time.perf_counter()
-                        decision = run(b)
-                        samples[n][t][r] = time.perf_counter() - start
-                        exits[n][t] = decision[0].exit_index
+                for c, first in enumerate(starts):
+                    shift = (r + c) % len(names)
+                    for n in names[shift:] + names[:shift]:
+                        run = runners[n].run
+                        for t in range(first, min(first + chunk, len(batches))):
+                            start = time.perf_counter()
+                            decision = run(batches[t])
+                            samples[n][t][r] = time.perf_counter() - start
+                            exits[n][t] = decision[0].exit_index
     finally:
         torch.set_num_threads(old)
     out = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -386,6 +387,33 @@ def test_text_latency_reports_per_text_medians_and_exits(
     for lat in got.values():
         assert len(lat.per_text_s) == 3 and lat.rounds == 3 and lat.threads == 1 and not lat.predicted
         assert min(lat.per_text_s) <= lat.median_s <= max(lat.per_text_s)
+
+
+def test_text_latency_interleaves_runners_chunk_by_chunk() -> None:
+    calls: list[tuple[str, int]] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, batch: int) -> list[SimpleNamespace]:
+            calls.append((self.name, batch))
+            return [SimpleNamespace(exit_index=0)]
+
+    runners = {n: Recorder(n) for n in ("a", "b", "c")}
+    texts = list(range(5))
+    measure_text_latency(runners, texts, rounds=2, warmup=0, threads=1, chunk=2)  # type: ignore[arg-type]
+    # Round 0: chunk [0, 1] by a, b, c; chunk [2, 3] by b, c, a; chunk [4] by c, a, b; round 1
+    # starts one runner later.
+    expected = []
+    for r in range(2):
+        for c, chunk in enumerate(([0, 1], [2, 3], [4])):
+            shift = (r + c) % 3
+            for name in ["a", "b", "c"][shift:] + ["a", "b", "c"][:shift]:
+                expected += [(name, t) for t in chunk]
+    assert calls == expected
+    with pytest.raises(PlanError, match="chunk ≥ 1"):
+        measure_text_latency(runners, texts, chunk=0)  # type: ignore[arg-type]
 
 
 def test_the_compiled_blocks_additive_mask_gives_torchs_masked_attention() -> None:
