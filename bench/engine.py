@@ -58,6 +58,7 @@ from planner.runtime import (
     evaluate_runtime,
     measure_batch_latency,
     measure_text_latency,
+    probe_int8_matmul,
     runtime_exit_curve,
 )
 from planner.sensitivity import METRICS, SensitivityProfile, check_proxy, profile_sensitivity, random_plans
@@ -925,6 +926,15 @@ def _report(
     print(
         f"  host probe: {host.bandwidth_gbs:.1f} GB/s, fp32 {(host.fp32_tflops or 0) * 1e3:.0f} GFLOP/s, "
         f"int8 {(host.int8_tops or 0) * 1e3:.0f} GOP/s"
+    )
+    int8_probe = probe_int8_matmul()
+    print(
+        f"  int8 GEMM probe: {int8_probe.describe()}; package loading and the device agent "
+        + (
+            "run W8A8 here"
+            if int8_probe.favours_w8a8
+            else "run fp32 on dequantized weights here (the rows above run W8A8 regardless)"
+        )
     )
     for line in fp32_paths:
         print(f"  fp32 Linear {line}")

@@ -867,6 +867,8 @@ class LoadedPackage:
     check_set: CheckSet
     blob_bytes: int
     load_seconds: float
+    #: Why the integer Linears run as they do (`planner.runtime.w8a8_pays_off`, or the caller).
+    w8a8_reason: str = ""
 
 
 def _packaged_adapter(architecture: Mapping[str, Any], name: str) -> BertAdapter:
@@ -897,7 +899,7 @@ def load_package(
     public_key: str | bytes,
     expected_digest: str | None = None,
     *,
-    w8a8: bool = True,
+    w8a8: bool | None = None,
 ) -> LoadedPackage:
     """Verify, then load a package into a runnable early-exit model (no FP32 weights file needed).
 
@@ -905,9 +907,11 @@ def load_package(
     `verify_package` does (the bytes checked are the bytes parsed); (2) rebuild the
     architecture from the manifest with empty weights; (3) check the blob's tensor table
     against the layout the plan implies; (4) fill biases and norms from the other-parameter
-    vector, unpack the quantized tensors and swap in the runtime's kernels
-    (`build_runtime_model(..., w8a8=True)` by default); (5) rebuild the exit heads and the
-    check set and wrap everything in an `EarlyExitRunner` at the plan's exit threshold.
+    vector, unpack the quantized tensors and swap in the runtime's kernels: W8A8 when `w8a8`
+    is True, fp32 on weights dequantized at load when False, and when None (the default) as
+    `planner.runtime.w8a8_pays_off` decides for this host (its reason is kept in
+    `LoadedPackage.w8a8_reason`); (5) rebuild the exit heads and the check set and wrap
+    everything in an `EarlyExitRunner` at the plan's exit threshold.
     """
     import numpy as np
     import torch
@@ -916,9 +920,13 @@ def load_package(
     from planner.exits.heads import ExitHeads
     from planner.quant.core import QuantizedTensor
     from planner.quant.packing import PARTS, unpack
-    from planner.runtime import EarlyExitRunner, build_runtime_model
+    from planner.runtime import EarlyExitRunner, build_runtime_model, w8a8_pays_off
 
     started = time.perf_counter()
+    if w8a8 is None:
+        w8a8, w8a8_reason = w8a8_pays_off()
+    else:
+        w8a8_reason = f"W8A8 {'on' if w8a8 else 'off'} as the caller asked"
     paths = _source_paths(source)
     manifest_bytes, signature = _read_header(paths)
     manifest = verify_manifest(manifest_bytes, signature, public_key, expected_digest or _dir_digest(source))
@@ -980,7 +988,7 @@ def load_package(
         parts = {p: arrays.pop(f"{t.name}.{p}") for p in PARTS if f"{t.name}.{p}" in arrays}
         quantized[t.name] = unpack(parts, t.shape, scheme, _method_stored(t.kind, scheme))
     runtime_module, kernels = build_runtime_model(
-        module, spec, plan, quantized=quantized, inplace=True, w8a8=w8a8
+        module, spec, plan, quantized=quantized, inplace=True, w8a8=w8a8, dequant_all=not w8a8
     )
     heads = ExitHeads(
         classes=classes,
@@ -1011,4 +1019,5 @@ def load_package(
         check_set=check,
         blob_bytes=int(manifest["files"][BLOB_NAME]["bytes"]),
         load_seconds=time.perf_counter() - started,
+        w8a8_reason=w8a8_reason,
     )

@@ -94,6 +94,7 @@ __all__ = [
     "KERNEL_W8A8_FUSED",
     "KERNEL_W8A16",
     "KERNEL_W8A16_FUSED",
+    "W8A8_ENV",
     "DequantLinear",
     "EarlyExitRunner",
     "ExitDecision",
@@ -101,6 +102,7 @@ __all__ = [
     "Int4Linear",
     "Int8DynamicLinear",
     "Int8Linear",
+    "Int8MatmulProbe",
     "KernelChoice",
     "KernelReport",
     "LatencyStats",
@@ -120,12 +122,14 @@ __all__ = [
     "measure_text_latency",
     "module_storage_bytes",
     "observed_kernels",
+    "probe_int8_matmul",
     "quantize_rows_int8",
     "quantize_rows_int8_asym",
     "quantize_rows_two_digits_asym",
     "runtime_exit_curve",
     "runtime_exit_logits",
     "runtime_layer",
+    "w8a8_pays_off",
 ]
 
 KERNEL_INT8 = "int8pack_mm"
@@ -1110,6 +1114,102 @@ def int_mm_supported(
     if dev.type == "cuda":
         return rows > 16 and in_features % 8 == 0 and out_features % 8 == 0
     return False
+
+
+#: EDGEFIT_W8A8: "1" always runs integer Linears as W8A8, "0" never (fp32 on weights
+#: dequantized at load), "auto" (or unset) decides by `probe_int8_matmul` once per process.
+W8A8_ENV = "EDGEFIT_W8A8"
+
+
+@dataclass(frozen=True)
+class Int8MatmulProbe:
+    """``torch._int_mm`` against this host's fp32 path (`onednn_linear`) on one model-sized
+    GEMM, each the median of interleaved calls; measured."""
+
+    rows: int
+    in_features: int
+    out_features: int
+    int8_s: float
+    fp32_s: float
+    threads: int
+
+    @property
+    def int8_speedup(self) -> float:
+        return self.fp32_s / self.int8_s
+
+    @property
+    def favours_w8a8(self) -> bool:
+        """W8A8 adds per-token activation quantization to the GEMM, so an int8 GEMM merely as
+        fast as fp32 would already lose; one slower than it (x86 without VNNI) makes every
+        quantized plan slower than FP32 (~20× on the Zen 3 host measured)."""
+        return self.int8_speedup > 1.0
+
+    def describe(self) -> str:
+        return (
+            f"_int_mm {self.int8_s * 1e3:.3f} ms vs fp32 {self.fp32_s * 1e3:.3f} ms at "
+            f"{self.rows}×{self.in_features}→{self.out_features}, {self.threads} threads "
+            f"({self.int8_speedup:.2f}×)"
+        )
+
+
+_PROBES: dict[tuple[int, int, int, int], Int8MatmulProbe] = {}
+
+
+def probe_int8_matmul(
+    rows: int = 64, in_features: int = 384, out_features: int = 1536, *, repeats: int = 15
+) -> Int8MatmulProbe:
+    """Time one int8 × int8 → int32 `_int_mm` and the fp32 path at the same shape (the demo
+    model's FFN input at a typical text's length), interleaved call by call; cached per
+    process, shape and thread count.  Costs ~10–50 ms on a fast host; on an x86 host without
+    VNNI the int8 side is a slow generic path (measured on a Zen 3 host: 13 ms against 0.55 ms
+    fp32 at 50×384→1152), which is what this probe exists to notice."""
+    key = (rows, in_features, out_features, torch.get_num_threads())
+    if key in _PROBES:
+        return _PROBES[key]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=gen)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    a = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=gen).t()
+    int8_times: list[float] = []
+    fp32_times: list[float] = []
+    with torch.inference_mode():
+        for k in range(repeats + 2):  # two warm-up calls of each
+            start = time.perf_counter()
+            torch._int_mm(a, b)
+            middle = time.perf_counter()
+            onednn_linear(x, weight)
+            end = time.perf_counter()
+            if k >= 2:
+                int8_times.append(middle - start)
+                fp32_times.append(end - middle)
+    probe = Int8MatmulProbe(
+        rows,
+        in_features,
+        out_features,
+        statistics.median(int8_times),
+        statistics.median(fp32_times),
+        key[3],
+    )
+    _PROBES[key] = probe
+    return probe
+
+
+def w8a8_pays_off() -> tuple[bool, str]:
+    """Whether integer Linears should run as W8A8 on this host, and why (one line).
+
+    `W8A8_ENV` forces it either way; otherwise W8A8 when `probe_int8_matmul` finds
+    ``_int_mm`` faster than the fp32 path (`Int8MatmulProbe.favours_w8a8`)."""
+    setting = os.environ.get(W8A8_ENV, "auto").strip().lower()
+    if setting in ("1", "0"):
+        on = setting == "1"
+        return on, f"{W8A8_ENV}={setting}: W8A8 {'forced on' if on else 'off'}"
+    if setting not in ("", "auto"):
+        raise PlanError(f"{W8A8_ENV} must be 1, 0 or auto, got {setting!r}")
+    probe = probe_int8_matmul()
+    if probe.favours_w8a8:
+        return True, f"W8A8: {probe.describe()}"
+    return False, f"fp32 on dequantized weights: int8 GEMMs are not faster here ({probe.describe()})"
 
 
 def _int8_weight(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, bool, str]:

@@ -318,19 +318,22 @@ def _percentile(values: list[float], q: float) -> float:
 def bench(ctx: Context, *, rounds: int = 5, warmup: int = 1, threads: int | None = None) -> dict[str, Any]:
     """Run the current package's check set with the runtime's real kernels and measure it.
 
-    Steps: (1) load the current package through `planner.package.load_package` (verified
-    against the pinned key again); (2) one pass over the check set at batch 1 — accuracy
-    against the labels and agreement with the shipped FP32 answers, per-text exit block;
-    (3) `rounds` timed rounds of every text at batch 1 (`planner.runtime.measure_text_latency`,
-    `warmup` untimed passes first), per text the median; p50 / p90 over texts; (4) peak
-    memory of one call on the longest text (`measure_memory`: storage bytes + profiler peak);
-    (5) the kernels that really ran (`observed_kernels`: counts, and per tensor the cost
-    model's regime).  The result is kept for `report`.
+    Steps: (1) decide how the integer Linears run on this host (`w8a8_pays_off`: W8A8 unless
+    int8 GEMMs are not faster than fp32 here, or as EDGEFIT_W8A8 says) and load the current
+    package through `planner.package.load_package` (verified against the pinned key again);
+    (2) one pass over the check set at batch 1 — accuracy against the labels and agreement
+    with the shipped FP32 answers, per-text exit block; (3) `rounds` timed rounds of every
+    text at batch 1 (`planner.runtime.measure_text_latency`, `warmup` untimed passes first),
+    per text the median; p50 / p90 over texts; (4) peak memory of one call on the longest
+    text (`measure_memory`: storage bytes + profiler peak); (5) the kernels that really ran
+    (`observed_kernels`: counts, and per tensor the cost model's regime).  The result is
+    kept for `report`.
     """
     import torch
 
     from planner.package import PackageError, load_package
-    from planner.runtime import measure_memory, measure_text_latency, observed_kernels
+    from planner.runtime import measure_memory, measure_text_latency, observed_kernels, w8a8_pays_off
+    from planner.specs import PlanError
 
     if rounds < 1 or warmup < 0:
         raise AgentError("bad-argument", "--rounds must be ≥ 1 and --warmup ≥ 0", EXIT_STATE)
@@ -340,7 +343,11 @@ def bench(ctx: Context, *, rounds: int = 5, warmup: int = 1, threads: int | None
         raise AgentError("no-package", "no package installed yet: run `edgefit-agent sync` first", EXIT_STATE)
     n_threads = threads or torch.get_num_threads()
     try:
-        loaded = load_package(ctx.state.package_dir(digest), state["public_key"], digest)
+        w8a8, w8a8_reason = w8a8_pays_off()
+    except PlanError as exc:  # EDGEFIT_W8A8 malformed: nothing loaded or measured
+        raise AgentError("bad-argument", str(exc), EXIT_STATE) from exc
+    try:
+        loaded = load_package(ctx.state.package_dir(digest), state["public_key"], digest, w8a8=w8a8)
     except PackageError as exc:
         raise AgentError(
             "package-refused",
@@ -424,6 +431,7 @@ def bench(ctx: Context, *, rounds: int = 5, warmup: int = 1, threads: int | None
         "rounds": rounds,
         "warmup": warmup,
         "load_seconds": round(loaded.load_seconds, 3),
+        "w8a8": w8a8_reason,
         "predicted": loaded.manifest.get("predicted", {}).get(state.get("profile") or "", None),
     }
     record = {"measurement": measurement, "summary": summary, "reported": None}
@@ -431,7 +439,7 @@ def bench(ctx: Context, *, rounds: int = 5, warmup: int = 1, threads: int | None
     ctx.log(
         f"{n} texts: accuracy {accuracy:.3f}, agreement {agreement:.3f}, "
         f"p50 {measurement['latency_p50_ms']:.2f} ms, p90 {measurement['latency_p90_ms']:.2f} ms, "
-        f"peak memory {memory.total_bytes / 1e6:.1f} MB"
+        f"peak memory {memory.total_bytes / 1e6:.1f} MB; {w8a8_reason}"
     )
     return record
 

@@ -12,7 +12,10 @@ from planner import package as pkg
 from tests.agent.conftest import MEASUREMENT_FIELDS, Agent, FakeServer
 
 
-def test_bench_then_report(enrolled: Agent, server: FakeServer, packages: dict[str, pkg.PackageInfo]) -> None:
+def test_bench_then_report(
+    enrolled: Agent, server: FakeServer, packages: dict[str, pkg.PackageInfo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEFIT_W8A8", "1")  # the kernels below, whatever this host's int8 speed
     b = server.publish(packages["b"])
     assert enrolled.run("sync")[0] == 0
 
@@ -57,6 +60,29 @@ def test_bench_then_report(enrolled: Agent, server: FakeServer, packages: dict[s
 def test_bench_needs_a_package(enrolled: Agent) -> None:
     code, out, _ = enrolled.run("bench")
     assert (code, out["error"]) == (3, "no-package")
+
+
+def test_bench_on_a_host_without_fast_int8_runs_fp32_and_says_why(
+    enrolled: Agent, server: FakeServer, packages: dict[str, pkg.PackageInfo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import planner.runtime
+
+    slow = planner.runtime.Int8MatmulProbe(64, 384, 1536, int8_s=13e-3, fp32_s=0.55e-3, threads=1)
+    monkeypatch.setattr(planner.runtime, "probe_int8_matmul", lambda *a, **k: slow)
+    server.publish(packages["b"])
+    assert enrolled.run("sync")[0] == 0
+    code, out, _ = enrolled.run("bench", "--rounds", "1", "--threads", "1")
+    assert code == 0
+    assert out["summary"]["w8a8"].startswith("fp32 on dequantized weights: int8 GEMMs are not faster")
+    runtime = out["measurement"]["runtime"]
+    assert runtime["kernels"]["dequantized-at-load fp32"] == 12  # every Linear of both blocks
+    assert "w8a8-fused" not in runtime["regimes"].values()  # the server fits what really ran
+
+    monkeypatch.setenv("EDGEFIT_W8A8", "sometimes")
+    code, out, _ = enrolled.run("bench", "--rounds", "1")
+    assert (code, out["error"]) == (3, "bad-argument") and "EDGEFIT_W8A8 must be 1, 0 or auto" in out[
+        "detail"
+    ]
 
 
 def test_a_rejected_measurement_names_the_field(

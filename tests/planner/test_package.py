@@ -21,6 +21,7 @@ from planner.builtin import Bundle, load_bundle
 from planner.package import PackageError, build_package, load_package, verify_package
 from planner.quant import quantize_plan, read_packed_safetensors
 from planner.runtime import (
+    KERNEL_DEQUANT_AT_LOAD,
     KERNEL_W8A8,
     KERNEL_W8A8_FROM_INT4,
     KERNEL_W8A8_FUSED,
@@ -345,6 +346,7 @@ def test_nothing_is_parsed_before_verification(
 def test_a_loaded_package_runs_exactly_like_the_runtime_model_it_came_from(
     bundle: Bundle, built: pkg.PackageInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("EDGEFIT_W8A8", "1")  # W8A8 whatever this host's int8 speed
     spec = bundle.adapter.spec()
     plan = Plan.from_dict(built.manifest["plan"])
     calib = bundle.evaluator.calibration_inputs()
@@ -383,6 +385,37 @@ def test_a_loaded_package_runs_exactly_like_the_runtime_model_it_came_from(
             assert torch.equal(loaded.runner.exit_logits(batch), reference.exit_logits(batch))
             assert loaded.runner.run(batch) == reference.run(batch)
     assert not any(p.requires_grad for p in loaded.module.parameters())
+
+
+def test_loading_picks_w8a8_only_where_int8_gemms_are_faster(
+    bundle: Bundle, built: pkg.PackageInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import planner.runtime
+
+    def probe(int8_ms: float) -> None:
+        got = planner.runtime.Int8MatmulProbe(64, 384, 1536, int8_s=int8_ms / 1e3, fp32_s=0.5e-3, threads=2)
+        monkeypatch.setattr(planner.runtime, "probe_int8_matmul", lambda *a, **k: got)
+
+    probe(0.15)  # a host with VNNI: int8 ~3× faster
+    fast = load_package(built.path, PUBLIC)
+    assert fast.w8a8_reason.startswith("W8A8: _int_mm 0.150 ms vs fp32 0.500 ms")
+    assert KERNEL_DEQUANT_AT_LOAD not in fast.kernels.by_kernel()
+    probe(13.0)  # x86 without VNNI: _int_mm is a slow generic path
+    slow = load_package(built.path, PUBLIC)
+    assert "int8 GEMMs are not faster here" in slow.w8a8_reason
+    assert slow.kernels.by_kernel()[
+        KERNEL_DEQUANT_AT_LOAD
+    ] == 12 and slow.kernels.by_kernel().keys().isdisjoint({KERNEL_W8A8_FUSED, KERNEL_W8A16_FUSED})
+    # The environment overrides the probe either way, and a bad value is refused by name.
+    monkeypatch.setenv("EDGEFIT_W8A8", "1")
+    assert KERNEL_W8A16_FUSED in load_package(built.path, PUBLIC).kernels.by_kernel()
+    monkeypatch.setenv("EDGEFIT_W8A8", "0")
+    assert load_package(built.path, PUBLIC).w8a8_reason == "EDGEFIT_W8A8=0: W8A8 off"
+    monkeypatch.setenv("EDGEFIT_W8A8", "yes")
+    with pytest.raises(PlanError, match="EDGEFIT_W8A8 must be 1, 0 or auto, got 'yes'"):
+        load_package(built.path, PUBLIC)
+    # Passed explicitly, the caller's choice stands.
+    assert load_package(built.path, PUBLIC, w8a8=False).kernels.by_kernel()[KERNEL_DEQUANT_AT_LOAD] == 12
 
 
 def test_the_check_set_holds_fp32_answers_on_held_out_texts(bundle: Bundle, built: pkg.PackageInfo) -> None:

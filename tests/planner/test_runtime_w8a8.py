@@ -22,10 +22,12 @@ from planner.runtime import (
     KERNEL_W8A16_FUSED,
     EarlyExitRunner,
     Int8DynamicLinear,
+    Int8MatmulProbe,
     build_runtime_model,
     evaluate_runtime,
     int_mm_supported,
     measure_text_latency,
+    probe_int8_matmul,
     quantize_rows_int8,
     quantize_rows_int8_asym,
     quantize_rows_two_digits_asym,
@@ -414,6 +416,17 @@ def test_text_latency_interleaves_runners_chunk_by_chunk() -> None:
     assert calls == expected
     with pytest.raises(PlanError, match="chunk ≥ 1"):
         measure_text_latency(runners, texts, chunk=0)  # type: ignore[arg-type]
+
+
+def test_the_int8_probe_times_both_paths_once_per_process_and_shape() -> None:
+    probe = probe_int8_matmul(8, 32, 48, repeats=3)
+    assert probe.int8_s > 0 and probe.fp32_s > 0 and probe.threads == torch.get_num_threads()
+    assert "8×32→48" in probe.describe() and f"({probe.int8_speedup:.2f}×)" in probe.describe()
+    assert probe_int8_matmul(8, 32, 48, repeats=3) is probe  # measured once
+    assert probe_int8_matmul(8, 32, 64, repeats=3) is not probe
+    # W8A8 only where the int8 GEMM is strictly faster: quantizing activations costs extra.
+    assert Int8MatmulProbe(1, 1, 1, int8_s=1e-3, fp32_s=1.01e-3, threads=1).favours_w8a8
+    assert not Int8MatmulProbe(1, 1, 1, int8_s=1e-3, fp32_s=1e-3, threads=1).favours_w8a8
 
 
 def test_the_compiled_blocks_additive_mask_gives_torchs_masked_attention() -> None:
