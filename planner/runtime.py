@@ -760,9 +760,8 @@ def w8a8_bert_block(
     bias, norm 1 weight, bias, intermediate int8, scale, row sums, bias, output int8, scale,
     bias, norm 2 weight, bias); Q, K and V run as one GEMM on their concatenated weights.  The
     two GEMMs reading a LayerNorm output (Q/K/V, intermediate) take asymmetric per-token
-    activations (as two int8 digits if `qkv_two_digits` / `intermediate_two_digits`), the other
-    two symmetric — as
-    `build_runtime_model` marks the layers.  A pure function of tensors (no Python state), so
+    activations (as two int8 digits if `qkv_two_digits` / `intermediate_two_digits`), the
+    other two symmetric — as `build_runtime_model` marks the layers.  A pure function of tensors (no Python state), so
     one `torch.compile` serves every layer of every plan of the same shapes (and digits).
     """
     wqkv, sqkv, rqkv, bqkv, wo, so, bo, g1, b1, wi, si, ri, bi, w2, s2, b2, g2, b2n = weights
@@ -1689,7 +1688,7 @@ def measure_text_latency(
     Steps: (1) fix torch's thread count and enter inference mode; (2) `warmup` untimed passes
     of every runner over every text; (3) `rounds` rounds; a round walks the texts in chunks of
     `chunk` and times every runner on each chunk before the next (runner order rotated per
-    chunk and round), so a slow spell of this shared host lands on all runners alike while
+    chunk and round), so a slow spell of a shared host lands on all runners alike while
     each still runs several texts in a row, as a deployed model does, with its weights warm in
     cache; (4) per text the median over rounds, then mean and median over texts.
 
