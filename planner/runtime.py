@@ -761,8 +761,9 @@ def w8a8_bert_block(
     bias, norm 2 weight, bias); Q, K and V run as one GEMM on their concatenated weights.  The
     two GEMMs reading a LayerNorm output (Q/K/V, intermediate) take asymmetric per-token
     activations (as two int8 digits if `qkv_two_digits` / `intermediate_two_digits`), the
-    other two symmetric — as `build_runtime_model` marks the layers.  A pure function of tensors (no Python state), so
-    one `torch.compile` serves every layer of every plan of the same shapes (and digits).
+    other two symmetric — as `build_runtime_model` marks the layers.  A pure function of
+    tensors (no Python state), so one `torch.compile` serves every layer of every plan of the
+    same shapes (and digits).
     """
     wqkv, sqkv, rqkv, bqkv, wo, so, bo, g1, b1, wi, si, ri, bi, w2, s2, b2, g2, b2n = weights
     b, t, h = x.shape
