@@ -718,13 +718,17 @@ def _fp32_linear_paths(threads: int) -> list[str]:
     return lines
 
 
+def _input_bit_sites(args: argparse.Namespace) -> list[tuple[str, str, int, int]]:
+    """(flag prefix, legend name, bits asked, default) of each W8A8 input site with a bits flag."""
+    return [
+        ("attention", "Q/K/V", args.attention_input_bits, DEFAULT_ATTENTION_INPUT_BITS),
+        ("intermediate", "FFN-input", args.intermediate_input_bits, DEFAULT_INTERMEDIATE_INPUT_BITS),
+    ]
+
+
 def _two_digit_legend(args: argparse.Namespace) -> str:
     """The rt-column legend's note on which W8A8 inputs run as two int8 digits (none: empty)."""
-    sites = [
-        name
-        for name, bits in (("Q/K/V", args.attention_input_bits), ("FFN-input", args.intermediate_input_bits))
-        if bits == 16
-    ]
+    sites = [name for _, name, bits, _ in _input_bit_sites(args) if bits == 16]
     return f", the {' and '.join(sites)} Linears' as two int8 digits" if sites else ""
 
 
@@ -819,12 +823,7 @@ def _report(
     print()
     print("EdgeFit engine benchmark — all-MiniLM-L6-v2 on the stdlib-docstrings task (10 classes)")
     bits_flag = "".join(
-        f" --{site}-input-bits {bits}"
-        for site, bits, default in (
-            ("attention", args.attention_input_bits, DEFAULT_ATTENTION_INPUT_BITS),
-            ("intermediate", args.intermediate_input_bits, DEFAULT_INTERMEDIATE_INPUT_BITS),
-        )
-        if bits != default
+        f" --{site}-input-bits {bits}" for site, _, bits, default in _input_bit_sites(args) if bits != default
     )
     print(f"command: python -m bench engine{bits_flag}{' --json ' + str(args.json) if args.json else ''}")
     print(

@@ -51,6 +51,7 @@ only on ARM).  ``torch.ao.quantization.quantize_dynamic`` is deprecated and not 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import statistics
@@ -94,6 +95,7 @@ __all__ = [
     "KERNEL_W8A8_FUSED",
     "KERNEL_W8A16",
     "KERNEL_W8A16_FUSED",
+    "RAW_INT_MM",
     "W8A8_ENV",
     "DequantLinear",
     "EarlyExitRunner",
@@ -141,6 +143,9 @@ KERNEL_FP32_DEFAULT = "fp32 F.linear"
 #: The fp32 path this host's model takes (planner.models.linear: oneDNN unless the CPU is Intel).
 KERNEL_FP32 = KERNEL_FP32_ONEDNN if onednn_linear_available() else KERNEL_FP32_DEFAULT
 KERNEL_PACKED_GATHER = "packed-row-gather dequant"
+#: `benchmark_linear`'s name for the bare int8 GEMM (int8 operands in, int32 out): not a
+#: runtime kernel of its own, the product every W8A8 kernel is built on.
+RAW_INT_MM = "_int_mm (int8 operands, no activation quantization)"
 KERNEL_BYPASSED = "bypassed: fp32 matmul on .weight dequantized per read"
 KERNEL_W8A8 = "w8a8 _int_mm"
 KERNEL_W8A8_FROM_INT4 = "int4 weights unpacked to int8 at load, W8A8 _int_mm"
@@ -1040,29 +1045,40 @@ def benchmark_linear(
 
     Kernels: fp32 F.linear (torch's default path, MKL), fp32 on oneDNN (the runtime's fp32
     layers use whichever of the two `KERNEL_FP32` names), int8pack_mm and int4pack_mm_for_cpu
-    with fp32 and with bf16 activations, fp16 storage with per-call upcast; `kernels` keeps
-    only the named ones.  The variants are interleaved call by call so a noisy, shared machine
-    slows them all alike.
+    with fp32 and with bf16 activations, fp16 storage with per-call upcast, and the bare
+    int8 × int8 → int32 `_int_mm` GEMM on int8 operands (`RAW_INT_MM`, what W8A8 Linears
+    build on); `kernels` keeps only the named ones, and only those are built.  The variants
+    are interleaved call by call so a noisy, shared machine slows them all alike.
     """
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
     x = torch.randn(rows, in_features, generator=gen)
-    int8 = quantize(weight, _scheme("int8"))
-    int4 = quantize(weight, _scheme("int4", 32 if in_features % 128 else 128))
-    layers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        KERNEL_FP32_DEFAULT: lambda t: F.linear(t, weight),
-        KERNEL_FP32_ONEDNN: lambda t: onednn_product(t, weight),
-        f"{KERNEL_INT8} (fp32 act)": Int8Linear(int8),
-        f"{KERNEL_INT8} (bf16 act)": Int8Linear(int8, act_dtype=torch.bfloat16),
-        f"{KERNEL_INT4} (fp32 act)": Int4Linear(int4),
-        f"{KERNEL_INT4} (bf16 act)": Int4Linear(int4, act_dtype=torch.bfloat16),
-        KERNEL_FP16_UPCAST: Fp16Linear(quantize(weight, _scheme("fp16"))),
+    x_int8 = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=gen)
+    weight_int8_t = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=gen).t()
+
+    @functools.cache  # shared by the fp32- and bf16-activation variants, built on demand
+    def int8() -> QuantizedTensor:
+        return quantize(weight, _scheme("int8"))
+
+    @functools.cache
+    def int4() -> QuantizedTensor:
+        return quantize(weight, _scheme("int4", 32 if in_features % 128 else 128))
+
+    builders: dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]] = {
+        KERNEL_FP32_DEFAULT: lambda: lambda t: F.linear(t, weight),
+        KERNEL_FP32_ONEDNN: lambda: lambda t: onednn_product(t, weight),
+        f"{KERNEL_INT8} (fp32 act)": lambda: Int8Linear(int8()),
+        f"{KERNEL_INT8} (bf16 act)": lambda: Int8Linear(int8(), act_dtype=torch.bfloat16),
+        f"{KERNEL_INT4} (fp32 act)": lambda: Int4Linear(int4()),
+        f"{KERNEL_INT4} (bf16 act)": lambda: Int4Linear(int4(), act_dtype=torch.bfloat16),
+        KERNEL_FP16_UPCAST: lambda: Fp16Linear(quantize(weight, _scheme("fp16"))),
+        RAW_INT_MM: lambda: lambda _: torch._int_mm(x_int8, weight_int8_t),
     }
     if kernels is not None:
-        unknown = set(kernels) - set(layers)
+        unknown = set(kernels) - set(builders)
         if unknown:
-            raise PlanError(f"unknown kernel(s) {', '.join(sorted(unknown))}; known: {', '.join(layers)}")
-        layers = {name: layers[name] for name in kernels}
+            raise PlanError(f"unknown kernel(s) {', '.join(sorted(unknown))}; known: {', '.join(builders)}")
+    layers = {name: builders[name]() for name in (builders if kernels is None else kernels)}
     samples: dict[str, list[float]] = {name: [] for name in layers}
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -1159,37 +1175,25 @@ def probe_int8_matmul(
     rows: int = 64, in_features: int = 384, out_features: int = 1536, *, repeats: int = 15
 ) -> Int8MatmulProbe:
     """Time one int8 × int8 → int32 `_int_mm` and the fp32 path at the same shape (the demo
-    model's FFN input at a typical text's length), interleaved call by call; cached per
-    process, shape and thread count.  Costs ~10–50 ms on a fast host; on an x86 host without
-    VNNI the int8 side is a slow generic path (measured on a Zen 3 host: 13 ms against 0.55 ms
-    fp32 at 50×384→1152), which is what this probe exists to notice."""
+    model's FFN input at a typical text's length), interleaved call by call
+    (`benchmark_linear`); cached per process, shape and thread count.  Costs ~10–50 ms on a
+    fast host; on an x86 host without VNNI the int8 side is a slow generic path (measured on
+    a Zen 3 host: 13 ms against 0.55 ms fp32 at 50×384→1152), which is what this probe exists
+    to notice."""
     key = (rows, in_features, out_features, torch.get_num_threads())
     if key in _PROBES:
         return _PROBES[key]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, in_features, generator=gen)
-    weight = torch.randn(out_features, in_features, generator=gen)
-    a = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=gen)
-    b = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=gen).t()
-    int8_times: list[float] = []
-    fp32_times: list[float] = []
-    with torch.inference_mode():
-        for k in range(repeats + 2):  # two warm-up calls of each
-            start = time.perf_counter()
-            torch._int_mm(a, b)
-            middle = time.perf_counter()
-            onednn_linear(x, weight)
-            end = time.perf_counter()
-            if k >= 2:
-                int8_times.append(middle - start)
-                fp32_times.append(end - middle)
-    probe = Int8MatmulProbe(
-        rows,
-        in_features,
+    got = benchmark_linear(
         out_features,
-        statistics.median(int8_times),
-        statistics.median(fp32_times),
-        key[3],
+        in_features,
+        rows,
+        threads=key[3],
+        repeats=repeats,
+        warmup=2,
+        kernels=(RAW_INT_MM, KERNEL_FP32),
+    )
+    probe = Int8MatmulProbe(
+        rows, in_features, out_features, got[RAW_INT_MM].median_s, got[KERNEL_FP32].median_s, key[3]
     )
     _PROBES[key] = probe
     return probe
