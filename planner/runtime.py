@@ -399,27 +399,29 @@ class PackedEmbedding(nn.Module):
         self.register_buffer("hot_scales", hot_scales)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        rows = self.packed_rows.index_select(0, flat)
-        codes = unpack_codes(rows.numpy(), self.bits, flat.numel() * self.embedding_dim)
-        q = torch.from_numpy(codes).float().reshape(flat.numel(), -1, self.group)
-        s = self.scales.index_select(0, flat).float().unsqueeze(-1)
+        # In numpy: at batch 1 a lookup is a dozen tiny ops on a few dozen rows, and numpy's
+        # cost per op (~1 µs) is below torch's dispatch (~5 µs).  Measured on a 48-token text:
+        # int3 g64 + 4,096 hot rows 140 → 104 µs, int2 g32 + 256 hot rows 123 → 90 µs.  The
+        # same float32 operations in the same order, so the same numbers.
+        flat = ids.reshape(-1).numpy()
+        n = flat.size
+        codes = unpack_codes(self.packed_rows.numpy()[flat], self.bits, n * self.embedding_dim)
+        q = codes.reshape(n, -1, self.group).astype(np.float32)
+        s = self.scales.numpy()[flat].astype(np.float32)[..., None]
         if self.zeros is None:
-            out = (q - self.mid_zero) * s
+            out = (q - np.float32(self.mid_zero)) * s
         else:
-            out = (q - self.zeros.index_select(0, flat).float().unsqueeze(-1)) * s
-        out = out.reshape(flat.numel(), self.embedding_dim)
+            out = (q - self.zeros.numpy()[flat].astype(np.float32)[..., None]) * s
+        out = out.reshape(n, self.embedding_dim)
         if self.hot_slot is not None:
             assert self.hot_codes is not None and self.hot_scales is not None
-            slot = self.hot_slot.index_select(0, flat).long()
-            hit = torch.nonzero(slot >= 0).reshape(-1)
-            if hit.numel():
-                k = slot.index_select(0, hit)
-                hot = (self.hot_codes.index_select(0, k).float() - 128.0) * self.hot_scales.index_select(
-                    0, k
-                ).float()
-                out.index_copy_(0, hit, hot)
-        return out.reshape(*ids.shape, self.embedding_dim)
+            slot = self.hot_slot.numpy()[flat]
+            hit = np.flatnonzero(slot >= 0)
+            if hit.size:
+                k = slot[hit]
+                hot_codes = self.hot_codes.numpy()[k].astype(np.float32)
+                out[hit] = (hot_codes - np.float32(128.0)) * self.hot_scales.numpy()[k].astype(np.float32)
+        return torch.from_numpy(out).reshape(*ids.shape, self.embedding_dim)
 
 
 class _Fp16Embedding(nn.Module):
