@@ -283,7 +283,7 @@ def _observations(
         if plan.exit_threshold is not None:
             probs = [0.0] * n_exits
             probs[sorted(spec.exit_points).index(lat.exits[t])] = 1.0
-        obs.append(Observation(spec, plan, 1, lengths[t], probs, seconds, regimes))
+        obs.append(Observation(spec, plan, 1, lengths[t], probs, seconds, regimes, error_scale_s=lat.mean_s))
     return obs
 
 
@@ -908,7 +908,8 @@ def _report(
     held_n = len(held)
     print(
         f"latency model on this host: fitted on {fitted.report.n_observations} (plan, text) observations of "
-        f"{n_train_plans} training plans, checked on {held_n} held-out plans: "
+        f"{n_train_plans} training plans (each text's error relative to its plan's mean time), checked on "
+        f"{held_n} held-out plans: "
         f"{within10 * 100:.0f} % within ±10 %, "
         f"MAPE {mape * 100:.1f} % (default params: MAPE {float(np.mean(np.abs(default_errors))) * 100:.0f} %)"
     )

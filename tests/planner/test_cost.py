@@ -11,6 +11,7 @@ import pytest
 from planner.cost import (
     COST_MODEL_VERSION,
     CostParams,
+    FitResult,
     Observation,
     compute_precision,
     fit,
@@ -302,3 +303,28 @@ def test_fit_rejects_empty_or_non_positive_measurements() -> None:
         fit(CostParams(), [], PHONE)
     with pytest.raises(PlanError, match="measured_s"):
         fit(CostParams(), [Observation(spec, Plan(), 1, 8, None, 0.0)], PHONE)
+
+
+def test_fit_with_a_shared_error_scale_aims_at_the_plans_mean_time() -> None:
+    # One plan timed on texts of several lengths, the shortest 50 % slower than the model can
+    # explain.  Relative error per text weighs that text most and misses the plan's mean time
+    # (by 2.5 %); with the plan's mean as every text's error scale, the per-op overhead (a
+    # constant within one plan) makes the least-squares predictions average to the mean.
+    spec = minilm_spec()
+    true = CostParams(mem_efficiency=0.5, fixed_overhead_s=2e-3)
+    lengths = [8, 16, 32, 64, 96, 128]
+    obs = []
+    for s in lengths:
+        model = predict(spec, Plan(), CPU, seq_len=s, params=true).latency_s
+        obs.append(Observation(spec, Plan(), 1, s, None, model * (1.5 if s == 8 else 1.0)))
+    mean_s = sum(o.measured_s for o in obs) / len(obs)
+
+    def mean_error(result: FitResult) -> float:
+        preds = [predict(spec, Plan(), CPU, seq_len=s, params=result.params).latency_s for s in lengths]
+        return abs(sum(preds) / len(preds) - mean_s) / mean_s
+
+    per_text = fit(CostParams(), obs, CPU)
+    shared = fit(CostParams(), [dataclasses.replace(o, error_scale_s=mean_s) for o in obs], CPU)
+    assert mean_error(shared) < 1e-9 and mean_error(per_text) > 0.01
+    with pytest.raises(PlanError, match="observation 0: error_scale_s"):
+        fit(CostParams(), [dataclasses.replace(obs[0], error_scale_s=0.0)], CPU)
