@@ -684,8 +684,8 @@ class Observation:
     #: timed for one plan as medians over rounds (no bursts left) can share the plan's mean
     #: time: each text's error then counts in seconds alike within the plan, and the fit aims
     #: at the plan's mean (the latency a mix of requests sees) instead of favouring its
-    #: shortest texts (python -m bench engine: held-out MAPE 4.5 → 2.2 % and 3.8 → 2.2 % in
-    #: two runs, 1.9 % either way in a third).
+    #: shortest texts (python -m bench engine's measurements of three runs, re-fitted: held-out
+    #: MAPE 4.5 → 2.2 % and 3.8 → 2.2 %, 1.9 % either way in the third).
     error_scale_s: float | None = None
 
 
