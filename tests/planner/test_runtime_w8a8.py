@@ -329,8 +329,11 @@ def test_early_exit_stops_at_the_first_confident_exit(
         low = EarlyExitRunner(adapter, module, tiny_heads, 1e-6).run(batch)
         high = EarlyExitRunner(adapter, module, tiny_heads, 1.5).run(batch)
         none = EarlyExitRunner(adapter, module, tiny_heads, None).run(batch)
-        # A threshold between the rows' first-exit confidences splits them.
-        mid = float(conf[:, 0].median())
+        # A threshold halfway between the rows' two middle first-exit confidences splits them
+        # (not at one of them: batch 1 sums the pooled states in another order, so a row's
+        # confidence may differ from the batch's in the last bit).
+        middle = conf[:, 0].sort().values[1:3]
+        mid = float(middle.mean())
         split = EarlyExitRunner(adapter, module, tiny_heads, mid).run(batch)
         one_by_one = [
             EarlyExitRunner(adapter, module, tiny_heads, mid).run(adapter.tokenize([t]))[0] for t in texts
@@ -343,6 +346,33 @@ def test_early_exit_stops_at_the_first_confident_exit(
         assert d.prediction == int(logits[r, d.exit_index].argmax())
         assert d.confidence == pytest.approx(float(conf[r, d.exit_index]), abs=1e-3)
     assert [d.exit_index for d in one_by_one] == expected  # batch 1 decides like the batch
+
+
+def test_batch_one_on_fused_blocks_pools_and_classifies_inside_the_compiled_call(
+    one_thread: None,
+    runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan],
+    tiny_heads: ExitHeads,
+    tiny_dataset: TextDataset,
+) -> None:
+    adapter, module, _ = runtime_pair
+    texts = tiny_dataset.split("test").texts[:24]
+    with torch.inference_mode():
+        for threshold in (None, 0.5, 0.7, 0.9):
+            fused = EarlyExitRunner(adapter, module, tiny_heads, threshold)
+            assert fused._fused_layers is not None
+            eager = EarlyExitRunner(adapter, module, tiny_heads, threshold)
+            eager._fused_layers = None  # block by block, pooling and heads as eager ops
+            for text in texts:
+                got, want = fused.run(adapter.tokenize([text]))[0], eager.run(adapter.tokenize([text]))[0]
+                assert (got.exit_index, got.prediction) == (want.exit_index, want.prediction)
+                assert got.confidence == pytest.approx(want.confidence, abs=1e-5)
+    # A block with an fp32 Linear is not fused: the whole runner keeps the generic path.
+    spec = adapter.spec()
+    first_block_int8 = Plan.build(
+        {t.name: TensorScheme("int8") for t in spec.tensors if t.kind == "linear" and t.block == 0}
+    )
+    partly, _ = build_runtime_model(adapter.module, spec, first_block_int8, w8a8=True)
+    assert EarlyExitRunner(adapter, partly, tiny_heads, 0.5)._fused_layers is None
 
 
 def test_evaluate_runtime_applies_the_runners_threshold(
