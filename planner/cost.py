@@ -27,7 +27,9 @@ the weight stays packed in memory (bytes are the packed bytes) but is dequantize
 at the first precision the device has (a narrower integer grid embeds losslessly in a wider one).
 Early exit weights each block by the probability of reaching it, and each non-final exit head
 evaluated costs exit_check_s (pooling, classifying and comparing between blocks is eager work of
-its own; roofline-3 priced it as one tensor op).  Everything returned here is a
+its own; roofline-3 priced it as one tensor op) — except at batch 1 on a model whose every block
+is fused, where the runtime pools and classifies inside each block's compiled call and the
+check is part of the fused block's per-call cost (roofline-6).  Everything returned here is a
 prediction and says so (`predicted=True`, `cost_model_version`).
 
 Calibration (`fit`) turns measurements into per-device CostParams.  Because
@@ -75,7 +77,7 @@ __all__ = [
     "reach_probabilities",
 ]
 
-COST_MODEL_VERSION = "roofline-5"
+COST_MODEL_VERSION = "roofline-6"
 #: Kernel regimes with their own efficiency and overhead (CostParams keys, fitted per host).
 PRICED_REGIMES: tuple[str, ...] = (
     "fp32",
@@ -486,12 +488,7 @@ def _ops(
                 op_overhead=regime != FUSED_REGIME,
             )
         )
-    linear_regimes: dict[int, set[str]] = {}
-    for t in spec.tensors:
-        if t.kind == "linear" and 0 <= t.block < spec.n_blocks:
-            regime = (kernels or {}).get(t.name, "")
-            linear_regimes.setdefault(t.block, set()).add(REGIME_PRICED_AS.get(regime, regime))
-    fused_blocks = {k for k, regimes in linear_regimes.items() if regimes == {FUSED_REGIME}}
+    fused_blocks = _fused_blocks(spec, kernels)
     act_peak = _peak_ops(device, act)
     assert act_peak is not None
     for k in range(spec.n_blocks):
@@ -536,6 +533,23 @@ def _ops(
             )
         )
     return ops
+
+
+def _fused_blocks(spec: ModelSpec, kernels: Mapping[str, str] | None) -> set[int]:
+    """Blocks whose Linears all run in the fused regime (one compiled call per block)."""
+    linear_regimes: dict[int, set[str]] = {}
+    for t in spec.tensors:
+        if t.kind == "linear" and 0 <= t.block < spec.n_blocks:
+            regime = (kernels or {}).get(t.name, "")
+            linear_regimes.setdefault(t.block, set()).add(REGIME_PRICED_AS.get(regime, regime))
+    return {k for k, regimes in linear_regimes.items() if regimes == {FUSED_REGIME}}
+
+
+def _exit_checks_in_graph(spec: ModelSpec, batch: int, kernels: Mapping[str, str] | None) -> bool:
+    """Whether the runtime pools and classifies inside each block's compiled call (batch 1,
+    every block fused: `planner.runtime.w8a8_bert_block_and_exit`), so an exit check costs
+    nothing beyond the fused block's own per-call cost."""
+    return batch == 1 and len(_fused_blocks(spec, kernels)) == spec.n_blocks
 
 
 def _tensor_weight(t: TensorSpec, spec: ModelSpec, reach: Sequence[float]) -> float:
@@ -621,7 +635,8 @@ def predict(
                 regime=op.kernel_regime,
             )
         )
-    heads = _exit_head_runs(spec, plan, reach)
+    in_graph = _exit_checks_in_graph(spec, batch, kernels)
+    heads = _exit_head_runs(spec, plan, reach, in_graph)
     latency += heads * params.exit_check_s
 
     act_b = _ACT_BYTES[activation_precision(device)]
@@ -643,7 +658,7 @@ def predict(
         batch=batch,
         seq_len=seq_len,
         latency_s=latency,
-        full_depth_latency_s=full + _exit_head_runs(spec, plan, None) * params.exit_check_s,
+        full_depth_latency_s=full + _exit_head_runs(spec, plan, None, in_graph) * params.exit_check_s,
         memory_bytes=memory,
         weight_bytes=weight_bytes,
         activation_bytes=act_bytes,
@@ -656,9 +671,12 @@ def predict(
     )
 
 
-def _exit_head_runs(spec: ModelSpec, plan: Plan, reach: Sequence[float] | None) -> float:
-    """Expected number of (non-final) exit heads evaluated."""
-    if plan.exit_threshold is None:
+def _exit_head_runs(
+    spec: ModelSpec, plan: Plan, reach: Sequence[float] | None, in_graph: bool = False
+) -> float:
+    """Expected number of (non-final) exit heads evaluated as eager work of their own (none
+    when the checks run inside the blocks' compiled calls)."""
+    if plan.exit_threshold is None or in_graph:
         return 0.0
     last = spec.n_blocks - 1
     return sum(1.0 if reach is None else reach[e] for e in spec.exit_points if e < last)
@@ -835,7 +853,9 @@ def fit(params: CostParams, observations: Sequence[Observation], device: DeviceS
         prepared.append(
             (
                 _ops(ob.spec, ob.plan, device, ob.batch, ob.seq_len, reach, ob.kernels),
-                _exit_head_runs(ob.spec, ob.plan, reach),
+                _exit_head_runs(
+                    ob.spec, ob.plan, reach, _exit_checks_in_graph(ob.spec, ob.batch, ob.kernels)
+                ),
             )
         )
     y = np.array([ob.measured_s for ob in observations])

@@ -179,3 +179,29 @@ def test_a_fused_block_pays_its_regime_overhead_instead_of_per_op_launches() -> 
     # block 1 is not fused in either: its attention still pays the launch
     att1 = by_name["attention.1"]
     assert att1.seconds == pytest.approx(max(att1.memory_s, att1.compute_s) + 50e-6)
+
+
+def test_exit_checks_inside_fully_fused_blocks_cost_nothing_of_their_own_at_batch_1() -> None:
+    spec = minilm_spec()
+    linears = [t.name for t in spec.tensors if t.kind == "linear"]
+    plan = Plan.build({name: TensorScheme("int8") for name in linears}, exit_threshold=0.8)
+    params = CostParams(exit_check_s=1e-3)
+    probs = [0.0] * (len(spec.exit_points) - 1) + [1.0]  # every text runs all blocks
+    every_block = dict.fromkeys(linears, "w8a8-fused")
+    one_block_eager = every_block | {linears[0]: "w8a8"}
+
+    def latency(kernels: dict[str, str], batch: int) -> float:
+        return predict(
+            spec, plan, HOST, batch=batch, seq_len=32, exit_probs=probs, params=params, kernels=kernels
+        ).latency_s
+
+    checks = sum(e < spec.n_blocks - 1 for e in spec.exit_points) * 1e-3  # non-final heads, eager
+    no_checks = Plan.build({name: TensorScheme("int8") for name in linears})
+    full = predict(spec, no_checks, HOST, seq_len=32, params=params, kernels=every_block).latency_s
+    # batch 1, every block fused: the checks run inside the compiled calls
+    assert latency(every_block, 1) == pytest.approx(full)
+    # a larger batch, or one block the runtime runs op by op: every check is eager work
+    full_b4 = predict(spec, no_checks, HOST, batch=4, seq_len=32, params=params, kernels=every_block)
+    assert latency(every_block, 4) == pytest.approx(full_b4.latency_s + checks)
+    partly = predict(spec, no_checks, HOST, seq_len=32, params=params, kernels=one_block_eager).latency_s
+    assert latency(one_block_eager, 1) == pytest.approx(partly + checks)
