@@ -1525,8 +1525,8 @@ class Int8DynamicLinear(_QuantLinearBase):
 
 
 def _fused_bert_layers(adapter: ModelAdapter, n_blocks: int) -> list[_W8A8BertLayer] | None:
-    """The layers of a BERT adapter (standard embed / run_block / pool) if every one is a
-    fused W8A8 block, else None."""
+    """The layers of a BERT adapter whose run_block and pool are BertAdapter's own (the fused
+    path stands in for both) if every layer is a fused W8A8 block, else None."""
     if not isinstance(adapter, BertAdapter) or any(
         getattr(type(adapter), name) is not getattr(base, name)
         for name, base in (("run_block", BertAdapter), ("pool", ModelAdapter))
