@@ -15,6 +15,7 @@ from planner.cost import (
     Observation,
     compute_precision,
     fit,
+    least_squares_factor,
     nnls,
     predict,
     reach_probabilities,
@@ -328,3 +329,15 @@ def test_fit_with_a_shared_error_scale_aims_at_the_plans_mean_time() -> None:
     assert mean_error(shared) < 1e-9 and mean_error(per_text) > 0.01
     with pytest.raises(PlanError, match="observation 0: error_scale_s"):
         fit(CostParams(), [dataclasses.replace(obs[0], error_scale_s=0.0)], CPU)
+
+
+def test_least_squares_factor_scales_predictions_onto_the_measurements() -> None:
+    measured = np.array([1.0, 2.0, 4.0])
+    scale = np.array([1.0, 2.0, 4.0])
+    # predictions 20 % high everywhere: the factor undoes it exactly
+    assert least_squares_factor(measured * 1.2, measured, scale) == pytest.approx(1 / 1.2)
+    # mixed errors: the factor zeroes the scaled residuals' projection on the predictions
+    predicted = np.array([1.5, 1.8, 4.4])
+    c = least_squares_factor(predicted, measured, scale)
+    assert float((c * predicted - measured) / scale @ (predicted / scale)) == pytest.approx(0.0, abs=1e-12)
+    assert least_squares_factor(np.zeros(3), measured, scale) == 1.0
