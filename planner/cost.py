@@ -836,9 +836,10 @@ def fit(params: CostParams, observations: Sequence[Observation], device: DeviceS
     (`Observation.error_scale_s`, by default the measured time: relative error), scale
     columns to unit norm, and solve NNLS; (4) repeat from (2) until no op changes roof
     (≤ 20 rounds), keeping the θ with the smallest sum of squared scaled errors (what each
-    NNLS round minimises for its roofs); (5) parameters whose column is all zero (e.g. a
-    regime never used) keep their prior value.  The report's errors are relative to each
-    observation's measured time.
+    NNLS round minimises for its roofs); (5) scale that θ by its least-squares factor
+    (`least_squares_factor`); (6) parameters whose column is all zero (e.g. a regime never
+    used) keep their prior value.  The report's errors are relative to each observation's
+    measured time.
     """
     if not observations:
         raise PlanError("fit needs at least one observation")
