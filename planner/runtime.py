@@ -837,40 +837,36 @@ _COMPILE_STATE: dict[str, Any] = {
 _BlockExitOutput: TypeAlias = "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"
 
 
-def _compiled_block_and_exit() -> Callable[..., _BlockExitOutput] | None:
-    """`w8a8_bert_block_and_exit` compiled with the options of `_compiled_block`."""
+def _compiled(key: str, fn: Callable[..., Any]) -> Any:
+    """`fn` through ``torch.compile`` once per process (None when compiling is off or failed).
+
+    dynamic=None: weight shapes stay static (vectorized inner loops); batch and sequence
+    length are marked dynamic per call, so one graph serves every text length.
+    realize_opcount_threshold=4: store the rescaled GELU output once instead of letting the
+    quantization loop recompute it (inductor's default, 30, inlined the chain into both the
+    row-max and the rounding pass: erf twice per element).  Same numbers; the GELU loop went
+    from ~57 to ~30 µs per block at 57 tokens and batch 1 got 1–13 % faster in interleaved A/B
+    runs (planner output bit-identical).  size_asserts=False: the generated wrapper re-checked
+    the size and stride of all 19 inputs on every call, which dynamo's guards have already
+    checked before it runs (−3.5 to −4.5 % per text at batch 1, interleaved A/B; inductor's
+    cpp_wrapper: no gain).
+    """
     if not _COMPILE_STATE["enabled"]:
         return None
-    if _COMPILE_STATE["fn_exit"] is None:
-        _COMPILE_STATE["fn_exit"] = torch.compile(
-            w8a8_bert_block_and_exit,
-            dynamic=None,
-            options={"realize_opcount_threshold": 4, "size_asserts": False},
+    if _COMPILE_STATE[key] is None:
+        _COMPILE_STATE[key] = torch.compile(
+            fn, dynamic=None, options={"realize_opcount_threshold": 4, "size_asserts": False}
         )
-    fn: Callable[..., _BlockExitOutput] = _COMPILE_STATE["fn_exit"]
-    return fn
+    return _COMPILE_STATE[key]
 
 
 def _compiled_block() -> Callable[..., torch.Tensor] | None:
-    if not _COMPILE_STATE["enabled"]:
-        return None
-    if _COMPILE_STATE["fn"] is None:
-        # dynamic=None: weight shapes stay static (vectorized inner loops); batch and sequence
-        # length are marked dynamic per call, so one graph serves every text length.
-        # realize_opcount_threshold=4: store the rescaled GELU output once instead of letting
-        # the quantization loop recompute it (inductor's default, 30, inlined the chain into
-        # both the row-max and the rounding pass: erf twice per element).  Same numbers; the
-        # GELU loop went from ~57 to ~30 µs per block at 57 tokens and batch 1 got 1–13 %
-        # faster in interleaved A/B runs (planner output bit-identical).
-        # size_asserts=False: the generated wrapper re-checked the size and stride of all 19
-        # inputs on every call, which dynamo's guards have already checked before it runs
-        # (−3.5 to −4.5 % per text at batch 1, interleaved A/B; inductor's cpp_wrapper: no gain).
-        _COMPILE_STATE["fn"] = torch.compile(
-            w8a8_bert_block,
-            dynamic=None,
-            options={"realize_opcount_threshold": 4, "size_asserts": False},
-        )
-    fn: Callable[..., torch.Tensor] = _COMPILE_STATE["fn"]
+    fn: Callable[..., torch.Tensor] | None = _compiled("fn", w8a8_bert_block)
+    return fn
+
+
+def _compiled_block_and_exit() -> Callable[..., _BlockExitOutput] | None:
+    fn: Callable[..., _BlockExitOutput] | None = _compiled("fn_exit", w8a8_bert_block_and_exit)
     return fn
 
 
