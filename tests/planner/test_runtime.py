@@ -109,8 +109,21 @@ def test_packed_embedding_dequantizes_only_the_rows_looked_up() -> None:
         emb = PackedEmbedding(qt)
         ids = torch.tensor([[0, 5, 99], [5, 5, 1]])
         assert torch.equal(emb(ids), F.embedding(ids, dequantize(qt)))
+        # a 25 KB table is looked up from its dequantized copy; the packed path gives the same
+        assert torch.equal(emb.lookup_packed(ids), F.embedding(ids, dequantize(qt)))
         assert emb.packed_rows.numel() == 100 * 64 * scheme.bits // 8
         assert module_storage_bytes(emb) == packed_nbytes((100, 64), scheme)
+
+
+def test_only_small_packed_tables_keep_a_dequantized_copy() -> None:
+    small = PackedEmbedding(quantize(torch.randn(512, 384), TensorScheme("int2", 32), kind="embedding"))
+    large = PackedEmbedding(quantize(torch.randn(4096, 128), TensorScheme("int4", 32), kind="embedding"))
+    ids = torch.tensor([[0, 3, 7]])
+    small(ids), large(ids)
+    assert "_dequantized" in small.__dict__ and "_dequantized" not in large.__dict__
+    small.float()  # moving / converting the module drops the copy; the next lookup rebuilds it
+    assert "_dequantized" not in small.__dict__
+    assert torch.equal(small(ids), small.lookup_packed(ids))
 
 
 def test_packed_embedding_serves_hot_rows_from_their_int8_copy() -> None:
@@ -121,6 +134,7 @@ def test_packed_embedding_serves_hot_rows_from_their_int8_copy() -> None:
         emb = PackedEmbedding(qt)
         ids = torch.tensor([[0, 5, 99], [42, 5, 1]])
         assert torch.equal(emb(ids), F.embedding(ids, dequantize(qt)))
+        assert torch.equal(emb.lookup_packed(ids), F.embedding(ids, dequantize(qt)))
         # The row-id → hot-slot map (int16 per row) replaces the stored int32 row ids.
         k = scheme.hot_rows
         assert module_storage_bytes(emb) == packed_nbytes((100, 64), scheme) - 4 * k + 2 * 100
