@@ -378,6 +378,8 @@ class PackedEmbedding(nn.Module):
             )
         assert qt.codes is not None and qt.scales is not None
         self.num_embeddings, self.embedding_dim = rows, dim
+        #: Whether lookups use a dequantized copy built on first use (see the class docstring).
+        self.dequantize_once = rows * dim * 4 <= self.SMALL_TABLE_BYTES
         self.padding_idx = padding_idx
         self.bits = qt.scheme.bits
         self.group = qt.group_size
@@ -412,7 +414,7 @@ class PackedEmbedding(nn.Module):
         return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.num_embeddings * self.embedding_dim * 4 <= self.SMALL_TABLE_BYTES:
+        if self.dequantize_once:
             table = self.__dict__.get("_dequantized")
             if table is None:
                 table = self.lookup_packed(torch.arange(self.num_embeddings))
@@ -516,9 +518,9 @@ def runtime_layer(
             return _Fp16Embedding(qt, owner.padding_idx), KERNEL_FP16_UPCAST, "lookup"
         if qt.shape[1] % 8 == 0:
             packed = PackedEmbedding(qt, owner.padding_idx)
-            small = packed.num_embeddings * packed.embedding_dim * 4 <= packed.SMALL_TABLE_BYTES
-            note = "small table: dequantized once, on first lookup" if small else "rows stay bit-packed"
-            return packed, KERNEL_PACKED_GATHER, note
+            if packed.dequantize_once:
+                return packed, KERNEL_PACKED_GATHER, "small table: dequantized once, on first lookup"
+            return packed, KERNEL_PACKED_GATHER, "rows stay bit-packed"
         table = nn.Embedding.from_pretrained(dequantize(qt), freeze=True, padding_idx=owner.padding_idx)
         return table, KERNEL_DEQUANT_AT_LOAD, "dim % 8 != 0"
     if not isinstance(owner, nn.Linear):
@@ -886,16 +888,6 @@ def _compiled(key: str, fn: Callable[..., Any]) -> Any:
     return _COMPILE_STATE[key]
 
 
-def _compiled_block() -> Callable[..., torch.Tensor] | None:
-    fn: Callable[..., torch.Tensor] | None = _compiled("fn", w8a8_bert_block)
-    return fn
-
-
-def _compiled_block_and_exit() -> Callable[..., _BlockExitOutput] | None:
-    fn: Callable[..., _BlockExitOutput] | None = _compiled("fn_exit", w8a8_bert_block_and_exit)
-    return fn
-
-
 def fused_block_compile_error() -> str | None:
     """Why fused blocks fell back to eager in this process (None: compiled, or never tried)."""
     err: str | None = _COMPILE_STATE["error"]
@@ -957,13 +949,40 @@ class _W8A8BertLayer(_Layer):
         """Post-norm BERT layer; `keep` is a (batch, 1, 1, seq) bool mask of real tokens."""
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return super().forward(x, keep)
+        out: torch.Tensor = self._run_fused("fn", w8a8_bert_block, x, attention_mask_bias(keep))
+        return out
+
+    def forward_and_exit(
+        self,
+        x: torch.Tensor,
+        mask_bias: torch.Tensor,
+        logits: torch.Tensor,
+        head: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> _BlockExitOutput:
+        """`w8a8_bert_block_and_exit` for one unpadded text (`mask_bias` from
+        `attention_mask_bias`, `head` = (head weight, select, bias) of this block); the
+        block output, running logits, confidence and class of this block's exit head."""
+        out: _BlockExitOutput = self._run_fused(
+            "fn_exit", w8a8_bert_block_and_exit, x, mask_bias, logits, *head
+        )
+        return out
+
+    def _run_fused(
+        self,
+        key: str,
+        block: Callable[..., Any],
+        x: torch.Tensor,
+        mask_bias: torch.Tensor,
+        *extra: torch.Tensor,
+    ) -> Any:
+        """`block(x, mask_bias, <this layer's weights and flags>, *extra)`, compiled
+        (`_compiled(key, block)`) unless compiling is off or fails — then eager, same numbers."""
         linears, weights, heads, eps1, eps2, qkv_digits, inter_digits = self._block_args()
         for layer in linears:
             # `calls` is a plain attribute: skip nn.Module.__setattr__'s parameter/buffer checks.
             layer.__dict__["calls"] += 1
-        mask_bias = attention_mask_bias(keep)
-        args = (x, mask_bias, weights, heads, eps1, eps2, qkv_digits, inter_digits)
-        fn = _compiled_block()
+        args = (x, mask_bias, weights, heads, eps1, eps2, qkv_digits, inter_digits, *extra)
+        fn = _compiled(key, block)
         if fn is not None:
             torch._dynamo.maybe_mark_dynamic(x, 1)
             torch._dynamo.maybe_mark_dynamic(mask_bias, 3)
@@ -975,33 +994,7 @@ class _W8A8BertLayer(_Layer):
             except Exception as exc:  # compiler missing or broken: stay correct, run eager
                 _COMPILE_STATE["enabled"] = False
                 _COMPILE_STATE["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        return w8a8_bert_block(*args)
-
-    def forward_and_exit(
-        self,
-        x: torch.Tensor,
-        mask_bias: torch.Tensor,
-        logits: torch.Tensor,
-        head: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`w8a8_bert_block_and_exit` for one unpadded text (`mask_bias` from
-        `attention_mask_bias`, `head` = (head weight, select, bias) of this block); the
-        block output, running logits, confidence and class of this block's exit head."""
-        linears, weights, heads, eps1, eps2, qkv_digits, inter_digits = self._block_args()
-        for layer in linears:
-            layer.__dict__["calls"] += 1
-        fn = _compiled_block_and_exit()
-        if fn is not None:
-            torch._dynamo.maybe_mark_dynamic(x, 1)
-            torch._dynamo.maybe_mark_dynamic(mask_bias, 3)
-            try:
-                return fn(x, mask_bias, weights, heads, eps1, eps2, qkv_digits, inter_digits, logits, *head)
-            except Exception as exc:  # compiler missing or broken: stay correct, run eager
-                _COMPILE_STATE["enabled"] = False
-                _COMPILE_STATE["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        return w8a8_bert_block_and_exit(
-            x, mask_bias, weights, heads, eps1, eps2, qkv_digits, inter_digits, logits, *head
-        )
+        return block(*args)
 
 
 # --------------------------------------------------------------------------- measurement
