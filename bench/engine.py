@@ -571,7 +571,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         {**runners, **cost_runners}, batches, rounds=args.rounds, warmup=1, threads=args.threads
     )
     measured = [(plan, got[f"p{k}"], cost_regimes[f"p{k}"]) for k, (plan, _) in enumerate(cost_plans)]
-    del cost_runners
     # The table's batch-1 latency: the rows alone on EVERY held-out text (interleaved, so the
     # FP32 baseline and the plans share the machine's speed of the moment).  An early-exit
     # plan's time follows how deep each text runs, and 32 texts are too few for that: for the
@@ -588,7 +587,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     for row in rows:
         row.latency = full[row.label]
-    del runners
+    # The latency-model plans' ~60 models (up to ~4 GB) are released only now, after the rows
+    # are timed: freeing them right before that timing made the fused W8A8 path 4–14 % slower
+    # and left FP32 as it was (three standalone reproductions on a 2-core Xeon, 2026-12-04:
+    # the headline plan 2.88 → 3.27, 3.25 → 3.69, 2.83 → 2.93 ms per text; no page faults in
+    # the timed calls, so the allocator's state after the free, not the kernels) — a state a
+    # deployed runtime, which loads its one model and serves, is never in.
+    del runners, cost_runners
     train = [m for i, m in enumerate(measured) if i % 2 == 0]
     held = [m for i, m in enumerate(measured) if i % 2 == 1]
     obs = [o for plan, tl, reg in train for o in _observations(spec, plan, tl, cost_lengths, reg)]
