@@ -591,8 +591,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # are timed: freeing them right before that timing made the fused W8A8 path 4–14 % slower
     # and left FP32 as it was (three standalone reproductions on a 2-core Xeon, 2026-12-04:
     # the headline plan 2.88 → 3.27, 3.25 → 3.69, 2.83 → 2.93 ms per text; no page faults in
-    # the timed calls, so the allocator's state after the free, not the kernels) — a state a
-    # deployed runtime, which loads its one model and serves, is never in.
+    # the timed calls; most likely the allocator's state after the free, cause not pinned
+    # down) — a state a deployed runtime, which loads its one model and serves, is never in.
     del runners, cost_runners
     train = [m for i, m in enumerate(measured) if i % 2 == 0]
     held = [m for i, m in enumerate(measured) if i % 2 == 1]
