@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from planner import runtime as runtime_module
 from planner.data import TextDataset
 from planner.exits import ExitHeads, pooled_features, train_exit_heads
 from planner.models import Batch, TinyAdapter, TokenizedSplit
@@ -373,6 +375,35 @@ def test_batch_one_on_fused_blocks_pools_and_classifies_inside_the_compiled_call
     )
     partly, _ = build_runtime_model(adapter.module, spec, first_block_int8, w8a8=True)
     assert EarlyExitRunner(adapter, partly, tiny_heads, 0.5)._fused_layers is None
+
+
+def test_batch_one_fused_blocks_run_as_an_aot_package(
+    one_thread: None,
+    runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan],
+    tiny_heads: ExitHeads,
+    tiny_dataset: TextDataset,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch-1 fused path runs an AOTInductor package (compiled here, kept on disk) and
+    decides exactly as the eager block-by-block path."""
+    monkeypatch.setenv("EDGEFIT_AOT_DIR", str(tmp_path))
+    monkeypatch.setitem(runtime_module._AOT_STATE, "packages", {})
+    monkeypatch.setitem(runtime_module._AOT_STATE, "enabled", True)
+    monkeypatch.setitem(runtime_module._AOT_STATE, "error", None)
+    adapter, module, _ = runtime_pair
+    with torch.inference_mode():
+        fused = EarlyExitRunner(adapter, module, tiny_heads, 0.7)
+        eager = EarlyExitRunner(adapter, module, tiny_heads, 0.7)
+        eager._fused_layers = None
+        for text in tiny_dataset.split("test").texts[:12]:
+            got, want = fused.run(adapter.tokenize([text]))[0], eager.run(adapter.tokenize([text]))[0]
+            assert (got.exit_index, got.prediction) == (want.exit_index, want.prediction)
+            assert got.confidence == pytest.approx(want.confidence, abs=1e-5)
+    assert runtime_module._AOT_STATE["error"] is None
+    assert len(runtime_module._AOT_STATE["packages"]) == 1
+    assert len(list(tmp_path.glob("block-exit-*.pt2"))) == 1
+    assert not list(tmp_path.glob(".partial-*"))
 
 
 def test_evaluate_runtime_applies_the_runners_threshold(
