@@ -53,9 +53,11 @@ from planner.runtime import (
     LatencyStats,
     RuntimeEval,
     TextLatency,
+    aot_packages_loaded,
     benchmark_linear,
     build_runtime_model,
     evaluate_runtime,
+    fused_block_compile_error,
     measure_batch_latency,
     measure_text_latency,
     probe_int8_matmul,
@@ -943,6 +945,11 @@ def _report(
     )
     for line in fp32_paths:
         print(f"  fp32 Linear {line}")
+    compile_error = fused_block_compile_error()
+    print(
+        f"  fused blocks: batch 1 on {aot_packages_loaded()} AOTInductor package(s), batches on torch.compile"
+        + (f"; fell back: {compile_error}" if compile_error else "")
+    )
     print(f"total bench time {time.perf_counter() - started:.0f} s")
 
     # The headline plan: the most aggressive row (table order) whose TEST loss is within the

@@ -1019,6 +1019,11 @@ def _aot_block_and_exit(args: tuple[Any, ...]) -> Callable[..., Any] | None:
         return cast("Callable[..., Any]", runner)
 
 
+def aot_packages_loaded() -> int:
+    """How many AOTInductor block packages this process runs (see `_AOT_STATE`)."""
+    return len(_AOT_STATE["packages"])
+
+
 def fused_block_compile_error() -> str | None:
     """Why fused blocks fell back to eager in this process (None: compiled, or never tried)."""
     err: str | None = _COMPILE_STATE["error"] or _AOT_STATE["error"]
