@@ -997,8 +997,7 @@ def _aot_block_and_exit(args: tuple[Any, ...]) -> Callable[..., Any] | None:
                 tokens = torch.export.Dim("tokens", min=_AOT_TOKENS[0], max=_AOT_TOKENS[1])
                 shapes = ({1: tokens}, {3: tokens}, None, None, None, None, tuple(None for _ in weights))
                 partial = folder / f".partial-{os.getpid()}-{path.name}"  # aoti wants a .pt2 name
-                # Traced on plain copies outside inference mode (callers time under it, and
-                # export wants ordinary tensors).
+                # Callers run under inference mode; the export traces ordinary copies outside it.
                 with torch.inference_mode(False):
                     flat = tuple(t.clone() for t in (x, mask_bias, logits, hw, hs, hb, *weights))
                     program = torch.export.export(
@@ -1010,7 +1009,11 @@ def _aot_block_and_exit(args: tuple[Any, ...]) -> Callable[..., Any] | None:
                         program, package_path=str(partial), inductor_configs={"realize_opcount_threshold": 4}
                     )
                 os.replace(partial, path)  # whole or absent: a crash never leaves half a package
-            runner = torch._inductor.aoti_load_package(str(path))
+            try:
+                runner = torch._inductor.aoti_load_package(str(path))
+            except Exception:
+                path.unlink(missing_ok=True)  # damaged: the next process compiles it afresh
+                raise
         except Exception as exc:  # no compiler, unsupported op, damaged file: the dynamo path runs
             _AOT_STATE["enabled"] = False
             _AOT_STATE["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -1025,7 +1028,8 @@ def aot_packages_loaded() -> int:
 
 
 def fused_block_compile_error() -> str | None:
-    """Why fused blocks fell back to eager in this process (None: compiled, or never tried)."""
+    """Why fused blocks fell back in this process — from torch.compile to eager, or at batch 1
+    from an AOTInductor package to torch.compile (None: no fallback, or never tried)."""
     err: str | None = _COMPILE_STATE["error"] or _AOT_STATE["error"]
     return err
 

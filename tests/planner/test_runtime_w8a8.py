@@ -402,8 +402,19 @@ def test_batch_one_fused_blocks_run_as_an_aot_package(
             assert got.confidence == pytest.approx(want.confidence, abs=1e-5)
     assert runtime_module._AOT_STATE["error"] is None
     assert len(runtime_module._AOT_STATE["packages"]) == 1
-    assert len(list(tmp_path.glob("block-exit-*.pt2"))) == 1
+    (package,) = tmp_path.glob("block-exit-*.pt2")
     assert not list(tmp_path.glob(".partial-*"))
+    # A damaged package: this process falls back to torch.compile (same decisions), says why,
+    # and removes the file so the next process compiles it afresh.
+    package.write_bytes(b"not a zip")
+    monkeypatch.setitem(runtime_module._AOT_STATE, "packages", {})
+    with torch.inference_mode():
+        text = tiny_dataset.split("test").texts[0]
+        got, want = fused.run(adapter.tokenize([text]))[0], eager.run(adapter.tokenize([text]))[0]
+    assert (got.exit_index, got.prediction) == (want.exit_index, want.prediction)
+    assert runtime_module._AOT_STATE["error"] is not None
+    assert runtime_module._AOT_STATE["enabled"] is False
+    assert not package.exists()
 
 
 def test_evaluate_runtime_applies_the_runners_threshold(
