@@ -66,11 +66,11 @@ def test_recalibration_fits_the_profile_to_what_its_devices_measured(profile, tw
     assert report is not None and profile.cost_params["_type"] == "CostParams"
     assert report["n_observations"] == 48 and report["n_measurements"] == 2
     assert report["mape"] < 0.05 < report["mape_before"]
-    assert profile.calibration["cost_model_version"] == "roofline-6"
+    assert profile.calibration["cost_model_version"] == "roofline-7"
     # Every variant on the profile got a calibrated prediction.
     rows = Prediction.objects.filter(device_profile=profile)
     assert {p.variant_id for p in rows} == {p.variant_id for p in two_packages}
-    assert all(p.calibrated and p.cost_model_version == "roofline-6" for p in rows)
+    assert all(p.calibrated and p.cost_model_version == "roofline-7" for p in rows)
 
 
 def test_predicted_vs_measured_within_ten_percent_after_calibration(profile, two_packages, publish):

@@ -81,7 +81,7 @@ CPU = DeviceSpec(
 def test_prediction_says_it_is_a_prediction_and_which_model_made_it() -> None:
     spec = minilm_spec()
     pred = predict(spec, Plan(), PHONE)
-    assert pred.predicted is True and pred.cost_model_version == COST_MODEL_VERSION == "roofline-6"
+    assert pred.predicted is True and pred.cost_model_version == COST_MODEL_VERSION == "roofline-7"
     assert pred.to_dict()["predicted"] is True
     assert pred.latency_s > 0 and pred.memory_bytes > pred.weight_bytes
     assert len(pred.ops) == len(spec.tensors) + 2 * spec.n_blocks

@@ -6,8 +6,16 @@ import random
 
 import pytest
 
-from planner.cost import PRICED_REGIMES, REGIMES, CostParams, Observation, fit, predict
-from planner.specs import DeviceSpec, Plan, PlanError, TensorScheme
+from planner.cost import (
+    FUSED_EXIT_REGIME,
+    PRICED_REGIMES,
+    REGIMES,
+    CostParams,
+    Observation,
+    fit,
+    predict,
+)
+from planner.specs import DeviceSpec, ModelSpec, Plan, PlanError, TensorScheme
 from tests.planner.test_cost import minilm_spec
 
 HOST = DeviceSpec(
@@ -96,7 +104,9 @@ def test_params_round_trip_and_accept_version_1() -> None:
     v2 = {"_type": "CostParams", "_version": 2, "_data": {"per_tensor_overhead_s": 7e-6}}
     assert CostParams.from_dict(v2).exit_check_s == 7e-6
     assert CostParams.from_dict(CostParams(exit_check_s=0.0).to_dict()).exit_check_s == 0.0
-    assert set(PRICED_REGIMES) == set(CostParams().regime_overhead_s) < set(REGIMES)
+    assert set(PRICED_REGIMES) == set(CostParams().regime_overhead_s)
+    # The fully fused batch-1 regime is the cost model's choice, never a kernel's report.
+    assert set(PRICED_REGIMES) - {FUSED_EXIT_REGIME} < set(REGIMES) and FUSED_EXIT_REGIME not in REGIMES
     with pytest.raises(PlanError, match="unknown kernel regime"):
         CostParams(regime_efficiency={"w8a16": 1.0})  # priced with w8a8's parameters, none of its own
 
@@ -205,3 +215,109 @@ def test_exit_checks_inside_fully_fused_blocks_cost_nothing_of_their_own_at_batc
     assert latency(every_block, 4) == pytest.approx(full_b4.latency_s + checks)
     partly = predict(spec, no_checks, HOST, seq_len=32, params=params, kernels=one_block_eager).latency_s
     assert latency(one_block_eager, 1) == pytest.approx(partly + checks)
+
+
+def _fused_model(
+    spec_names: tuple[str, ...], linears: list[str], eager: tuple[str, ...] = ()
+) -> dict[str, str]:
+    kernels = dict.fromkeys(linears, "w8a8-fused") | dict.fromkeys(eager, "w8a8")
+    return kernels | {n: "fp32" for n in spec_names if n not in kernels}
+
+
+def test_a_fully_fused_model_at_batch_1_is_priced_in_its_own_regime() -> None:
+    spec = minilm_spec()
+    linears = [t.name for t in spec.tensors if t.kind == "linear"]
+    plan = Plan.build({name: TensorScheme("int8") for name in linears})
+    params = CostParams(
+        per_tensor_overhead_s=50e-6,
+        regime_efficiency={"w8a8-fused": 0.3, FUSED_EXIT_REGIME: 0.6},
+        regime_overhead_s={"w8a8-fused": 9e-6, FUSED_EXIT_REGIME: 2e-6},
+    )
+    whole = _fused_model(spec.tensor_names, linears)
+    b1 = {o.name: o for o in predict(spec, plan, HOST, seq_len=40, params=params, kernels=whole).ops}
+    b4 = {o.name: o for o in predict(spec, plan, HOST, batch=4, seq_len=10, params=params, kernels=whole).ops}
+    partly = _fused_model(spec.tensor_names, linears, eager=(linears[0],))
+    part = {o.name: o for o in predict(spec, plan, HOST, seq_len=40, params=params, kernels=partly).ops}
+    name = linears[-1]  # a Linear of the last block: fused in all three
+    macs = b1[name].macs
+    # The kernel's own regime is what the report shows; the price is the whole-model regime's.
+    assert b1[name].regime == "w8a8-fused" and b1[name].compute_precision == "int8"
+    assert b1[name].compute_s == pytest.approx(2 * macs / (0.5e12 * 0.6))
+    assert b1[name].seconds == pytest.approx(max(b1[name].memory_s, b1[name].compute_s) + 2e-6)
+    # Same tokens at batch 4, and a model with one eager Linear: the fused regime's price.
+    for other in (b4[name], part[name]):
+        assert other.macs == macs
+        assert other.compute_s == pytest.approx(2 * macs / (0.5e12 * 0.3))
+        assert other.seconds == pytest.approx(max(other.memory_s, other.compute_s) + 9e-6)
+    # Attention inside a compiled block pays no launch in either fused regime.
+    assert b1["attention.0"].seconds == pytest.approx(
+        max(b1["attention.0"].memory_s, b1["attention.0"].compute_s)
+    )
+    with pytest.raises(PlanError, match="unknown kernel regime"):
+        predict(spec, plan, HOST, kernels=dict.fromkeys(linears, FUSED_EXIT_REGIME))
+
+
+def test_params_without_the_whole_model_fused_regime_price_it_as_the_fused_one() -> None:
+    # A roofline-6 calibration (stored before the regime existed) keeps predicting as it did.
+    stored = CostParams(
+        regime_efficiency={"w8a8-fused": 0.42}, regime_overhead_s={"w8a8-fused": 7e-6}
+    ).to_dict()
+    for regimes in (stored["_data"]["regime_efficiency"], stored["_data"]["regime_overhead_s"]):
+        del regimes[FUSED_EXIT_REGIME]
+    old = CostParams.from_dict(stored)
+    assert old.regime_efficiency[FUSED_EXIT_REGIME] == 0.42
+    assert old.regime_overhead_s[FUSED_EXIT_REGIME] == 7e-6
+    # Given explicitly, it keeps its own value.
+    own = CostParams(regime_efficiency={"w8a8-fused": 0.42, FUSED_EXIT_REGIME: 0.9})
+    assert own.regime_efficiency[FUSED_EXIT_REGIME] == 0.9
+    assert CostParams.from_dict(own.to_dict()) == own
+
+
+def _fused_observations(
+    spec: ModelSpec, true: CostParams, n: int, whole: bool, seed: int
+) -> list[Observation]:
+    rng = random.Random(seed)
+    linears = [t.name for t in spec.tensors if t.kind == "linear"]
+    obs = []
+    for k in range(n):
+        plan = Plan.build(
+            {name: TensorScheme(rng.choice(["int8", "int4"]), None) for name in linears},
+            exit_threshold=0.8 if k % 2 else None,
+        )
+        eager = () if whole else tuple(rng.sample(linears, 2))
+        kernels = _fused_model(spec.tensor_names, linears, eager)
+        seq = rng.choice([12, 24, 48, 96])
+        probs = None
+        if plan.exit_threshold is not None:
+            stop = rng.randrange(len(spec.exit_points))
+            probs = [1.0 if i == stop else 0.0 for i in range(len(spec.exit_points))]
+        seconds = predict(
+            spec, plan, HOST, seq_len=seq, exit_probs=probs, params=true, kernels=kernels
+        ).latency_s
+        obs.append(Observation(spec, plan, 1, seq, probs, seconds, kernels))
+    return obs
+
+
+def test_fit_tells_the_whole_model_fused_path_from_partly_fused_blocks() -> None:
+    spec = minilm_spec()
+    true = CostParams(
+        per_tensor_overhead_s=8e-6,
+        fixed_overhead_s=3e-4,
+        regime_efficiency={"w8a8": 0.3, "w8a8-fused": 0.35, FUSED_EXIT_REGIME: 0.35},
+        regime_overhead_s={"w8a8": 1e-5, "w8a8-fused": 1.5e-5, FUSED_EXIT_REGIME: 0.4e-5},
+        act_quant_s_per_element=1e-9,
+        exit_check_s=5e-5,
+    )
+    obs = _fused_observations(spec, true, 30, whole=False, seed=1) + _fused_observations(
+        spec, true, 30, whole=True, seed=2
+    )
+    result = fit(CostParams(), obs, HOST)
+    assert result.report.mape < 0.005 < result.report.mape_before
+    got = result.params
+    assert got.regime_overhead_s["w8a8-fused"] == pytest.approx(1.5e-5, rel=0.1)
+    assert got.regime_overhead_s[FUSED_EXIT_REGIME] == pytest.approx(0.4e-5, rel=0.1)
+    # Only partly fused models observed: the whole-model path is priced as their fused blocks.
+    partly = fit(CostParams(), obs[:30], HOST)
+    assert f"regime_overhead_s[{FUSED_EXIT_REGIME}]" in partly.report.unidentified
+    assert partly.params.regime_overhead_s[FUSED_EXIT_REGIME] == partly.params.regime_overhead_s["w8a8-fused"]
+    assert partly.params.regime_efficiency[FUSED_EXIT_REGIME] == partly.params.regime_efficiency["w8a8-fused"]
