@@ -27,6 +27,7 @@ import torch
 
 from planner.cost import (
     COST_MODEL_VERSION,
+    FUSED_EXIT_REGIME,
     FUSED_REGIME,
     REGIME_PRICED_AS,
     CostParams,
@@ -56,6 +57,7 @@ from planner.runtime import (
     aot_packages_loaded,
     benchmark_linear,
     build_runtime_model,
+    compiled_vector_isa,
     evaluate_runtime,
     fused_block_compile_error,
     measure_batch_latency,
@@ -947,7 +949,8 @@ def _report(
         print(f"  fp32 Linear {line}")
     compile_error = fused_block_compile_error()
     print(
-        f"  fused blocks: batch 1 on {aot_packages_loaded()} AOTInductor package(s), batches on torch.compile"
+        f"  fused blocks: batch 1 on {aot_packages_loaded()} AOTInductor package(s), batches on "
+        f"torch.compile; vector ISA of the compiled loops: {compiled_vector_isa()}"
         + (f"; fell back: {compile_error}" if compile_error else "")
     )
     print(f"total bench time {time.perf_counter() - started:.0f} s")
@@ -1131,7 +1134,9 @@ def _fitted_summary(p: CostParams) -> str:
         f"dequant eff {p.regime_efficiency['dequant']:.2f}, per-op {p.per_tensor_overhead_s * 1e6:.1f} µs, "
         f"w8a8 per-call {p.regime_overhead_s['w8a8'] * 1e6:.1f} µs, "
         f"fused-block eff {p.regime_efficiency[FUSED_REGIME]:.2f} and per-Linear "
-        f"{p.regime_overhead_s[FUSED_REGIME] * 1e6:.1f} µs, "
+        f"{p.regime_overhead_s[FUSED_REGIME] * 1e6:.1f} µs (whole model fused at batch 1: "
+        f"eff {p.regime_efficiency[FUSED_EXIT_REGIME]:.2f}, "
+        f"{p.regime_overhead_s[FUSED_EXIT_REGIME] * 1e6:.1f} µs), "
         f"act-quant {p.act_quant_s_per_element * 1e9:.2f} ns/elem, "
         f"exit check {p.exit_check_s * 1e6:.1f} µs, fixed {p.fixed_overhead_s * 1e3:.2f} ms"
     )

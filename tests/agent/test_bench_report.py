@@ -9,6 +9,7 @@ import pytest
 from devices.agent.client import Client
 from devices.agent.progress import Progress
 from planner import package as pkg
+from planner.runtime import KERNEL_W8A8_FUSED, KERNEL_W8A16_FUSED
 from tests.agent.conftest import MEASUREMENT_FIELDS, Agent, FakeServer
 
 
@@ -44,8 +45,8 @@ def test_bench_then_report(
     # int4 weights widened to int8 at load, every block's Linears run as one fused W8A8 block
     # (Q/K/V on two-digit inputs)
     kernels = m["runtime"]["kernels"]
-    assert kernels["W8A8 _int_mm in a fused block (torch.compile)"] == 6
-    assert kernels["W8A16 _int_mm (activations as two int8 digits) in a fused block (torch.compile)"] == 6
+    assert kernels[KERNEL_W8A8_FUSED] == 6
+    assert kernels[KERNEL_W8A16_FUSED] == 6
     assert m["measured_at"].endswith("Z")
 
     code, out, _ = enrolled.run("report")
