@@ -159,17 +159,13 @@ KERNEL_BYPASSED = "bypassed: fp32 matmul on .weight dequantized per read"
 KERNEL_W8A8 = "w8a8 _int_mm"
 KERNEL_W8A8_FROM_INT4 = "int4 weights unpacked to int8 at load, W8A8 _int_mm"
 KERNEL_W8A8_FROM_LOWBIT = "low-bit weights widened to int8 at load, W8A8 _int_mm"
-#: Any of the three above, run inside a fused BERT block (`w8a8_bert_block`).
-KERNEL_W8A8_FUSED = (
-    "W8A8 _int_mm in a fused block (compiled: AOTInductor at batch 1 when all are, else torch.compile)"
-)
+#: Any of the three above, run inside a fused BERT block (`w8a8_bert_block`): torch.compile,
+#: or an AOTInductor package at batch 1 when every block is fused (`aot_packages_loaded`).
+KERNEL_W8A8_FUSED = "W8A8 _int_mm in a compiled fused block"
 #: A W8A8 Linear whose input (a LayerNorm output) is quantized to ~16 bits as two int8
 #: digits (`quantize_rows_two_digits_asym`), one _int_mm on twice the rows; alone / fused.
 KERNEL_W8A16 = "W8A16 _int_mm (activations as two int8 digits)"
-KERNEL_W8A16_FUSED = (
-    "W8A16 _int_mm (activations as two int8 digits) in a fused block "
-    "(compiled: AOTInductor at batch 1 when all are, else torch.compile)"
-)
+KERNEL_W8A16_FUSED = "W8A16 _int_mm (activations as two int8 digits) in a compiled fused block"
 _INT4_GROUPS = (32, 64, 128, 256)
 _INT8_ACT_NOTE = "per-token int8 activations"
 #: How planner.cost prices each kernel (a bypassed layer runs fp32 on a dequantized weight).
