@@ -875,6 +875,14 @@ _COMPILE_STATE: dict[str, Any] = {
 _BlockExitOutput: TypeAlias = "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"
 
 
+#: Specializations one block function may compile (dynamo's default is 8).  Weight shapes,
+#: head count, eps, the two digit flags and batch 1 vs batched each specialize the graph, so a
+#: process holding a few architectures or variants (a worker measuring many plans, a server
+#: with several models) can pass 8 — after which dynamo runs every new specialization eagerly
+#: (~2× slower per block) with one log line and no error.
+_RECOMPILE_LIMIT = 64
+
+
 def _compiled(key: str, fn: Callable[..., Any]) -> Any:
     """`fn` through ``torch.compile`` once per process (None when compiling is off or failed).
 
@@ -892,8 +900,12 @@ def _compiled(key: str, fn: Callable[..., Any]) -> Any:
     if not _COMPILE_STATE["enabled"]:
         return None
     if _COMPILE_STATE[key] is None:
-        _COMPILE_STATE[key] = torch.compile(
-            fn, dynamic=None, options={"realize_opcount_threshold": 4, "size_asserts": False}
+        # torch.compile's typed overloads omit `recompile_limit`, which the function takes.
+        _COMPILE_STATE[key] = torch.compile(  # type: ignore[call-overload]
+            fn,
+            dynamic=None,
+            options={"realize_opcount_threshold": 4, "size_asserts": False},
+            recompile_limit=_RECOMPILE_LIMIT,
         )
     return _COMPILE_STATE[key]
 
