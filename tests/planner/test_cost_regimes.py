@@ -41,6 +41,20 @@ def _kernels(plan: Plan, spec_names: tuple[str, ...], dequant: bool) -> dict[str
     return out
 
 
+def _observed(
+    spec: ModelSpec, plan: Plan, kernels: dict[str, str], true: CostParams, rng: random.Random
+) -> Observation:
+    """A batch-1 run of `plan` at a random length (and exit, if it has a threshold) timed as the
+    cost model with `true` parameters prices it."""
+    seq = rng.choice([12, 24, 48, 96])
+    probs = None
+    if plan.exit_threshold is not None:
+        stop = rng.randrange(len(spec.exit_points))
+        probs = [1.0 if i == stop else 0.0 for i in range(len(spec.exit_points))]
+    seconds = predict(spec, plan, HOST, seq_len=seq, exit_probs=probs, params=true, kernels=kernels).latency_s
+    return Observation(spec, plan, 1, seq, probs, seconds, kernels)
+
+
 def test_w8a8_is_priced_on_the_int8_peak_with_int8_bytes_and_activation_cost() -> None:
     spec = minilm_spec()
     name = "encoder.layer.0.intermediate.dense.weight"
@@ -133,15 +147,7 @@ def test_fit_recovers_regime_efficiencies_and_overheads() -> None:
                 schemes[name] = TensorScheme(p, 128 if p == "int4" else None)
         plan = Plan.build(schemes, exit_threshold=0.8 if k % 3 == 0 else None)
         kernels = _kernels(plan, spec.tensor_names, dequant=k % 4 == 3)
-        seq = rng.choice([12, 24, 48, 96])
-        probs = None
-        if plan.exit_threshold is not None:
-            stop = rng.randrange(len(spec.exit_points))
-            probs = [1.0 if i == stop else 0.0 for i in range(len(spec.exit_points))]
-        seconds = predict(
-            spec, plan, HOST, seq_len=seq, exit_probs=probs, params=true, kernels=kernels
-        ).latency_s
-        obs.append(Observation(spec, plan, 1, seq, probs, seconds, kernels))
+        obs.append(_observed(spec, plan, kernels, true, rng))
     result = fit(CostParams(), obs, HOST)
     got = result.params
     assert result.report.mape < 0.005 < result.report.mape_before
@@ -286,15 +292,7 @@ def _fused_observations(
         )
         eager = () if whole else tuple(rng.sample(linears, 2))
         kernels = _fused_model(spec.tensor_names, linears, eager)
-        seq = rng.choice([12, 24, 48, 96])
-        probs = None
-        if plan.exit_threshold is not None:
-            stop = rng.randrange(len(spec.exit_points))
-            probs = [1.0 if i == stop else 0.0 for i in range(len(spec.exit_points))]
-        seconds = predict(
-            spec, plan, HOST, seq_len=seq, exit_probs=probs, params=true, kernels=kernels
-        ).latency_s
-        obs.append(Observation(spec, plan, 1, seq, probs, seconds, kernels))
+        obs.append(_observed(spec, plan, kernels, true, rng))
     return obs
 
 
