@@ -1459,15 +1459,21 @@ _PROBES: dict[tuple[int, int, int, int], Int8MatmulProbe] = {}
 
 
 def probe_int8_matmul(
-    rows: int = 64, in_features: int = 384, out_features: int = 1536, *, repeats: int = 15
+    rows: int = 64,
+    in_features: int = 384,
+    out_features: int = 1536,
+    *,
+    repeats: int = 15,
+    threads: int | None = None,
 ) -> Int8MatmulProbe:
     """Time one int8 × int8 → int32 `_int_mm` and the fp32 path at the same shape (the demo
     model's FFN input at a typical text's length), interleaved call by call
     (`benchmark_linear`); cached per process, shape and thread count.  Costs ~10–50 ms on a
     fast host; on an x86 host without VNNI the int8 side is a slow generic path (measured on
     a Zen 3 host: 13 ms against 0.55 ms fp32 at 50×384→1152), which is what this probe exists
-    to notice."""
-    key = (rows, in_features, out_features, torch.get_num_threads())
+    to notice.  `threads`: the thread count the model will run at (default: torch's current
+    one) — the two paths scale differently with threads, so the answer can differ."""
+    key = (rows, in_features, out_features, threads or torch.get_num_threads())
     if key in _PROBES:
         return _PROBES[key]
     got = benchmark_linear(
@@ -1486,18 +1492,19 @@ def probe_int8_matmul(
     return probe
 
 
-def w8a8_pays_off() -> tuple[bool, str]:
+def w8a8_pays_off(threads: int | None = None) -> tuple[bool, str]:
     """Whether integer Linears should run as W8A8 on this host, and why (one line).
 
     `W8A8_ENV` forces it either way; otherwise W8A8 when `probe_int8_matmul` finds
-    ``_int_mm`` faster than the fp32 path (`Int8MatmulProbe.favours_w8a8`)."""
+    ``_int_mm`` faster than the fp32 path (`Int8MatmulProbe.favours_w8a8`) at `threads`
+    (the thread count the model will run at; default torch's current one)."""
     setting = os.environ.get(W8A8_ENV, "auto").strip().lower()
     if setting in ("1", "0"):
         on = setting == "1"
         return on, f"{W8A8_ENV}={setting}: W8A8 {'forced on' if on else 'off'}"
     if setting not in ("", "auto"):
         raise PlanError(f"{W8A8_ENV} must be 1, 0 or auto, got {setting!r}")
-    probe = probe_int8_matmul()
+    probe = probe_int8_matmul(threads=threads)
     if probe.favours_w8a8:
         return True, f"W8A8: {probe.describe()}"
     return False, f"fp32 on dequantized weights: int8 GEMMs are not faster here ({probe.describe()})"

@@ -343,7 +343,7 @@ def bench(ctx: Context, *, rounds: int = 5, warmup: int = 1, threads: int | None
         raise AgentError("no-package", "no package installed yet: run `edgefit-agent sync` first", EXIT_STATE)
     n_threads = threads or torch.get_num_threads()
     try:
-        w8a8, w8a8_reason = w8a8_pays_off()
+        w8a8, w8a8_reason = w8a8_pays_off(n_threads)  # decided at the thread count measured
     except PlanError as exc:  # EDGEFIT_W8A8 malformed: nothing loaded or measured
         raise AgentError("bad-argument", str(exc), EXIT_STATE) from exc
     try:

@@ -69,11 +69,18 @@ def test_bench_on_a_host_without_fast_int8_runs_fp32_and_says_why(
     import planner.runtime
 
     slow = planner.runtime.Int8MatmulProbe(64, 384, 1536, int8_s=13e-3, fp32_s=0.55e-3, threads=1)
-    monkeypatch.setattr(planner.runtime, "probe_int8_matmul", lambda *a, **k: slow)
+    asked: list[int | None] = []
+
+    def probe(*args: object, threads: int | None = None, **kwargs: object) -> object:
+        asked.append(threads)
+        return slow
+
+    monkeypatch.setattr(planner.runtime, "probe_int8_matmul", probe)
     server.publish(packages["b"])
     assert enrolled.run("sync")[0] == 0
     code, out, _ = enrolled.run("bench", "--rounds", "1", "--threads", "1")
     assert code == 0
+    assert asked == [1]  # decided at the thread count the check set is measured at
     assert out["summary"]["w8a8"].startswith("fp32 on dequantized weights: int8 GEMMs are not faster")
     runtime = out["measurement"]["runtime"]
     assert runtime["kernels"]["dequantized-at-load fp32"] == 12  # every Linear of both blocks

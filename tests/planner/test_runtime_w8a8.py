@@ -504,6 +504,10 @@ def test_the_int8_probe_times_both_paths_once_per_process_and_shape() -> None:
     assert "8×32→48" in probe.describe() and f"({probe.int8_speedup:.2f}×)" in probe.describe()
     assert probe_int8_matmul(8, 32, 48, repeats=3) is probe  # measured once
     assert probe_int8_matmul(8, 32, 64, repeats=3) is not probe
+    # At another thread count than the process's (the count a caller will run the model at).
+    other = 1 if torch.get_num_threads() != 1 else 2
+    at_other = probe_int8_matmul(8, 32, 48, repeats=3, threads=other)
+    assert at_other is not probe and at_other.threads == other and f"{other} threads" in at_other.describe()
     # W8A8 only where the int8 GEMM is strictly faster: quantizing activations costs extra.
     assert Int8MatmulProbe(1, 1, 1, int8_s=1e-3, fp32_s=1.01e-3, threads=1).favours_w8a8
     assert not Int8MatmulProbe(1, 1, 1, int8_s=1e-3, fp32_s=1e-3, threads=1).favours_w8a8
