@@ -351,6 +351,26 @@ def _latency_model(
     return _LatencyCheck(fitted, errors, default_errors, held, len(train))
 
 
+def _print_latency_check(check: _LatencyCheck, heading: str) -> None:
+    default_mape = float(np.mean(np.abs(check.default_errors)))
+    print(
+        f"{heading}: fitted on {check.fitted.report.n_observations} (plan, text) observations of "
+        f"{check.n_train} training plans (each text's error relative to its plan's mean time), checked on "
+        f"{len(check.held)} held-out plans: {check.within10 * 100:.0f} % within ±10 %, "
+        f"MAPE {check.mape * 100:.1f} % (default params: MAPE {default_mape * 100:.0f} %)"
+    )
+    worst = sorted(zip(check.errors, check.held, strict=True), key=lambda e: -abs(e[0]))[:5]
+    print(
+        "  largest held-out errors: "
+        + "; ".join(
+            f"{e * 100:+.1f} % ({tl.mean_s * 1e3:.2f} ms, exit {plan.exit_threshold}, "
+            f"{sum(REGIME_PRICED_AS.get(r, r) == FUSED_REGIME for r in reg.values())} fused Linears)"
+            for e, (plan, tl, reg) in worst
+        )
+    )
+    print(f"  fitted: {_fitted_summary(check.fitted.params)}")
+
+
 def _save_latencies(
     path: Path, spec: ModelSpec, host: DeviceSpec, lengths: list[int], measured: _Measured
 ) -> None:
@@ -379,20 +399,16 @@ def _refit_latencies(path: Path) -> dict[str, Any]:
         spec, host = ModelSpec.from_dict(body["spec"]), DeviceSpec.from_dict(body["host"])
         measured: _Measured = []
         for entry in body["plans"]:
-            lat = dict(entry["latency"])
-            lat["per_text_s"], lat["exits"] = tuple(lat["per_text_s"]), tuple(lat["exits"])
-            measured.append((Plan.from_dict(entry["plan"]), TextLatency(**lat), dict(entry["regimes"])))
+            latency = TextLatency.from_dict(entry["latency"])
+            measured.append((Plan.from_dict(entry["plan"]), latency, dict(entry["regimes"])))
         lengths = [int(n) for n in body["lengths"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"--refit-latencies {path}: not a file saved by --save-latencies ({exc})") from exc
     check = _latency_model(spec, host, lengths, measured)
-    print(
-        f"latency model refitted ({COST_MODEL_VERSION}; measured with {body.get('cost_model_version')}) on "
-        f"{check.fitted.report.n_observations} observations of {check.n_train} training plans, checked on "
-        f"{len(check.held)} held-out plans: {check.within10 * 100:.0f} % within ±10 %, "
-        f"MAPE {check.mape * 100:.1f} %"
+    _print_latency_check(
+        check,
+        f"latency model refitted ({COST_MODEL_VERSION}; measured with {body.get('cost_model_version')})",
     )
-    print(f"  fitted: {_fitted_summary(check.fitted.params)}")
     return {"latency_within_10pct_share": check.within10, "latency_mape": check.mape}
 
 
@@ -694,13 +710,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     del runners, cost_runners
     if args.save_latencies:
         _save_latencies(args.save_latencies, spec, host, cost_lengths, measured)
-    check = _latency_model(spec, host, cost_lengths, measured)
-    fitted, errors, default_errors, held = check.fitted, check.errors, check.default_errors, check.held
-    within10, mape = check.within10, check.mape
+    latency_model = _latency_model(spec, host, cost_lengths, measured)
     for row in rows:
         assert row.latency is not None
         row.predicted_s = _predict_text_mean(
-            spec, row.plan, host, fitted.params, all_lengths, row.latency.exits, row.regimes
+            spec, row.plan, host, latency_model.fitted.params, all_lengths, row.latency.exits, row.regimes
         )
 
     # (7) real evaluations, uncached --------------------------------------------------------
@@ -740,13 +754,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         thr,
         proxy,
         speed,
-        fitted,
-        within10,
-        mape,
-        errors,
-        default_errors,
-        held,
-        check.n_train,
+        latency_model,
         b32,
         lengths,
         all_lengths,
@@ -854,13 +862,7 @@ def _report(
     thr: float | None,
     proxy: dict[str, Any],
     speed: dict[str, float],
-    fitted: FitResult,
-    within10: float,
-    mape: float,
-    errors: list[float],
-    default_errors: list[float],
-    held: list[tuple[Plan, TextLatency, dict[str, str]]],
-    n_train_plans: int,
+    latency_model: _LatencyCheck,
     b32: dict[str, LatencyStats],
     lengths: list[int],
     table_lengths: list[int],
@@ -1003,24 +1005,7 @@ def _report(
         f"{floor.gflop_per_s_one_thread:.0f} GFLOP/s ({floor.thread_scaling:.2f}× scaling from 1 to "
         f"{floor.threads} threads)"
     )
-    held_n = len(held)
-    print(
-        f"latency model on this host: fitted on {fitted.report.n_observations} (plan, text) observations of "
-        f"{n_train_plans} training plans (each text's error relative to its plan's mean time), checked on "
-        f"{held_n} held-out plans: "
-        f"{within10 * 100:.0f} % within ±10 %, "
-        f"MAPE {mape * 100:.1f} % (default params: MAPE {float(np.mean(np.abs(default_errors))) * 100:.0f} %)"
-    )
-    worst = sorted(zip(errors, held, strict=True), key=lambda e: -abs(e[0]))[:5]
-    print(
-        "  largest held-out errors: "
-        + "; ".join(
-            f"{e * 100:+.1f} % ({tl.mean_s * 1e3:.2f} ms, exit {plan.exit_threshold}, "
-            f"{sum(REGIME_PRICED_AS.get(r, r) == FUSED_REGIME for r in reg.values())} fused Linears)"
-            for e, (plan, tl, reg) in worst
-        )
-    )
-    print(f"  fitted: {_fitted_summary(fitted.params)}")
+    _print_latency_check(latency_model, "latency model on this host")
     print(
         f"  host probe: {host.bandwidth_gbs:.1f} GB/s, fp32 {(host.fp32_tflops or 0) * 1e3:.0f} GFLOP/s, "
         f"int8 {(host.int8_tops or 0) * 1e3:.0f} GOP/s"
@@ -1069,7 +1054,19 @@ def _report(
         + "; ".join(f"{name} {'met' if met else 'MISSED'}" for name, met in headline.items())
     )
     _print_targets(
-        rows, fp32, bound, base_acc, base_lat, m_cos, m_dis, speed, within10, mape, real_eval_s, gflop, floor
+        rows,
+        fp32,
+        bound,
+        base_acc,
+        base_lat,
+        m_cos,
+        m_dis,
+        speed,
+        latency_model.within10,
+        latency_model.mape,
+        real_eval_s,
+        gflop,
+        floor,
     )
     return {
         "compression_whole_model": fp32.size_bytes / best.size_bytes,
@@ -1079,8 +1076,8 @@ def _report(
         "host_latency_speedup": base_lat / best.latency.mean_s,
         "proxy_spearman": max(m_cos, m_dis),
         "proxy_plans_per_s": speed["from_plans"],
-        "latency_within_10pct_share": within10,
-        "latency_mape": mape,
+        "latency_within_10pct_share": latency_model.within10,
+        "latency_mape": latency_model.mape,
         "real_eval_seconds_per_plan": real_eval_s,
         "fp32_accuracy": base_acc,
         "real_eval_linear_floor_seconds": floor.seconds,

@@ -992,7 +992,8 @@ def _aot_block_and_exit(
     """The AOTInductor runner for `w8a8_bert_block_and_exit(*args)`'s specialization (loaded or
     compiled on first use), or None when it is off, failed, or `args` are outside its range.
     `weights_signature` is `_tensor_signature` of the weights, which the caller keeps per layer
-    (rebuilding it per call cost ~7 µs, on every block of every request)."""
+    (`_W8A8BertLayer._block_args`: rebuilding it per call cost ~7 µs, on every block of every
+    request)."""
     if not (_AOT_STATE["enabled"] and _COMPILE_STATE["enabled"]):
         return None
     x, mask_bias, weights, heads, eps1, eps2, qkv_digits, inter_digits, logits, hw, hs, hb = args
@@ -1079,9 +1080,10 @@ def fused_block_compile_error() -> str | None:
 
 
 #: (linears, `w8a8_bert_block` weights, heads, eps1, eps2, Q/K/V and intermediate inputs as
-#: two digits) of one fused layer.
+#: two digits, the weights' `_tensor_signature`) of one fused layer.
 _BlockArgs: TypeAlias = (
-    "tuple[tuple[Int8DynamicLinear, ...], tuple[torch.Tensor, ...], int, float, float, bool, bool]"
+    "tuple[tuple[Int8DynamicLinear, ...], tuple[torch.Tensor, ...], int, float, float, bool, bool, "
+    "tuple[tuple[tuple[int, ...], str], ...]]"
 )
 
 
@@ -1100,8 +1102,10 @@ class _W8A8BertLayer(_Layer):
         return (*qkv, ao, inter, out), norms, int(sa.n_heads)
 
     def _block_args(self) -> _BlockArgs:
-        """(linears, `w8a8_bert_block` weights, heads, eps1, eps2), gathered once: walking
-        the nested modules' attributes on every call cost ~10 % of batch-1 latency (measured).
+        """(linears, `w8a8_bert_block` weights, heads, eps1, eps2, digit flags, the weights'
+        signature for the AOT package key), gathered once: walking the nested modules'
+        attributes on every call cost ~10 % of batch-1 latency (measured), rebuilding the
+        signature ~7 µs per block call.
         `_apply` (`.to()`, `.float()`, …) drops the cache, so moved or converted buffers are
         re-read; assigning a new buffer to a fused Linear directly would not be seen."""
         cached = self.__dict__.get("_block_args_cache")
@@ -1120,13 +1124,20 @@ class _W8A8BertLayer(_Layer):
                 if norm is not None:
                     weights += (norm.weight, norm.bias)
             digits = (fused.two_digits, inter.two_digit_input)
-            cached = (linears, weights, heads, float(n1.eps), float(n2.eps), *digits)
+            cached = (
+                linears,
+                weights,
+                heads,
+                float(n1.eps),
+                float(n2.eps),
+                *digits,
+                _tensor_signature(weights),
+            )
             self.__dict__["_block_args_cache"] = cached
         return cast("_BlockArgs", cached)
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _W8A8BertLayer:
         self.__dict__.pop("_block_args_cache", None)
-        self.__dict__.pop("_weights_signature", None)
         super()._apply(fn, recurse)
         return self
 
@@ -1162,15 +1173,12 @@ class _W8A8BertLayer(_Layer):
     ) -> Any:
         """`block(x, mask_bias, <this layer's weights and flags>, *extra)`, compiled
         (`_compiled(key, block)`) unless compiling is off or fails — then eager, same numbers."""
-        linears, weights, heads, eps1, eps2, qkv_digits, inter_digits = self._block_args()
+        linears, weights, heads, eps1, eps2, qkv_digits, inter_digits, signature = self._block_args()
         for layer in linears:
             # `calls` is a plain attribute: skip nn.Module.__setattr__'s parameter/buffer checks.
             layer.__dict__["calls"] += 1
         args = (x, mask_bias, weights, heads, eps1, eps2, qkv_digits, inter_digits, *extra)
         if key == "fn_exit":
-            signature = self.__dict__.get("_weights_signature")
-            if signature is None:
-                signature = self.__dict__["_weights_signature"] = _tensor_signature(weights)
             runner = _aot_block_and_exit(args, signature)
             if runner is not None:
                 return tuple(runner(x, mask_bias, *extra, *weights))
@@ -2035,6 +2043,10 @@ class TextLatency:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__, per_text_s=list(self.per_text_s), exits=list(self.exits))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TextLatency:
+        return cls(**dict(data, per_text_s=tuple(data["per_text_s"]), exits=tuple(data["exits"])))
 
 
 def measure_text_latency(

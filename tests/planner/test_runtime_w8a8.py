@@ -311,11 +311,12 @@ def test_fused_w8a8_block_caches_its_arguments_until_apply(
     assert [m.calls for m in linears] == [c + 2 for c in before]
     assert torch.equal(first, second)
     # The weights passed are the layer's own buffers (Q/K/V: their fused concatenation).
-    _, weights, heads, _, _, qkv_digits, intermediate_digits = args
+    _, weights, heads, _, _, qkv_digits, intermediate_digits, signature = args
     assert weights[0] is linears[0].shared_input.weight and weights[4] is linears[3].weight_int8
     assert weights[2] is linears[0].shared_input.rowsum and weights[11] is linears[4].weight_rowsum
     assert heads == layer.attention.self.n_heads
     assert qkv_digits is linears[0].two_digit_input and intermediate_digits is linears[4].two_digit_input
+    assert signature == tuple((tuple(w.shape), str(w.dtype)) for w in weights)  # the AOT package key's part
     layer.float()  # any _apply (.to(), .float(), …) drops the cache
     assert "_block_args_cache" not in vars(layer)
 
