@@ -465,8 +465,9 @@ class Evaluator:
         it sets the cosine reference.
 
         Steps:
-          1. stage keys of the plan; the deepest stage s whose activations are cached (the
-             last stage is never cached: an equal plan is an output-cache hit instead);
+          1. stage keys of the plan; the longest run of stages from the embeddings on whose
+             activations are cached (the last stage is never cached: an equal plan is an
+             output-cache hit instead);
           2. patch the plan's weights for the stages still to run;
           3. per bucket: from the cached hidden state (or the embeddings) run the remaining
              blocks, pooling after each; cache each new stage's hidden states and pooled rows
@@ -478,11 +479,12 @@ class Evaluator:
         n_blocks = self.adapter.n_blocks
         keys = self._stage_keys(plan)
         is_reference = not plan.schemes
+        # Resume after the longest run of cached stages from the start, not after the deepest
+        # cached one: the pass needs the pooled rows of every stage before it, and the LRU may
+        # have evicted an earlier stage of a plan while keeping a later one.
         start = 0
-        for s in range(n_blocks - 1, -1, -1):
-            if (split, keys[s]) in self._acts:
-                start = s + 1
-                break
+        while start < n_blocks and (split, keys[start]) in self._acts:
+            start += 1
         self.stats.passes += 1
         self.stats.stages_skipped += start * len(state.tokens.buckets)
         prev_threads = torch.get_num_threads()

@@ -10,7 +10,7 @@ import torch
 
 from planner.data import TextDataset
 from planner.evaluate import Evaluator, kl_divergence
-from planner.exits import ExitHeads
+from planner.exits import ExitHeads, prepare_heads
 from planner.models import TinyAdapter, TokenizedSplit
 from planner.specs import Plan, PlanError, TensorScheme
 from tests.planner.conftest import reference_quantize
@@ -78,6 +78,31 @@ def test_shared_prefix_with_a_previous_plan_is_reused(tiny_evaluator: Evaluator)
     tiny_evaluator.outputs(Plan.build(second), "test")
     n_buckets = len(tiny_evaluator._split("test").tokens.buckets)
     assert tiny_evaluator.stats.stages_run - runs == n_buckets  # only block 1 ran
+
+
+def test_a_shared_prefix_with_an_evicted_stage_is_recomputed(
+    tiny_dataset: TextDataset, tmp_path: Path
+) -> None:
+    # Three blocks, and an activation cache too small to keep anything but the stage put last:
+    # after the first plan only its block-1 stage is cached, not the embeddings' or block 0's.
+    # A plan sharing that prefix must not resume after block 1 (it would need block 0's pooled
+    # rows, evicted): it crashed with a TypeError before.
+    adapter = TinyAdapter(n_blocks=3)
+    heads = prepare_heads(adapter, tiny_dataset, data_dir=tmp_path)
+    ev = Evaluator(
+        adapter,
+        tiny_dataset,
+        heads,
+        cache_dir=tmp_path,
+        quantizer=reference_quantize,
+        threads=1,
+        activation_cache_mb=0,
+    )
+    first = {"embeddings.word_embeddings.weight": TensorScheme("int4", group_size=32)}
+    ev.outputs(Plan.build(first), "test")
+    second = Plan.build({**first, "encoder.layer.2.output.dense.weight": TensorScheme("int2")})
+    out = ev.outputs(second, "test")
+    np.testing.assert_allclose(out.logits, _direct_logits(ev, second, "test"), atol=1e-4)
 
 
 def test_weights_are_restored_after_a_pass(tiny_evaluator: Evaluator) -> None:
