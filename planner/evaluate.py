@@ -356,9 +356,14 @@ class Evaluator:
     def _store(self, split: str, wkey: str, out: ExitOutputs) -> None:
         path = self._output_path(split, wkey)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, logits=out.logits, cosine=out.cosine)
-        tmp.replace(path)  # atomic: readers never see a half-written file
+        # A temporary name of this writer's own: two workers sharing the cache may store one plan
+        # at once, and with one name per entry each rename could take the other's file away.
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
+        try:
+            np.savez(tmp, logits=out.logits, cosine=out.cosine)
+            tmp.replace(path)  # atomic: readers never see a half-written file
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def labels(self, split: str = "test") -> np.ndarray:
         return self._split(split).labels

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,10 +130,15 @@ class ExitHeads:
             "model": self.model,
             "dataset_sha256": self.dataset_sha256,
         }
-        tmp = p.with_suffix(p.suffix + ".tmp")
+        # This writer's own temporary name: two processes training the same heads at once
+        # (a worker and the setup command) must not rename each other's file away.
+        tmp = p.with_name(f"{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        tmp.replace(p)  # atomic: a crash never leaves a half-written heads file behind
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            tmp.replace(p)  # atomic: a crash never leaves a half-written heads file behind
+        finally:
+            tmp.unlink(missing_ok=True)
         return p
 
     @classmethod

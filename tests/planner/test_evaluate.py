@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from planner.data import TextDataset
-from planner.evaluate import Evaluator, kl_divergence
+from planner.evaluate import Evaluator, ExitOutputs, kl_divergence
 from planner.exits import ExitHeads, prepare_heads
 from planner.models import TinyAdapter, TokenizedSplit
 from planner.specs import Plan, PlanError, TensorScheme
@@ -103,6 +104,33 @@ def test_a_shared_prefix_with_an_evicted_stage_is_recomputed(
     second = Plan.build({**first, "encoder.layer.2.output.dense.weight": TensorScheme("int2")})
     out = ev.outputs(second, "test")
     np.testing.assert_allclose(out.logits, _direct_logits(ev, second, "test"), atol=1e-4)
+
+
+def _store_repeatedly(ev: Evaluator, wkey: str, out: ExitOutputs) -> None:
+    for _ in range(40):
+        ev._store("test", wkey, out)
+
+
+def test_workers_storing_one_plan_at_once_do_not_collide(tiny_evaluator: Evaluator) -> None:
+    # Two planning workers sharing the cache directory may finish the same plan together; with
+    # one temporary name per entry, one's rename took the other's file away mid-write
+    # (FileNotFoundError) or published a file both had written into.
+    plan = Plan.uniform(tiny_evaluator.spec, TensorScheme("int4"))
+    out = tiny_evaluator.outputs(plan, "test")
+    big = ExitOutputs(logits=np.repeat(out.logits, 200, axis=0), cosine=np.repeat(out.cosine, 200))
+    fork = multiprocessing.get_context("fork")
+    workers = [
+        fork.Process(target=_store_repeatedly, args=(tiny_evaluator, plan.weights_key(), big))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    with np.load(tiny_evaluator._output_path("test", plan.weights_key())) as z:
+        np.testing.assert_array_equal(z["logits"], big.logits)
+    assert not list(tiny_evaluator._output_path("test", plan.weights_key()).parent.glob("*.tmp*"))
 
 
 def test_weights_are_restored_after_a_pass(tiny_evaluator: Evaluator) -> None:
