@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import optuna
 import pytest
 
 from devices.models import DeviceProfile
+from planner.search import estimated_front
+from planner.specs import ModelSpec
 from registry import fleet
 from registry.models import DeviceSearch, PlanningRun, RealEvaluation, Variant
 from registry.planning import create_run
@@ -83,6 +86,31 @@ def test_evaluations_are_shared_and_never_repeated(tiny_model, django_capture_on
     keys = list(RealEvaluation.objects.values_list("weights_key", flat=True))
     assert len(keys) == len(set(keys)), "one evaluation per plan and model"
     assert keys_before <= set(keys)
+
+
+def test_a_budget_of_two_confirms_both_ends_of_the_front(tiny_model, django_capture_on_commit_callbacks):
+    phone = _profile("phone")
+    with django_capture_on_commit_callbacks(execute=False):
+        run = create_run(
+            base_model=tiny_model,
+            device_profiles=[phone],
+            policy={"kind": "max_accuracy"},
+            trials_per_device=30,
+            real_eval_budget=2,
+        )
+    searches, _ = fleet.start_run(run.pk)
+    for search_id in searches:
+        fleet.search_device(search_id)
+    search = DeviceSearch.objects.get(run=run)
+    study = optuna.load_study(study_name=search.study_name, storage=fleet._storage())
+    front = estimated_front(study, ModelSpec.from_dict(tiny_model.spec), fleet.search_settings(run).method)
+    assert len(front) >= 3  # so that "both ends" differs from "the two fastest"
+    fleet.confirm_run(run.pk)
+    confirmed = set(
+        RealEvaluation.objects.filter(base_model=tiny_model).values_list("weights_key", flat=True)
+    )
+    # The fastest and the most accurate estimated plan (the front is sorted by latency).
+    assert confirmed == {front[0][1].weights_key(), front[-1][1].weights_key()}
 
 
 def test_running_a_stage_twice_changes_nothing(tiny_model, django_capture_on_commit_callbacks):
