@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from planner.data.dataset import TextDataset, engine_data_dir
 from planner.exits.curve import ThresholdCurve, choose_threshold, threshold_curve
 from planner.exits.heads import ExitHeads
+from planner.files import replacing
 from planner.models.base import ModelAdapter, TokenizedSplit
 from planner.specs import Plan, PlanError, TensorScheme
 
@@ -356,14 +357,8 @@ class Evaluator:
     def _store(self, split: str, wkey: str, out: ExitOutputs) -> None:
         path = self._output_path(split, wkey)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # A temporary name of this writer's own: two workers sharing the cache may store one plan
-        # at once, and with one name per entry each rename could take the other's file away.
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
-        try:
+        with replacing(path, ".tmp.npz") as tmp:  # readers never see a half-written file
             np.savez(tmp, logits=out.logits, cosine=out.cosine)
-            tmp.replace(path)  # atomic: readers never see a half-written file
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def labels(self, split: str = "test") -> np.ndarray:
         return self._split(split).labels

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from planner.files import replacing
 from planner.specs import ModelSpec, Plan, PlanError, TensorScheme
 
 if TYPE_CHECKING:
@@ -433,9 +434,8 @@ def _build_check_set(bundle: Bundle, check_examples: int, threads: int) -> tuple
             pooled = split_tokens.unsort([torch.stack(adapter.forward_exits(b), dim=1) for b in split_tokens])
             reference = bundle.heads.logits(pooled)[:, -1].argmax(-1).numpy().astype(np.int32)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, reference)
-        tmp.replace(cache)
+        with replacing(cache, ".tmp.npy") as tmp:
+            np.save(tmp, reference)
     return CheckSet(ids, mask, labels, reference), info
 
 

@@ -7,9 +7,7 @@ packer produces (planner.quant.plan_nbytes equals bytes written); provenance say
 from __future__ import annotations
 
 import json
-import os
 import platform
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from planner.builtin import Bundle, load_bundle
+from planner.files import replacing
 from planner.quant import plan_nbytes
 from planner.sensitivity import SensitivityProfile, profile_sensitivity
 from planner.specs import ModelSpec, Plan, TensorScheme
@@ -164,13 +163,8 @@ def compute_sensitivity(
         profile = profile_sensitivity(evaluator, progress=on_progress, **SENSITIVITY_FAMILY)
         provenance = measured_provenance("profiled") + f" in {profile.seconds:.0f} s"
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # This worker's own temporary name: another may be profiling the same model at once.
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
+        with replacing(cache_file) as tmp:  # another worker may be profiling the same model
             tmp.write_text(json.dumps({"profile": profile.to_dict(), "provenance": provenance}))
-            tmp.replace(cache_file)
-        finally:
-            tmp.unlink(missing_ok=True)
     BaseModel.objects.filter(pk=model.pk).update(sensitivity={**profile.to_dict(), "provenance": provenance})
     return profile
 

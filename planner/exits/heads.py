@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from planner.data.dataset import TextDataset, engine_data_dir
+from planner.files import replacing
 from planner.models.base import ModelAdapter, ModelFileError, TokenizedSplit
 
 __all__ = [
@@ -130,15 +130,9 @@ class ExitHeads:
             "model": self.model,
             "dataset_sha256": self.dataset_sha256,
         }
-        # This writer's own temporary name: two processes training the same heads at once
-        # (a worker and the setup command) must not rename each other's file away.
-        tmp = p.with_name(f"{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std}
-        try:
+        with replacing(p) as tmp:  # a crash never leaves a half-written heads file behind
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-            tmp.replace(p)  # atomic: a crash never leaves a half-written heads file behind
-        finally:
-            tmp.unlink(missing_ok=True)
         return p
 
     @classmethod
