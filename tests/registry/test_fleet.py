@@ -21,6 +21,18 @@ def _profile(name: str, **overrides) -> DeviceProfile:
     return DeviceProfile.objects.create(**{k: v for k, v in data.items()})
 
 
+def _queued_run(model, devices, trials: int, budget: int, capture) -> PlanningRun:
+    """A max-accuracy run, queued with its on-commit dispatch held back: each test runs the stages."""
+    with capture(execute=False):
+        return create_run(
+            base_model=model,
+            device_profiles=devices,
+            policy={"kind": "max_accuracy"},
+            trials_per_device=trials,
+            real_eval_budget=budget,
+        )
+
+
 def _run_all_stages(run_id: int) -> None:
     searches, _ = fleet.start_run(run_id)
     finished = [fleet.search_device(s) for s in searches]
@@ -33,14 +45,7 @@ def test_a_fleet_run_produces_fronts_recommendations_and_variants(
 ):
     phone = _profile("phone", weight_formats=["fp32", "fp16", "int8", "int4"])
     board = _profile("board", weight_formats=["fp32", "int8"], int4_tops=None)
-    with django_capture_on_commit_callbacks(execute=False):
-        run = create_run(
-            base_model=tiny_model,
-            device_profiles=[phone, board],
-            policy={"kind": "max_accuracy"},
-            trials_per_device=24,
-            real_eval_budget=6,
-        )
+    run = _queued_run(tiny_model, [phone, board], 24, 6, django_capture_on_commit_callbacks)
     assert run.status == "queued" and run.trials_planned == 48
 
     _run_all_stages(run.pk)
@@ -65,21 +70,8 @@ def test_a_fleet_run_produces_fronts_recommendations_and_variants(
 
 def test_evaluations_are_shared_and_never_repeated(tiny_model, django_capture_on_commit_callbacks):
     phone = _profile("phone")
-    with django_capture_on_commit_callbacks(execute=False):
-        first = create_run(
-            base_model=tiny_model,
-            device_profiles=[phone],
-            policy={"kind": "max_accuracy"},
-            trials_per_device=30,
-            real_eval_budget=4,
-        )
-        second = create_run(
-            base_model=tiny_model,
-            device_profiles=[phone],
-            policy={"kind": "max_accuracy"},
-            trials_per_device=30,
-            real_eval_budget=4,
-        )
+    first = _queued_run(tiny_model, [phone], 30, 4, django_capture_on_commit_callbacks)
+    second = _queued_run(tiny_model, [phone], 30, 4, django_capture_on_commit_callbacks)
     _run_all_stages(first.pk)
     keys_before = set(RealEvaluation.objects.values_list("weights_key", flat=True))
     _run_all_stages(second.pk)
@@ -90,14 +82,7 @@ def test_evaluations_are_shared_and_never_repeated(tiny_model, django_capture_on
 
 def test_a_budget_of_two_confirms_both_ends_of_the_front(tiny_model, django_capture_on_commit_callbacks):
     phone = _profile("phone")
-    with django_capture_on_commit_callbacks(execute=False):
-        run = create_run(
-            base_model=tiny_model,
-            device_profiles=[phone],
-            policy={"kind": "max_accuracy"},
-            trials_per_device=30,
-            real_eval_budget=2,
-        )
+    run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
     searches, _ = fleet.start_run(run.pk)
     for search_id in searches:
         fleet.search_device(search_id)
@@ -115,14 +100,7 @@ def test_a_budget_of_two_confirms_both_ends_of_the_front(tiny_model, django_capt
 
 def test_running_a_stage_twice_changes_nothing(tiny_model, django_capture_on_commit_callbacks):
     phone = _profile("phone")
-    with django_capture_on_commit_callbacks(execute=False):
-        run = create_run(
-            base_model=tiny_model,
-            device_profiles=[phone],
-            policy={"kind": "max_accuracy"},
-            trials_per_device=25,
-            real_eval_budget=3,
-        )
+    run = _queued_run(tiny_model, [phone], 25, 3, django_capture_on_commit_callbacks)
     _run_all_stages(run.pk)
     search = DeviceSearch.objects.get(run=run)
     assert fleet.search_device(search.pk) is None  # already done: the lease is refused
@@ -134,14 +112,7 @@ def test_running_a_stage_twice_changes_nothing(tiny_model, django_capture_on_com
 
 def test_a_device_nothing_fits_completes_with_an_explanation(tiny_model, django_capture_on_commit_callbacks):
     tiny_budget = _profile("watch", ram_total_bytes=4096, ram_budget_bytes=1024)
-    with django_capture_on_commit_callbacks(execute=False):
-        run = create_run(
-            base_model=tiny_model,
-            device_profiles=[tiny_budget],
-            policy={"kind": "max_accuracy"},
-            trials_per_device=20,
-            real_eval_budget=2,
-        )
+    run = _queued_run(tiny_model, [tiny_budget], 20, 2, django_capture_on_commit_callbacks)
     _run_all_stages(run.pk)
     run.refresh_from_db()
     assert run.status == "done"
@@ -154,14 +125,7 @@ def test_cancel_stops_a_running_search(tiny_model, django_capture_on_commit_call
     from registry.planning import cancel_run
 
     phone = _profile("phone")
-    with django_capture_on_commit_callbacks(execute=False):
-        run = create_run(
-            base_model=tiny_model,
-            device_profiles=[phone],
-            policy={"kind": "max_accuracy"},
-            trials_per_device=5000,
-            real_eval_budget=2,
-        )
+    run = _queued_run(tiny_model, [phone], 5000, 2, django_capture_on_commit_callbacks)
     searches, _ = fleet.start_run(run.pk)
     cancel_run(PlanningRun.objects.get(pk=run.pk))
     assert fleet.search_device(searches[0]) is None
