@@ -74,6 +74,7 @@ from torch import nn
 from planner.cost import FUSED_REGIME
 from planner.exits.curve import ThresholdCurve, confidences, threshold_curve
 from planner.exits.heads import ExitHeads
+from planner.files import replacing
 from planner.models.base import Batch, ModelAdapter, TokenizedSplit
 from planner.models.bert import BertAdapter, _Layer
 from planner.models.linear import onednn_linear, onednn_linear_available, onednn_product
@@ -1027,9 +1028,9 @@ def _aot_block_and_exit(
                 folder.mkdir(parents=True, exist_ok=True)
                 tokens = torch.export.Dim("tokens", min=_AOT_TOKENS[0], max=_AOT_TOKENS[1])
                 shapes = ({1: tokens}, {3: tokens}, None, None, None, None, tuple(None for _ in weights))
-                partial = folder / f".partial-{os.getpid()}-{path.name}"  # aoti wants a .pt2 name
                 # Callers run under inference mode; the export traces ordinary copies outside it.
-                with torch.inference_mode(False):
+                # Whole or absent: a crash never leaves half a package (aoti wants a .pt2 name).
+                with torch.inference_mode(False), replacing(path, ".pt2") as partial:
                     flat = tuple(t.clone() for t in (x, mask_bias, logits, hw, hs, hb, *weights))
                     program = torch.export.export(
                         _BlockAndExit(heads, eps1, eps2, qkv_digits, inter_digits),
@@ -1039,7 +1040,6 @@ def _aot_block_and_exit(
                     torch._inductor.aoti_compile_and_package(
                         program, package_path=str(partial), inductor_configs={"realize_opcount_threshold": 4}
                     )
-                os.replace(partial, path)  # whole or absent: a crash never leaves half a package
             try:
                 runner = torch._inductor.aoti_load_package(str(path))
             except Exception:

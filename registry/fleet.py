@@ -380,10 +380,7 @@ def _choose_confirmations(
     Each device offers its spread ends first (`ends_first`): its fastest and its most accurate
     plan, then the middle, and so on.  Offered in latency order, a budget of two per device
     (16 evaluations for 8 devices) confirmed only the two fastest plans of every front, never
-    the accurate end, and the measured fronts lacked the region near FP32 accuracy that the
-    hypervolume weighs (`python -m bench search`, 2026-12-04 on a 2-core Xeon: min ratio of the
-    reference hypervolume 0.940 → 0.999 with this order; random search matched ours with 2.9× our
-    evaluations before, not within 4× after)."""
+    the accurate end the hypervolume weighs (`bench search`: min share 0.940 → 0.999, 2e4ea19)."""
     done = set(
         RealEvaluation.objects.filter(
             base_model=run.base_model, status=RealEvaluation.Status.DONE
