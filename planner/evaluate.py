@@ -470,8 +470,9 @@ class Evaluator:
              output-cache hit instead);
           2. patch the plan's weights for the stages still to run;
           3. per bucket: from the cached hidden state (or the embeddings) run the remaining
-             blocks, pooling after each; cache each new stage's hidden states and pooled rows
-             (pinned for the FP32 reference);
+             blocks on the bucket's real tokens only (the adapter's packed stages: no Linear
+             runs on padding), pooling after each; cache each new stage's hidden states and
+             pooled rows (pinned for the FP32 reference);
           4. logits of every exit from the pooled rows; cosine of the final pooled rows with
              the FP32 reference's.
         """
@@ -500,11 +501,12 @@ class Evaluator:
                 for s in range(start, n_blocks + 1):
                     new_hidden, new_pooled = [], []
                     for b, batch in enumerate(state.tokens):
+                        # Packed: hidden states of real tokens only (see ModelAdapter).
                         if s == 0:
-                            h = self.adapter.embed(batch)
+                            h = self.adapter.embed_packed(batch)
                         else:
-                            h = self.adapter.run_block(s - 1, hidden[b], batch)
-                            new_pooled.append(self.adapter.pool(h, batch))
+                            h = self.adapter.run_block_packed(s - 1, hidden[b], batch)
+                            new_pooled.append(self.adapter.pool_packed(h, batch))
                         new_hidden.append(h)
                         self.stats.stages_run += 1
                     hidden = new_hidden

@@ -75,7 +75,7 @@ from planner.cost import FUSED_REGIME
 from planner.exits.curve import ThresholdCurve, confidences, threshold_curve
 from planner.exits.heads import ExitHeads
 from planner.files import replacing
-from planner.models.base import Batch, ModelAdapter, TokenizedSplit
+from planner.models.base import Batch, ModelAdapter, Packing, TokenizedSplit
 from planner.models.bert import BertAdapter, _Layer
 from planner.models.linear import onednn_linear, onednn_linear_available, onednn_product
 from planner.quant.api import quantize
@@ -1141,8 +1141,13 @@ class _W8A8BertLayer(_Layer):
         super()._apply(fn, recurse)
         return self
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Post-norm BERT layer; `keep` is a (batch, 1, 1, seq) bool mask of real tokens."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """Post-norm BERT layer; `keep` is a (batch, 1, 1, seq) bool mask of real tokens.
+        Packed hidden states (`packing`, see `_Layer.forward`) are padded for the fused block,
+        which takes the padded layout, and packed again."""
+        if packing is not None:
+            b, t = keep.shape[0], keep.shape[-1]
+            return packing.pack(self.forward(packing.unpack(x, b, t), keep))
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return super().forward(x, keep)
         out: torch.Tensor = self._run_fused("fn", w8a8_bert_block, x, attention_mask_bias(keep))

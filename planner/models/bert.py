@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.models.base import Batch, ModelAdapter
+from planner.models.base import Batch, ModelAdapter, Packing
 from planner.models.linear import OneDNNLinear, linear_gelu
 from planner.specs import ModelSpec, TensorSpec
 
@@ -104,19 +104,28 @@ class _Layer(nn.Module):
         self.intermediate = _Intermediate(cfg)
         self.output = _DenseNorm(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Post-norm BERT layer; `keep` is a (batch, 1, 1, seq) bool mask of real tokens."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """Post-norm BERT layer; `keep` is a (batch, 1, 1, seq) bool mask of real tokens.
+
+        `x` is (batch, seq, hidden), or with `packing` the real tokens only (tokens, hidden):
+        then only attention sees the padded layout (Q/K/V scattered into it with zeros at the
+        padding, which the mask hides; the context gathered back), and every Linear, GELU,
+        residual add and LayerNorm runs on real tokens alone."""
         sa = self.attention.self
-        b, t, h = x.shape
+        b, t = keep.shape[0], keep.shape[-1]
+        h = x.shape[-1]
         heads = sa.n_heads
 
         # Every Linear is *called* (never read as .weight): quantizers may swap a module for a
         # packed-weight one, and forward hooks (GPTQ calibration) must see each input.
         def split(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, t, heads, h // heads).transpose(1, 2)
+            padded = y if packing is None else packing.unpack(y, b, t)
+            return padded.view(b, t, heads, h // heads).transpose(1, 2)
 
         ctx = F.scaled_dot_product_attention(split(sa.query(x)), split(sa.key(x)), split(sa.value(x)), keep)
         ctx = ctx.transpose(1, 2).reshape(b, t, h)
+        if packing is not None:
+            ctx = packing.pack(ctx)
         ao = self.attention.output
         x = ao.LayerNorm(ao.dense(ctx) + x)
         inner = linear_gelu(self.intermediate.dense, x)
@@ -192,6 +201,11 @@ class BertAdapter(ModelAdapter):
     def run_block(self, index: int, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         keep = batch.attention_mask.bool()[:, None, None, :]
         out: torch.Tensor = self.bert.encoder.layer[index](hidden, keep)
+        return out
+
+    def run_block_packed(self, index: int, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        keep = batch.attention_mask.bool()[:, None, None, :]
+        out: torch.Tensor = self.bert.encoder.layer[index](hidden, keep, batch.packing)
         return out
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> Batch:

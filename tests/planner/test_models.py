@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from planner.models import MiniLMAdapter, ModelFileError, TinyAdapter, TokenizedSplit, load_adapter
+from planner.models.base import ModelAdapter, Packing
 from planner.specs import PlanError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +84,37 @@ def test_pooling_one_unpadded_text_takes_the_short_path_with_the_same_numbers(
     hidden = torch.randn(1, padded.input_ids.shape[1], 32)
     real = int(padded.attention_mask.sum())
     assert torch.allclose(tiny_adapter.pool(hidden, padded), hidden[:, :real].mean(1))
+
+
+def test_packing_lists_real_tokens_text_by_text() -> None:
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    p = Packing.of(mask)
+    assert p.index.tolist() == [0, 1, 2, 3, 6, 7]
+    assert p.rows.tolist() == [0, 0, 0, 1, 2, 2]
+    assert p.counts.reshape(-1).tolist() == [3.0, 1.0, 2.0]
+    padded = torch.arange(9.0).reshape(3, 3, 1)
+    packed = p.pack(padded)
+    assert packed.reshape(-1).tolist() == [0.0, 1.0, 2.0, 3.0, 6.0, 7.0]
+    back = p.unpack(packed, 3, 3)
+    assert torch.equal(back, padded * mask.unsqueeze(-1))  # zeros at the padding
+
+
+def test_packed_stages_give_the_padded_passs_numbers(tiny_adapter: TinyAdapter) -> None:
+    """The evaluator's packed pass (real tokens only, padding never reaching a Linear) pools to
+    the padded pass's states after every block; so does the adapter-generic default."""
+    texts = ["cat dog", "a much longer text with many many words in it", "rain", "snow and ice on the hill"]
+    batch = tiny_adapter.tokenize(texts)
+    assert int(batch.attention_mask.sum()) < batch.attention_mask.numel()
+    with torch.inference_mode():
+        padded = tiny_adapter.forward_exits(batch)
+        for run_block in (tiny_adapter.run_block_packed, ModelAdapter.run_block_packed.__get__(tiny_adapter)):
+            hidden = tiny_adapter.embed_packed(batch)
+            assert hidden.shape == (int(batch.attention_mask.sum()), 32)
+            for i in range(tiny_adapter.n_blocks):
+                hidden = run_block(i, hidden, batch)
+                torch.testing.assert_close(
+                    tiny_adapter.pool_packed(hidden, batch), padded[i], atol=1e-5, rtol=1e-5
+                )
 
 
 def test_tokenize_truncates_to_max_length(tiny_adapter: TinyAdapter) -> None:

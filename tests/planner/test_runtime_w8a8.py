@@ -292,6 +292,23 @@ def test_fused_w8a8_block_matches_the_layer_by_layer_runtime(
     assert _rel_err(fused, by_layer) < 1e-4
 
 
+def test_fused_w8a8_block_takes_packed_hidden_states(
+    one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan]
+) -> None:
+    """A packed pass over a runtime module (real tokens only) pads for the fused block and
+    packs again: the same rows as the padded call."""
+    adapter, module, _ = runtime_pair
+    batch = adapter.tokenize(["the cat saw rain", "some bread with honey and cheese today"])
+    assert int(batch.attention_mask.sum()) < batch.attention_mask.numel()
+    layer = module.encoder.layer[1]
+    keep = batch.attention_mask.bool()[:, None, None, :]
+    x = torch.randn(2, batch.input_ids.shape[1], adapter.config.hidden_size)
+    with torch.inference_mode():
+        padded = layer(x, keep)
+        packed = layer(batch.packing.pack(x), keep, batch.packing)
+    torch.testing.assert_close(packed, batch.packing.pack(padded))
+
+
 def test_fused_w8a8_block_caches_its_arguments_until_apply(
     one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan]
 ) -> None:
