@@ -772,17 +772,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 @dataclass(frozen=True)
 class _GemmFloor:
     """What the host's fp32 GEMM rate allows a real evaluation: the Linears' multiply-adds on
-    the padded evaluation rows over the rate measured at the evaluator's batch shape."""
+    the evaluation's real tokens (the evaluator's passes skip padding, c9c3ec4) over the rate
+    measured at the evaluator's batch shape."""
 
     rows: int
-    gflop_padded: float
+    gflop: float
     gflop_per_s: float
     gflop_per_s_one_thread: float
     threads: int
 
     @property
     def seconds(self) -> float:
-        return self.gflop_padded / self.gflop_per_s
+        return self.gflop / self.gflop_per_s
 
     @property
     def thread_scaling(self) -> float:
@@ -794,11 +795,10 @@ def _eval_gemm_floor(ev: Evaluator, spec: ModelSpec, threads: int) -> _GemmFloor
     Linear, with `threads` threads and with one (where the two are about equal, the VM's vCPUs
     share a core or a neighbour is busy: the evaluator then runs at one core's speed)."""
     tokens = ev.tokenized("test")
-    padded = sum(int(b.input_ids.numel()) for b in tokens)
-    gflop_padded = 2 * sum(t.macs_per_token for t in spec.tensors if t.kind == "linear") * padded / 1e9
+    gflop = 2 * sum(t.macs_per_token for t in spec.tensors if t.kind == "linear") * tokens.n_tokens / 1e9
     rows = ev.max_tokens_per_batch
     rates = [_widest_linear_rates(rows, n, 20, (KERNEL_FP32,))[KERNEL_FP32] for n in (threads, 1)]
-    return _GemmFloor(rows, gflop_padded, rates[0], rates[1], threads)
+    return _GemmFloor(rows, gflop, rates[0], rates[1], threads)
 
 
 def _widest_linear_rates(rows: int, threads: int, repeats: int, kernels: tuple[str, ...]) -> dict[str, float]:
@@ -999,8 +999,8 @@ def _report(
         f"{1 / real_eval_s:.2f} plans/s; FP32 reference pass {ref_s:.2f} s)"
     )
     print(
-        f"  its floor on this host: the Linears' {floor.gflop_padded:.0f} GFLOP on the padded evaluation "
-        f"rows at the fp32 path's {floor.gflop_per_s:.0f} GFLOP/s ({floor.rows}×384→1536, {floor.threads} "
+        f"  its floor on this host: the Linears' {floor.gflop:.0f} GFLOP on the evaluation's real "
+        f"tokens at the fp32 path's {floor.gflop_per_s:.0f} GFLOP/s ({floor.rows}×384→1536, {floor.threads} "
         f"threads, measured right after) take {floor.seconds:.2f} s; one thread runs "
         f"{floor.gflop_per_s_one_thread:.0f} GFLOP/s ({floor.thread_scaling:.2f}× scaling from 1 to "
         f"{floor.threads} threads)"
@@ -1187,7 +1187,7 @@ def _print_targets(
                     else ""
                 )
                 + (
-                    f"); ≤ 2 s needs ≥ {floor.gflop_padded / 2.0:.0f} GFLOP/s for them — a faster host, "
+                    f"); ≤ 2 s needs ≥ {floor.gflop / 2.0:.0f} GFLOP/s for them — a faster host, "
                     "fewer or shorter held-out texts, or lower-precision arithmetic in the evaluator "
                     "(which changes what it measures)"
                     if floor.seconds > 2.0
