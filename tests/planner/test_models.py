@@ -99,7 +99,7 @@ def test_packing_lists_real_tokens_text_by_text() -> None:
     assert torch.equal(back, padded * mask.unsqueeze(-1))  # zeros at the padding
 
 
-def test_packed_stages_give_the_padded_passs_numbers(tiny_adapter: TinyAdapter) -> None:
+def test_packed_stages_give_the_padded_pass_numbers(tiny_adapter: TinyAdapter) -> None:
     """The evaluator's packed pass (real tokens only, padding never reaching a Linear) pools to
     the padded pass's states after every block; so does the adapter-generic default."""
     texts = ["cat dog", "a much longer text with many many words in it", "rain", "snow and ice on the hill"]
