@@ -199,13 +199,14 @@ class BertAdapter(ModelAdapter):
         return out
 
     def run_block(self, index: int, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-        keep = batch.attention_mask.bool()[:, None, None, :]
-        out: torch.Tensor = self.bert.encoder.layer[index](hidden, keep)
-        return out
+        return self._block(index, hidden, batch, None)
 
     def run_block_packed(self, index: int, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self._block(index, hidden, batch, batch.packing)
+
+    def _block(self, index: int, hidden: torch.Tensor, batch: Batch, packing: Packing | None) -> torch.Tensor:
         keep = batch.attention_mask.bool()[:, None, None, :]
-        out: torch.Tensor = self.bert.encoder.layer[index](hidden, keep, batch.packing)
+        out: torch.Tensor = self.bert.encoder.layer[index](hidden, keep, packing)
         return out
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> Batch:
