@@ -368,7 +368,7 @@ def _print_latency_check(check: _LatencyCheck, heading: str) -> None:
             for e, (plan, tl, reg) in worst
         )
     )
-    print(f"  fitted: {_fitted_summary(check.fitted.params)}")
+    print(f"  fitted: {_fitted_summary(check.fitted)}")
 
 
 def _save_latencies(
@@ -1214,15 +1214,29 @@ def _describe(s: TensorScheme) -> str:
     return out + (f" + {s.hot_rows} int8 hot rows" if s.hot_rows else "")
 
 
-def _fitted_summary(p: CostParams) -> str:
+def _fitted_summary(fitted: FitResult) -> str:
+    p, report = fitted.params, fitted.report
+
+    def eff(regime: str) -> str:
+        # An efficiency at its cap means that roof never bound in the measurements: the fit
+        # priced the regime by its per-call overhead alone.
+        if f"regime_efficiency[{regime}]" in report.never_binding:
+            return "never binding"
+        return f"{p.regime_efficiency[regime]:.2f}"
+
+    joint = (
+        f"; determined only jointly (shared part reported per op): {', '.join(report.confounded)}"
+        if report.confounded
+        else ""
+    )
     return (
-        f"fp32 eff {p.regime_efficiency['fp32']:.2f}, w8a8 eff {p.regime_efficiency['w8a8']:.2f}, "
-        f"dequant eff {p.regime_efficiency['dequant']:.2f}, per-op {p.per_tensor_overhead_s * 1e6:.1f} µs, "
+        f"fp32 eff {eff('fp32')}, w8a8 eff {eff('w8a8')}, "
+        f"dequant eff {eff('dequant')}, per-op {p.per_tensor_overhead_s * 1e6:.1f} µs, "
         f"w8a8 per-call {p.regime_overhead_s['w8a8'] * 1e6:.1f} µs, "
-        f"fused-block eff {p.regime_efficiency[FUSED_REGIME]:.2f} and per-Linear "
+        f"fused-block eff {eff(FUSED_REGIME)} and per-Linear "
         f"{p.regime_overhead_s[FUSED_REGIME] * 1e6:.1f} µs (whole model fused at batch 1: "
-        f"eff {p.regime_efficiency[FUSED_EXIT_REGIME]:.2f}, "
+        f"eff {eff(FUSED_EXIT_REGIME)}, "
         f"{p.regime_overhead_s[FUSED_EXIT_REGIME] * 1e6:.1f} µs), "
         f"act-quant {p.act_quant_s_per_element * 1e9:.2f} ns/elem, "
-        f"exit check {p.exit_check_s * 1e6:.1f} µs, fixed {p.fixed_overhead_s * 1e3:.2f} ms"
+        f"exit check {p.exit_check_s * 1e6:.1f} µs, fixed {p.fixed_overhead_s * 1e3:.2f} ms{joint}"
     )

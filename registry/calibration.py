@@ -295,6 +295,7 @@ def recalibrate_profile(profile_id: int) -> dict[str, Any] | None:
         "fitted": list(report.fitted),
         "unidentified": list(report.unidentified),
         "never_binding": list(report.never_binding),
+        "confounded": list(report.confounded),
         "kernel_regimes": kernels_used,
         "regimes": _regime_map(measurements) if kernels_used else [],
         "fitted_at": timezone.now().isoformat(),
