@@ -62,8 +62,8 @@ from planner.runtime import (
     fused_block_compile_error,
     measure_batch_latency,
     measure_text_latency,
-    probe_int8_matmul,
     runtime_exit_curve,
+    w8a8_pays_off,
 )
 from planner.sensitivity import METRICS, SensitivityProfile, check_proxy, profile_sensitivity, random_plans
 from planner.specs import HOT_ROWS, DeviceSpec, ModelSpec, Plan, TensorScheme
@@ -477,11 +477,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     root = engine_data_dir()
     bound = float(args.max_loss)
+    # The runtime rows run integer Linears the way package loading and the device agent do on
+    # this host: W8A8 where `_int_mm` beats the fp32 path, else fp32 on dequantized weights.
+    # Without AVX-512 VNNI torch's `_int_mm` is a scalar loop (0.07× fp32 on an AMD Zen 2 host):
+    # forcing W8A8 there timed a path the product never runs, for over an hour.
+    use_w8a8, w8a8_reason = w8a8_pays_off(args.threads)
     _log(
         f"command: python -m bench engine  (threads={args.threads}, data dir {root}, "
-        f"W8A8 inputs of Q/K/V at {args.attention_input_bits} bits, of the FFN at "
-        f"{args.intermediate_input_bits} bits)"
+        + (
+            f"W8A8 inputs of Q/K/V at {args.attention_input_bits} bits, of the FFN at "
+            f"{args.intermediate_input_bits} bits)"
+            if use_w8a8
+            else "integer Linears on fp32 over dequantized weights)"
+        )
     )
+    _log(f"integer kernels: {w8a8_reason}")
 
     # (1) evaluator and FP32 ------------------------------------------------------------
     heads_before = set((root / "heads").glob("*.safetensors")) if (root / "heads").is_dir() else set()
@@ -529,15 +539,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_layers = spec.n_blocks / _LAYER_TARGET
 
     def w8a8_model(plan: Plan) -> tuple[torch.nn.Module, KernelReport]:
-        """The runtime model of `plan` on W8A8 kernels, from the evaluator's own GPTQ inputs
-        (its codes are the evaluated codes)."""
+        """The runtime model of `plan` on this host's integer kernels (W8A8, or fp32 on
+        dequantized weights where `_int_mm` is slower: `use_w8a8`), from the evaluator's own
+        GPTQ inputs (its codes are the evaluated codes)."""
         return build_runtime_model(
             ev.adapter.module,
             spec,
             plan,
             calib_inputs_by_tensor=calib,
             cache=qcache,
-            w8a8=True,
+            w8a8=use_w8a8,
+            dequant_all=not use_w8a8,
             attention_input_bits=args.attention_input_bits,
             intermediate_input_bits=args.intermediate_input_bits,
         )
@@ -669,8 +681,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ev.adapter.module,
             spec,
             plan,
-            w8a8=not dequant,
-            dequant_all=dequant,
+            w8a8=use_w8a8 and not dequant,
+            dequant_all=dequant or not use_w8a8,
             attention_input_bits=args.attention_input_bits,
             intermediate_input_bits=args.intermediate_input_bits,
         )
@@ -766,6 +778,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         started,
         bound,
         fp32_paths,
+        w8a8_reason,
     )
 
 
@@ -874,6 +887,7 @@ def _report(
     started: float,
     bound: float,
     fp32_paths: list[str],
+    w8a8_reason: str,
 ) -> dict[str, Any]:
     real_eval_s = statistics.median(real_eval_times)
     fp32 = rows[0]
@@ -1010,15 +1024,7 @@ def _report(
         f"  host probe: {host.bandwidth_gbs:.1f} GB/s, fp32 {(host.fp32_tflops or 0) * 1e3:.0f} GFLOP/s, "
         f"int8 {(host.int8_tops or 0) * 1e3:.0f} GOP/s"
     )
-    int8_probe = probe_int8_matmul()
-    print(
-        f"  int8 GEMM probe: {int8_probe.describe()}; package loading and the device agent "
-        + (
-            "run W8A8 here"
-            if int8_probe.favours_w8a8
-            else "run fp32 on dequantized weights here (the rows above run W8A8 regardless)"
-        )
-    )
+    print(f"  integer kernels of the runtime rows, package loading and the device agent here: {w8a8_reason}")
     for line in fp32_paths:
         print(f"  fp32 Linear {line}")
     compile_error = fused_block_compile_error()
@@ -1082,6 +1088,7 @@ def _report(
         "fp32_accuracy": base_acc,
         "real_eval_linear_floor_seconds": floor.seconds,
         "fp32_gflop_per_s": floor.gflop_per_s,
+        "runtime_integer_kernels": w8a8_reason,
     }
 
 
