@@ -1232,7 +1232,7 @@ def _fitted_summary(fitted: FitResult) -> str:
         return f"{p.regime_efficiency[regime]:.2f}"
 
     joint = (
-        f"; determined only jointly (shared part reported per op): {', '.join(report.confounded)}"
+        f"; only their sums and differences are in the data: {', '.join(report.confounded)}"
         if report.confounded
         else ""
     )

@@ -751,8 +751,8 @@ class FitReport:
     #: Efficiencies whose roof never bound in the data, set to the cap (the term vanishes).
     never_binding: tuple[str, ...] = ()
     #: Entries the observations only determine jointly (e.g. the per-tensor overhead and the
-    #: regime overheads when every op ran in a named regime); the shared part is reported as
-    #: the per-tensor overhead.
+    #: regime overheads when every op ran in a named regime): read their sums and differences,
+    #: not one of them alone (`_confounded`).
     confounded: tuple[str, ...] = ()
     cost_model_version: str = COST_MODEL_VERSION
 
@@ -941,7 +941,7 @@ def fit(params: CostParams, observations: Sequence[Observation], device: DeviceS
     # the held-out plans within ±10 % from 80 to 100 %.
     pred = np.array([_predict_theta(ops, heads, best[1]) for ops, heads in prepared])
     theta = best[1] * least_squares_factor(pred, y, scale)
-    theta, confounded = _shared_overhead_first(theta, prepared, scale)
+    confounded = _confounded(theta, prepared, scale)
     fitted_params = _params_from(theta, params, identified)
     if (
         not identified[[_I_REFF[FUSED_EXIT_REGIME], _I_ROVER[FUSED_EXIT_REGIME]]].any()
@@ -983,52 +983,31 @@ def fit(params: CostParams, observations: Sequence[Observation], device: DeviceS
     return FitResult(params=fitted_params, report=report)
 
 
-#: θ entries that are seconds added per op, per call or per element: moving between them
-#: never changes which roof an op is on.
-_OVERHEAD_SLOTS: frozenset[int] = frozenset(range(len(_THETA_NAMES))) - _EFFICIENCY_SLOTS
-
-
-def _shared_overhead_first(
+def _confounded(
     theta: np.ndarray, prepared: Sequence[tuple[Sequence[_Op], float]], scale: np.ndarray
-) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Among the fits that predict every observation alike, the one whose per-op overhead
-    common to all kernel regimes is reported as `per_tensor_overhead_s`.
+) -> tuple[str, ...]:
+    """Names of the θ entries the observations only determine jointly: those moving along a
+    null direction of the (scaled) design matrix at `theta`'s roofs.
 
     When every observed op runs in a named kernel regime, the per-tensor overhead column is
-    the sum of the regime-overhead columns: only per-tensor + regime overhead is determined
-    by the data, and which split NNLS returns depends on rounding in its least-squares steps
-    (one split on one host's LAPACK, another elsewhere).  Each such direction in θ is walked
-    towards a larger per-tensor overhead until a regime overhead reaches zero, so the
-    reported split is the same everywhere and the predictions do not change.  Returns the
-    new θ and the names of the entries only determined jointly.
+    the sum of the regime-overhead columns (plus op counts the constant and the exit checks
+    also carry): only sums and differences such as per-tensor + regime overhead, or one
+    regime's overhead minus another's, are in the data, and which split NNLS returns depends on
+    rounding in its least-squares steps (one split on one host's LAPACK, another elsewhere).
+    Predictions are the same for every split; the report names the entries so that nobody
+    reads one of them alone.
     """
     rows = np.array([_features(ops, heads, theta)[0] for ops, heads in prepared]) / scale[:, None]
     used = np.flatnonzero(np.any(rows != 0, axis=0))
     if len(used) < 2:
-        return theta, ()
+        return ()
     norms = np.linalg.norm(rows[:, used], axis=0)
     _, singular, vt = np.linalg.svd(rows[:, used] / norms, full_matrices=True)
-    tolerance = 1e-9 * singular[0]
-    rank = int(np.sum(singular > tolerance))
+    rank = int(np.sum(singular > 1e-9 * singular[0]))
     confounded: set[int] = set()
-    theta = theta.copy()
     for null in vt[rank:]:
-        direction = np.zeros_like(theta)
-        direction[used] = null / norms
-        direction[np.abs(direction) < 1e-9 * np.max(np.abs(direction))] = 0.0
-        support = set(np.flatnonzero(direction).tolist())
-        confounded |= support
-        if not support <= _OVERHEAD_SLOTS or direction[_I_TENSOR] == 0.0:
-            continue
-        direction /= direction[_I_TENSOR]
-        shrinking = direction < 0
-        if not shrinking.any():
-            continue
-        step = float(np.min(theta[shrinking] / -direction[shrinking]))
-        theta = theta + step * direction
-        theta[shrinking & (np.abs(theta) < 1e-12 * max(1.0, float(np.max(np.abs(theta)))))] = 0.0
-        theta = np.maximum(theta, 0.0)
-    return theta, tuple(_THETA_NAMES[i] for i in sorted(confounded))
+        confounded |= {int(used[i]) for i in np.flatnonzero(np.abs(null) > 1e-6)}
+    return tuple(_THETA_NAMES[i] for i in sorted(confounded))
 
 
 def least_squares_factor(predicted: np.ndarray, measured: np.ndarray, scale: np.ndarray) -> float:

@@ -155,16 +155,16 @@ def test_fit_recovers_regime_efficiencies_and_overheads() -> None:
     assert got.regime_efficiency["fp32"] == pytest.approx(0.6, rel=0.05)
     assert got.regime_efficiency["dequant"] == pytest.approx(0.45, rel=0.05)
     assert got.act_quant_s_per_element == pytest.approx(1.5e-9, rel=0.1)
-    # Every op ran in a named regime, so only per-tensor + regime overhead is in the data; the
-    # fit reports the part all regimes share as the per-tensor overhead (the truth here, whose
-    # fp32 regime adds nothing), whatever split its least-squares steps landed on.
+    # Every op ran in a named regime, so only per-tensor + regime overhead is in the data, not
+    # the split (NNLS lands on one split on one host's LAPACK, another elsewhere): the report
+    # says so, and what the data does determine — one regime's overhead over another's — holds.
     assert {"per_tensor_overhead_s", "regime_overhead_s[w8a8]"} <= set(result.report.confounded)
-    assert got.regime_overhead_s["fp32"] == 0.0
-    assert got.regime_overhead_s["w8a8"] == pytest.approx(1.2e-5, rel=0.1)
+    over = got.regime_overhead_s
+    assert over["w8a8"] - over["fp32"] == pytest.approx(1.2e-5, rel=0.1)
+    assert over["gather"] - over["fp32"] == pytest.approx(3e-5, rel=0.1)
     assert got.fixed_overhead_s == pytest.approx(4e-4, rel=0.1)
     # Exit checks have their own price, no longer tied to one tensor op's launch cost.
     assert got.exit_check_s == pytest.approx(6e-5, rel=0.1)
-    assert got.per_tensor_overhead_s == pytest.approx(8e-6, rel=0.1)
     # A regime never observed keeps its prior and is reported as such.
     assert "regime_efficiency[weight-only]" in result.report.unidentified
     assert got.regime_efficiency["weight-only"] == CostParams().regime_efficiency["weight-only"]
