@@ -870,7 +870,8 @@ def fit(params: CostParams, observations: Sequence[Observation], device: DeviceS
     NNLS round minimises for its roofs); (5) scale that θ by its least-squares factor
     (`least_squares_factor`); (6) parameters whose column is all zero (e.g. a regime never
     used) keep their prior value — except the fully fused batch-1 regime, which takes the
-    fused regime's fitted values when only partly fused models were observed.  The report's
+    fused regime's fitted values when only partly fused models were observed; (7) the report
+    names the entries the data only determines jointly (`_confounded`).  The report's
     errors are relative to each observation's measured time.
     """
     if not observations:
