@@ -466,10 +466,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Steps: (1) evaluator, FP32 reference; (2) sensitivity profile, proxy check and speed;
     (3) uniform plans; (4) greedy frontier → candidates near 6× evaluated on CALIBRATION →
-    chosen plan (+ calibrated exit threshold) reported on TEST; (5) runtime models (W8A8
-    kernels) for every row: their own test accuracy, batch-1 latency interleaved; (6) cost
-    model fitted on half of ~36 measured varied plans, checked on the other half, and used
-    for the prediction column; (7) one uncached real evaluation timed."""
+    chosen plan (+ calibrated exit threshold) reported on TEST; (5) runtime models (this
+    host's integer kernels, `w8a8_pays_off`) for every row: their own test accuracy, batch-1
+    latency interleaved; (6) cost model fitted on half of ~36 measured varied plans, checked
+    on the other half, and used for the prediction column; (7) one uncached real evaluation
+    timed."""
     if args.refit_latencies:
         return _refit_latencies(args.refit_latencies)
     started = time.perf_counter()
@@ -955,8 +956,12 @@ def _report(
     )
     print("acc%/loss pt/agree/layers: evaluator (weight-only fake quantization, planner.evaluate) on TEST.")
     print(
-        "rt *: the runtime model's own kernels (W8A8 _int_mm, per-token int8 activations"
-        + _two_digit_legend(args)
+        "rt *: the runtime model's own kernels ("
+        + (
+            "W8A8 _int_mm, per-token int8 activations" + _two_digit_legend(args)
+            if use_w8a8
+            else "fp32 on dequantized weights: no integer GEMM is faster here"
+        )
         + ") on TEST."
     )
     print(
@@ -1238,12 +1243,26 @@ def _fitted_summary(fitted: FitResult) -> str:
     p, report = fitted.params, fitted.report
 
     def eff(regime: str) -> str:
+        name = f"regime_efficiency[{regime}]"
+        # A regime the measurements never ran keeps its prior: not a fitted figure.
+        if name in report.unidentified:
+            return "not observed"
         # An efficiency at its cap means that roof never bound in the measurements: the fit
         # priced the regime by its per-call overhead alone.
-        if f"regime_efficiency[{regime}]" in report.never_binding:
+        if name in report.never_binding:
             return "never binding"
         return f"{p.regime_efficiency[regime]:.2f}"
 
+    def per_call(regime: str) -> str:
+        if f"regime_overhead_s[{regime}]" in report.unidentified:
+            return "not observed"
+        return f"{p.regime_overhead_s[regime] * 1e6:.1f} µs"
+
+    act_quant = (
+        "not observed"
+        if "act_quant_s_per_element" in report.unidentified
+        else f"{p.act_quant_s_per_element * 1e9:.2f} ns/elem"
+    )
     joint = (
         f"; only their sums and differences are in the data: {', '.join(report.confounded)}"
         if report.confounded
@@ -1252,11 +1271,11 @@ def _fitted_summary(fitted: FitResult) -> str:
     return (
         f"fp32 eff {eff('fp32')}, w8a8 eff {eff('w8a8')}, "
         f"dequant eff {eff('dequant')}, per-op {p.per_tensor_overhead_s * 1e6:.1f} µs, "
-        f"w8a8 per-call {p.regime_overhead_s['w8a8'] * 1e6:.1f} µs, "
+        f"w8a8 per-call {per_call('w8a8')}, "
         f"fused-block eff {eff(FUSED_REGIME)} and per-Linear "
-        f"{p.regime_overhead_s[FUSED_REGIME] * 1e6:.1f} µs (whole model fused at batch 1: "
+        f"{per_call(FUSED_REGIME)} (whole model fused at batch 1: "
         f"eff {eff(FUSED_EXIT_REGIME)}, "
-        f"{p.regime_overhead_s[FUSED_EXIT_REGIME] * 1e6:.1f} µs), "
-        f"act-quant {p.act_quant_s_per_element * 1e9:.2f} ns/elem, "
-        f"exit check {p.exit_check_s * 1e6:.1f} µs, fixed {p.fixed_overhead_s * 1e3:.2f} ms{joint}"
+        f"{per_call(FUSED_EXIT_REGIME)}), "
+        f"act-quant {act_quant}, exit check {p.exit_check_s * 1e6:.1f} µs, "
+        f"fixed {p.fixed_overhead_s * 1e3:.2f} ms{joint}"
     )
