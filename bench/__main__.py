@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import bench
+from planner.specs import PlanError
 
 
 def _available() -> list[str]:
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures as JSON to this path")
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    figures = module.run(args)
+    try:
+        figures = module.run(args)
+    except PlanError as exc:  # bad input (a setting, a plan, a model file): its message names it
+        print(f"python -m bench {argv[0]}: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")

@@ -476,13 +476,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    root = engine_data_dir()
     bound = float(args.max_loss)
     # The runtime rows run integer Linears the way package loading and the device agent do on
     # this host: W8A8 where `_int_mm` beats the fp32 path, else fp32 on dequantized weights.
     # Without AVX-512 VNNI torch's `_int_mm` is a scalar loop (0.07× fp32 on an AMD Zen 2 host):
     # forcing W8A8 there timed a path the product never runs, for over an hour.
-    use_w8a8, w8a8_reason = w8a8_pays_off(args.threads)
+    use_w8a8, w8a8_reason = w8a8_pays_off(args.threads)  # first: a bad setting writes nothing
+    root = engine_data_dir()
     _log(
         f"command: python -m bench engine  (threads={args.threads}, data dir {root}, "
         + (
