@@ -30,6 +30,7 @@ from planner.runtime import (
     KERNEL_INT8,
     KERNEL_PACKED_GATHER,
     DequantLinear,
+    Fp16Linear,
     Int4Linear,
     Int8Linear,
     PackedEmbedding,
@@ -234,6 +235,47 @@ def test_layers_give_back_their_weight_for_model_code_that_reads_it() -> None:
         qt = quantize(w, scheme)
         built = layer(qt, act_dtype=torch.float32)
         assert torch.allclose(built.weight, dequantize(qt), atol=1e-6), scheme
+
+
+def _refuse(*_args: object) -> torch.Tensor:
+    raise AssertionError("forward called")
+
+
+@pytest.mark.parametrize(
+    ("layer", "scheme"),
+    [(DequantLinear, TensorScheme("int4", 32, False)), (Fp16Linear, TensorScheme("fp16"))],
+)
+def test_fp32_product_layers_take_bias_and_gelu_in_one_call_as_the_fp32_model_does(
+    layer: type[DequantLinear] | type[Fp16Linear], scheme: TensorScheme
+) -> None:
+    from planner.models.linear import linear_gelu
+
+    torch.manual_seed(5)
+    w, bias = torch.randn(48, 32) * 0.1, torch.randn(48)
+    built = layer(quantize(w, scheme), bias)
+    deq = built._dequantized_weight()
+    x = torch.randn(2, 7, 32)  # leading dims the op keeps: no reshapes around the product
+    with torch.inference_mode():
+        out = built(x)
+        assert out.shape == (2, 7, 48)
+        torch.testing.assert_close(out, F.linear(x, deq, bias), rtol=1e-5, atol=1e-5)
+        with torch.profiler.profile() as prof:
+            built(x)
+        ops = {e.name for e in prof.events()}
+        assert "aten::add" not in ops, ops  # the bias inside the product, as the FP32 model has it
+        built.forward = _refuse  # type: ignore[method-assign]
+        fused = linear_gelu(built, x)  # unobserved: one product with GELU, not forward + gelu
+        del built.forward
+        torch.testing.assert_close(fused, F.gelu(F.linear(x, deq, bias)), rtol=1e-5, atol=1e-5)
+        assert built.calls == 3  # the fused call counts as the layer's own call
+        seen: list[torch.Tensor] = []
+        built.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+        torch.testing.assert_close(linear_gelu(built, x), fused, rtol=1e-5, atol=1e-5)
+    assert len(seen) == 1  # observed: called through forward, so the hook sees its input
+    assert built.calls == 4
+    with torch.inference_mode():
+        half = built(x.to(torch.bfloat16))  # other activation dtypes are multiplied in fp32
+    assert half.dtype == torch.float32
 
 
 class _FusedQK(nn.Module):
