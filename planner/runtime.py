@@ -340,7 +340,26 @@ class Int4Linear(_QuantLinearBase):
         return self._finish(y.float(), lead)
 
 
-class Fp16Linear(_QuantLinearBase):
+class _Fp32ProductLinear(_QuantLinearBase):
+    """A Linear that multiplies in fp32 on its stored weight as `_dequantized_weight` gives it,
+    making the FP32 model's call (`OneDNNLinear`): the bias inside the product, the input's
+    leading dims left to the op, GELU fused where the model asks for it (`linear_gelu`).
+
+    An AVX2 host without a fast `_int_mm` runs every integer plan here; with the bias and GELU
+    as passes of their own and reshapes around the product, those plans ran 6 % slower than
+    FP32 at batch 1 (31.2 against 29.4 ms per text on an AMD Zen 1 host)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._count_call()
+        return onednn_linear(_fp32(x), self._dequantized_weight(), self.bias)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """`F.gelu(self(x))` in one fp32 product with GELU as its post-op."""
+        self._count_call()
+        return onednn_linear_gelu(_fp32(x), self._dequantized_weight(), self.bias)
+
+
+class Fp16Linear(_Fp32ProductLinear):
     """fp16-stored Linear; upcasts to fp32 per call (fp16 GEMM on this CPU is slower than fp32)."""
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
@@ -353,17 +372,8 @@ class Fp16Linear(_QuantLinearBase):
     def _dequantized_weight(self) -> torch.Tensor:
         return self.weight_fp16.float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._count_call()
-        return onednn_linear(_fp32(x), self.weight_fp16.float(), self.bias)
 
-    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """`F.gelu(self(x))` in one fp32 product with GELU as its post-op (`linear_gelu`)."""
-        self._count_call()
-        return onednn_linear_gelu(_fp32(x), self.weight_fp16.float(), self.bias)
-
-
-class DequantLinear(_QuantLinearBase):
+class DequantLinear(_Fp32ProductLinear):
     """A Linear whose low-bit weight was dequantized to fp32 at load (same numerics, no speed-up)."""
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
@@ -373,20 +383,6 @@ class DequantLinear(_QuantLinearBase):
 
     def _dequantized_weight(self) -> torch.Tensor:
         return self.weight_fp32
-
-    # The same call as the FP32 model's Linears (`OneDNNLinear`): the bias inside the product,
-    # the input's leading dims left to the op, GELU fused where the model asks for it. An
-    # AVX2 host without a fast `_int_mm` runs every integer plan here, and with the bias and
-    # GELU as passes of their own plus the reshapes, those plans ran 6 % slower than FP32 at
-    # batch 1 (31.2 against 29.4 ms per text on a Zen 1 host).
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._count_call()
-        return onednn_linear(_fp32(x), self.weight_fp32, self.bias)
-
-    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """`F.gelu(self(x))` in one fp32 product with GELU as its post-op (`linear_gelu`)."""
-        self._count_call()
-        return onednn_linear_gelu(_fp32(x), self.weight_fp32, self.bias)
 
 
 class PackedEmbedding(nn.Module):
