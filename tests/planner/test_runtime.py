@@ -38,6 +38,7 @@ from planner.runtime import (
     measure_latency,
     measure_memory,
     module_storage_bytes,
+    runtime_layer,
 )
 from planner.specs import Plan, PlanError, TensorScheme
 from tests.planner.test_quant import mixed_plan, tiny_net, tiny_spec
@@ -127,15 +128,32 @@ def test_only_small_packed_tables_keep_a_dequantized_copy() -> None:
     assert torch.equal(small(ids), small.lookup_packed(ids))
 
 
+def test_small_fp16_tables_are_upcast_once_large_ones_per_lookup() -> None:
+    small_qt = quantize(torch.randn(2, 384), TensorScheme("fp16"), kind="embedding")
+    large_qt = quantize(torch.randn(4096, 128), TensorScheme("fp16"), kind="embedding")
+    small, s_kernel, s_note = runtime_layer(torch.nn.Embedding(2, 384), small_qt)
+    large, _, l_note = runtime_layer(torch.nn.Embedding(4096, 128), large_qt)
+    assert s_kernel == KERNEL_FP16_UPCAST and "upcast once" in s_note and l_note == "lookup"
+    ids = torch.tensor([[0, 1, 1]])
+    for layer, qt in ((small, small_qt), (large, large_qt)):
+        assert torch.equal(layer(ids), F.embedding(ids, qt.values.float()))
+    assert "_upcast" in small.__dict__ and "_upcast" not in large.__dict__
+    small.float()  # moving / converting the module drops the copy; the next lookup rebuilds it
+    assert "_upcast" not in small.__dict__
+    assert torch.equal(small(ids), F.embedding(ids, small_qt.values.float()))
+
+
 def test_packed_embedding_serves_hot_rows_from_their_int8_copy() -> None:
     table = torch.randn(100, 64)
     lookups = torch.tensor([5, 5, 5, 99, 99, 42])
     for scheme in [TensorScheme("int2", 32, hot_rows=3), TensorScheme("int4", 64, False, hot_rows=2)]:
         qt = quantize(table, scheme, lookups, kind="embedding")
         emb = PackedEmbedding(qt)
-        ids = torch.tensor([[0, 5, 99], [42, 5, 1]])
-        assert torch.equal(emb(ids), F.embedding(ids, dequantize(qt)))
-        assert torch.equal(emb.lookup_packed(ids), F.embedding(ids, dequantize(qt)))
+        # some ids hot, every id hot (no low-bit row unpacked), none hot
+        mixed, all_hot, none_hot = [[0, 5, 99], [42, 5, 1]], [[5, 99]], [[0, 1, 2]]
+        for ids in (torch.tensor(mixed), torch.tensor(all_hot), torch.tensor(none_hot)):
+            assert torch.equal(emb(ids), F.embedding(ids, dequantize(qt)))
+            assert torch.equal(emb.lookup_packed(ids), F.embedding(ids, dequantize(qt)))
         # The row-id → hot-slot map (int16 per row) replaces the stored int32 row ids.
         k = scheme.hot_rows
         assert module_storage_bytes(emb) == packed_nbytes((100, 64), scheme) - 4 * k + 2 * 100
