@@ -482,12 +482,12 @@ def _ops(
             touched = min(tokens, rows)
             # Bytes of one looked-up row at the table's precision (a hot row, int8, costs about
             # as much as a 4-bit row with its scales: not worth its own term).
-            row_bytes = packed_nbytes((1, cols), replace(stored, hot_rows=0))
+            row_bytes = packed_nbytes((1, cols), replace(stored, hot_rows=0), t.name)
             nbytes = touched * row_bytes + tokens * cols * act_b
             macs = 0.0
             comp0 = 0.0
         else:
-            nbytes = packed_nbytes(t.shape, stored) + tokens * (rows + cols) * act_b
+            nbytes = packed_nbytes(t.shape, stored, t.name) + tokens * (rows + cols) * act_b
             macs = float(t.macs_per_token) * tokens
             peak = _peak_ops(device, cp)
             assert peak is not None

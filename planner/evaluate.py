@@ -21,6 +21,7 @@ import json
 import os
 import threading
 import time
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -239,6 +240,11 @@ class Evaluator:
             raise PlanError(f"{heads.n_exits} exit heads for a model with {adapter.n_blocks} blocks")
         if tuple(heads.classes) != tuple(dataset.classes):
             raise PlanError("exit heads were trained for other classes than the dataset's")
+        if heads.model and heads.model != adapter.fingerprint:
+            raise PlanError(
+                f"exit heads were trained on model {heads.model!r}, "
+                f"not on this adapter's {adapter.fingerprint!r}"
+            )
         self.adapter = adapter
         self.dataset = dataset
         self.heads = heads
@@ -256,7 +262,10 @@ class Evaluator:
         self._lock = threading.RLock()
         self._stage_of = {t.name: t.block + 1 for t in self.spec.tensors}
         self._key = hashlib.sha256(
-            f"{adapter.fingerprint}|{dataset.sha256}|{heads.key}|L{self.max_length}|{_quantizer_id(quantizer)}".encode()
+            # The batch budget shapes the buckets, and with them GPTQ's sampled calibration rows
+            # and the fp32 summation order: outputs under another budget are other numbers.
+            f"{adapter.fingerprint}|{dataset.sha256}|{heads.key}|L{self.max_length}|B{max_tokens_per_batch}|"
+            f"{_quantizer_id(quantizer)}".encode()
         ).hexdigest()[:20]
 
     # ----------------------------------------------------------------- public API
@@ -337,7 +346,7 @@ class Evaluator:
                     self.stats.output_disk_hits += 1
                     state.outputs[wkey] = out
                     return out
-                except (OSError, ValueError, KeyError):
+                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                     path.unlink(missing_ok=True)  # corrupt cache entry: recompute it
             if state.ref_final is None:
                 ref = self.run_pass(Plan(), split)

@@ -126,6 +126,9 @@ def greedy_frontier(
     """
     scheme_for = scheme_for or profile_scheme_for(profile)
     frozen = dict(frozen or {})
+    unknown = sorted(set(frozen) - set(spec.tensor_names))
+    if unknown:
+        raise PlanError(f"frozen names tensors {unknown} that model {spec.name!r} does not have")
     table = profile._table(metric)
     col = {p: i for i, p in enumerate(profile.precisions)}
     row = {n: i for i, n in enumerate(profile.tensors)}
@@ -144,12 +147,12 @@ def greedy_frontier(
                 raise PlanError(f"precision {p!r} was not profiled for {profile.model!r}")
         family = np.maximum.accumulate(np.maximum([float(table[row[t.name], col[p]]) for p in steps], 0.0))
         options = [
-            _Option(packed_nbytes(t.shape, scheme_for(t, p)), float(loss), scheme_for(t, p))
+            _Option(packed_nbytes(t.shape, scheme_for(t, p), t.name), float(loss), scheme_for(t, p))
             for p, loss in zip(steps, family, strict=True)
         ]
         if use_variants and t.name not in frozen:
             options += [
-                _Option(packed_nbytes(t.shape, v.scheme), max(v.losses[metric], 0.0), v.scheme)
+                _Option(packed_nbytes(t.shape, v.scheme, t.name), max(v.losses[metric], 0.0), v.scheme)
                 for v in profile.variants_of(t.name)
                 if v.scheme.precision in steps
             ]

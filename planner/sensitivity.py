@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from planner.evaluate import Evaluator, kl_divergence
-from planner.specs import PRECISIONS, Plan, PlanError, TensorScheme, TensorSpec
+from planner.specs import PRECISIONS, ModelSpec, Plan, PlanError, TensorScheme, TensorSpec
 
 __all__ = [
     "METRICS",
@@ -287,11 +287,17 @@ def profile_sensitivity(
     )
 
 
-def random_plans(profile: SensitivityProfile, n: int, seed: int = 0) -> tuple[list[Plan], np.ndarray]:
+def random_plans(
+    profile: SensitivityProfile, n: int, seed: int = 0, spec: ModelSpec | None = None
+) -> tuple[list[Plan], np.ndarray]:
     """`n` mixed plans of varied severity, and their (n, T) index matrix.
 
     Each plan draws its own precision mix from a Dirichlet, so the set spans nearly-lossless
-    to heavily-quantized plans rather than clustering around one average severity.
+    to heavily-quantized plans rather than clustering around one average severity.  With the
+    model's `spec`, each tensor gets the scheme its profile column was measured with
+    (`SensitivityProfile.family_scheme`: per channel where the group size does not divide its
+    input dimension) — plans meant to be run need it; without, every tensor gets the profile's
+    group size (enough for the proxy, which never validates a plan).
     """
     rng = np.random.default_rng(seed)
     k = len(profile.precisions)
@@ -303,7 +309,9 @@ def random_plans(profile: SensitivityProfile, n: int, seed: int = 0) -> tuple[li
     for row in idx:
         schemes = {}
         for name, c in zip(profile.tensors, row, strict=True):
-            if c:
+            if c and spec is not None:
+                schemes[name] = profile.family_scheme(spec.tensor(name).shape, profile.precisions[c])
+            elif c:
                 schemes[name] = TensorScheme(
                     profile.precisions[c], profile.group_size, profile.symmetric, profile.method
                 )
@@ -338,7 +346,7 @@ def check_proxy(
 
     Returns per metric the Spearman correlation, plus the measured and predicted values.
     """
-    plans, idx = random_plans(profile, n_plans, seed)
+    plans, idx = random_plans(profile, n_plans, seed, evaluator.spec)
     measured = {m: np.zeros(n_plans) for m in METRICS}
     for r, plan in enumerate(plans):
         got = fidelity_losses(evaluator, plan, profile.split)

@@ -66,12 +66,28 @@ class ExitHeads:
     dataset_sha256: str = ""
 
     def __post_init__(self) -> None:
+        if self.mean.ndim != 2:
+            raise ModelFileError(
+                f"exit heads: mean has shape {tuple(self.mean.shape)}; it must be (exits, features)"
+            )
         e, h = self.mean.shape
+        c = len(self.classes)
         if self.weight.ndim != 3 or self.weight.shape[0] != e or self.weight.shape[2] not in (h, e * h):
             raise ModelFileError(
                 f"exit heads: weight has shape {tuple(self.weight.shape)}; with {e} exits of {h} "
                 f"features it must be ({e}, classes, {h}) or ({e}, classes, {e * h})"
             )
+        # Broadcasting would accept a (C,) bias or an (H,) std and give every exit the same one.
+        for label, tensor, want in (
+            ("weight", self.weight, (e, c, self.weight.shape[2])),
+            ("bias", self.bias, (e, c)),
+            ("std", self.std, (e, h)),
+        ):
+            if tuple(tensor.shape) != want:
+                raise ModelFileError(
+                    f"exit heads: {label} has shape {tuple(tensor.shape)}; with {e} exits, {h} features "
+                    f"and {c} classes it must be {want}"
+                )
 
     @property
     def n_exits(self) -> int:
@@ -151,8 +167,16 @@ class ExitHeads:
         if meta.get("format") != _FORMAT:
             raise ModelFileError(f"exit heads file {p} has format {meta.get('format')!r}, expected {_FORMAT}")
         try:
+            classes = json.loads(meta["classes"])
+        except (KeyError, ValueError) as exc:
+            raise ModelFileError(
+                f"exit heads file {p}: its classes metadata is missing or garbled ({exc})"
+            ) from None
+        if not isinstance(classes, list) or not all(isinstance(x, str) for x in classes):
+            raise ModelFileError(f"exit heads file {p}: its classes metadata must be a list of names")
+        try:
             return cls(
-                classes=tuple(json.loads(meta["classes"])),
+                classes=tuple(classes),
                 model=meta.get("model", ""),
                 dataset_sha256=meta.get("dataset_sha256", ""),
                 **tensors,
@@ -334,10 +358,11 @@ def _cached_features(
             cached: torch.Tensor = load_file(str(feat_path))["pooled"]
             return cached
         except Exception:  # safetensors raises several types on a damaged file; recompute
-            feat_path.unlink()
+            feat_path.unlink(missing_ok=True)  # another worker may have removed it first
     feats = pooled_features(adapter, TokenizedSplit.build(adapter, dataset.split(split).texts, length))
     feat_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"pooled": feats.contiguous()}, str(feat_path))
+    with replacing(feat_path, ".tmp.safetensors") as tmp:  # workers share the cache directory
+        save_file({"pooled": feats.contiguous()}, str(tmp))
     return feats
 
 
@@ -370,7 +395,7 @@ def prepare_heads(
         try:
             return ExitHeads.load(heads_path)
         except ModelFileError:
-            heads_path.unlink()  # a damaged cache entry: training is deterministic, redo it
+            heads_path.unlink(missing_ok=True)  # a damaged cache entry: training is deterministic, redo it
     train = dataset.split("train")
     feats = _cached_features(adapter, dataset, "train", length, root)
     if l2 is not None:

@@ -105,16 +105,19 @@ def apply_plan(
 ) -> nn.Module:
     """Replace, in place, every weight named in `spec` by its quantize-dequantized value.
 
-    Steps: (1) validate the plan against the spec (group sizes, names); (2) for each tensor,
-    take the full-precision original from `cache` (snapshotting it on first sight); (3) fetch
-    or compute the QuantizedTensor for (name, scheme); (4) copy its fp32 dequantization into
-    the parameter.  fp32 tensors get their original back, so one module serves many plans.
-    Pass the same `cache` across calls to reuse work; returns `module`.
+    Steps: (1) validate the plan against the spec (group sizes, names) and every parameter's
+    shape against the spec; (2) for each tensor, take the full-precision original from `cache`
+    (snapshotting it on first sight); (3) fetch or compute the QuantizedTensor for (name,
+    scheme); (4) only when every tensor has its new value, copy them into the parameters — a
+    plan that fails on any tensor leaves the module as it was.  fp32 tensors get their original
+    back, so one module serves many plans when the same `cache` is passed across calls (a new
+    cache snapshots the module's weights as they are now, quantized or not); returns `module`.
     """
     plan.validate(spec)
     cache = cache if cache is not None else QuantCache()
     calib = calib_inputs_by_tensor or {}
     with torch.no_grad():
+        updates: list[tuple[torch.Tensor, torch.Tensor]] = []
         for t in spec.tensors:
             param = quantizable_parameter(module, t.name)
             if tuple(param.shape) != t.shape:
@@ -122,12 +125,13 @@ def apply_plan(
                     f"tensor {t.name!r}: module has shape {tuple(param.shape)}, spec says {t.shape}"
                 )
             scheme = plan.scheme(t.name)
-            original = cache.original(module, t.name)
             if scheme == TensorScheme():
-                param.copy_(original)
+                updates.append((param, cache.original(module, t.name)))
                 continue
             qt = cache.get_or_quantize(module, t.name, t.kind, scheme, calib.get(t.name))
-            param.copy_(dequantize(qt).to(param.dtype))
+            updates.append((param, dequantize(qt).to(param.dtype)))
+        for param, value in updates:
+            param.copy_(value)
     return module
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from planner.files import replacing
 from planner.quant.core import QuantizedTensor
 from planner.quant.sizes import (
     codes_nbytes,
@@ -69,12 +70,14 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     the temporaries small: the word embedding's 11.7 M codes went through 94 MB uint64 arrays
     before (~60 ms, more on first touch of the memory), ~10 ms now.
     """
-    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    given = np.asarray(codes)
+    if given.size and (int(given.min()) < 0 or int(given.max()) >= (1 << bits)):
+        bad = int(given.min()) if int(given.min()) < 0 else int(given.max())
+        raise PlanError(f"code {bad} does not fit in {bits} bits (codes are 0..{(1 << bits) - 1})")
+    flat = np.ascontiguousarray(given, dtype=np.uint8).reshape(-1)
     n = flat.size
     if bits == 8:
         return flat.copy()
-    if flat.size and int(flat.max()) >= (1 << bits):
-        raise PlanError(f"code {int(flat.max())} does not fit in {bits} bits")
     per_chunk = 8 // bits if 8 % bits == 0 else _CHUNK
     pad = (-n) % per_chunk
     if pad:
@@ -120,6 +123,14 @@ def unpack_codes(data: np.ndarray, bits: int, n: int) -> np.ndarray:
     return codes.reshape(-1)[:n]
 
 
+def _parts_for(scheme: TensorScheme) -> set[str]:
+    """The arrays `pack` writes for a tensor under `scheme`."""
+    if not scheme.is_integer:
+        return {"values"}
+    parts = {"codes", "scales"} | (set() if scheme.symmetric else {"zeros"})
+    return parts | ({"hot_index", "hot_codes", "hot_scales"} if scheme.hot_rows else set())
+
+
 def pack(qt: QuantizedTensor) -> dict[str, np.ndarray]:
     """The arrays that store `qt`: see the module docstring for the layout."""
     if qt.values is not None:
@@ -144,31 +155,46 @@ def unpack(
     shape: tuple[int, int],
     scheme: TensorScheme,
     method: str = "rtn",
+    name: str = "weight",
 ) -> QuantizedTensor:
-    """Rebuild the QuantizedTensor that `pack` stored (bit-exact)."""
-    rows, cols = validate_scheme(shape, scheme)
+    """Rebuild the QuantizedTensor that `pack` stored (bit-exact).
+
+    Every part the scheme needs must be present with the dtype and shape `pack` writes, and no
+    other part may be: a PlanError names the tensor, the part and what was expected."""
+    rows, cols = validate_scheme(shape, scheme, name)
     arrays = {
         k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
         for k, v in packed.items()
     }
+
+    def part(key: str, dtype: type, want_shape: tuple[int, ...]) -> np.ndarray:
+        arr = arrays.get(key)
+        if arr is None or arr.dtype != dtype or tuple(arr.shape) != want_shape:
+            got = "missing" if arr is None else f"{arr.dtype} {tuple(arr.shape)}"
+            raise PlanError(
+                f"tensor {name!r}: packed {key} is {got}, expected {np.dtype(dtype)} {want_shape} "
+                f"for {scheme.precision} {(rows, cols)}"
+            )
+        return arr
+
+    needed = _parts_for(scheme)
+    extra = sorted(set(arrays) - needed)
+    if extra:
+        raise PlanError(
+            f"tensor {name!r}: packed parts {extra} do not belong to its scheme {scheme} "
+            f"(expected {sorted(needed)})"
+        )
     if not scheme.is_integer:
         want = np.float16 if scheme.precision == "fp16" else np.float32
-        values = arrays["values"]
-        if values.dtype != want or tuple(values.shape) != (rows, cols):
-            raise PlanError(
-                f"packed values are {values.dtype} {values.shape}, expected {np.dtype(want)} {(rows, cols)}"
-            )
+        values = part("values", want, (rows, cols))
         return QuantizedTensor(shape=(rows, cols), scheme=scheme, values=torch.from_numpy(values.copy()))
     ng = n_groups(cols, scheme)
-    codes = unpack_codes(arrays["codes"], scheme.bits, rows * cols).reshape(rows, cols)
-    scales = arrays["scales"]
-    if scales.dtype != np.float16 or tuple(scales.shape) != (rows, ng):
-        raise PlanError(f"packed scales are {scales.dtype} {scales.shape}, expected float16 {(rows, ng)}")
+    raw_codes = part("codes", np.uint8, (codes_nbytes(rows * cols, scheme.bits),))
+    codes = unpack_codes(raw_codes, scheme.bits, rows * cols).reshape(rows, cols)
+    scales = part("scales", np.float16, (rows, ng))
     zeros = None
     if not scheme.symmetric:
-        if "zeros" not in arrays:
-            raise PlanError("asymmetric scheme but no packed zero points")
-        zeros = torch.from_numpy(arrays["zeros"].astype(np.float16).reshape(rows, ng).copy())
+        zeros = torch.from_numpy(part("zeros", np.float16, (rows, ng)).copy())
     hot: dict[str, torch.Tensor] = {}
     k = scheme.hot_rows
     if k:
@@ -177,15 +203,13 @@ def unpack(
             "hot_codes": (np.uint8, (k, cols)),
             "hot_scales": (np.float16, (k, 1)),
         }
-        for part, (dtype, want_shape) in want_hot.items():
-            arr = arrays.get(part)
-            if arr is None or arr.dtype != dtype or tuple(arr.shape) != want_shape:
-                got = "missing" if arr is None else f"{arr.dtype} {arr.shape}"
-                raise PlanError(f"packed {part} is {got}, expected {np.dtype(dtype)} {want_shape}")
-            hot[part] = torch.from_numpy(arr.copy())
+        for key, (dtype, want_shape) in want_hot.items():
+            hot[key] = torch.from_numpy(part(key, dtype, want_shape).copy())
         index = hot["hot_index"]
         if int(index.min()) < 0 or int(index.max()) >= rows or bool((index[1:] <= index[:-1]).any()):
-            raise PlanError(f"packed hot_index must hold {k} ascending row ids in 0..{rows - 1}")
+            raise PlanError(
+                f"tensor {name!r}: packed hot_index must hold {k} ascending row ids in 0..{rows - 1}"
+            )
     return QuantizedTensor(
         shape=(rows, cols),
         scheme=scheme,
@@ -244,7 +268,8 @@ def write_packed_safetensors(
         "tensors": json.dumps(meta, sort_keys=True),
         "other": json.dumps(sorted(others)),
     }
-    save_file(arrays, str(path), metadata=metadata)
+    with replacing(Path(path)) as tmp:  # a failed write leaves no file, or the previous one
+        save_file(arrays, str(tmp), metadata=metadata)
     payload = sum(int(a.nbytes) for a in arrays.values())
     file_bytes = Path(path).stat().st_size
     return WriteReport(
@@ -260,21 +285,29 @@ def read_packed_safetensors(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor]]:
     """Read a file written by `write_packed_safetensors`: (quantized tensors, other params)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.numpy import load_file
 
-    with safe_open(str(path), framework="np") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") not in _READABLE_FORMATS:
-        raise PlanError(f"{path}: not an EdgeFit packed file (format {metadata.get('format')!r})")
-    arrays = load_file(str(path))
-    quantized: dict[str, QuantizedTensor] = {}
-    for name, desc in json.loads(metadata["tensors"]).items():
-        scheme = TensorScheme.from_dict(desc["scheme"])
-        shape = (int(desc["shape"][0]), int(desc["shape"][1]))
-        parts = {p: arrays[f"{name}.{p}"] for p in PARTS if f"{name}.{p}" in arrays}
-        quantized[name] = unpack(parts, shape, scheme, desc.get("method", "rtn"))
-    others = {
-        name: torch.from_numpy(arrays[f"{name}.values"].copy()) for name in json.loads(metadata["other"])
-    }
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") not in _READABLE_FORMATS:
+            raise PlanError(f"not an EdgeFit packed file (format {metadata.get('format')!r})")
+        arrays = load_file(str(path))
+        quantized: dict[str, QuantizedTensor] = {}
+        for name, desc in json.loads(metadata["tensors"]).items():
+            scheme = TensorScheme.from_dict(desc["scheme"])
+            shape = (int(desc["shape"][0]), int(desc["shape"][1]))
+            parts = {p: arrays[f"{name}.{p}"] for p in PARTS if f"{name}.{p}" in arrays}
+            quantized[name] = unpack(parts, shape, scheme, desc.get("method", "rtn"), name=name)
+        others = {}
+        for name in json.loads(metadata["other"]):
+            if f"{name}.values" not in arrays:
+                raise PlanError(f"parameter {name!r}: no {name}.values array")
+            others[name] = torch.from_numpy(arrays[f"{name}.values"].copy())
+    except PlanError as exc:
+        raise PlanError(f"{path}: {exc}") from None
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError, IndexError) as exc:
+        # A truncated or garbled file: safetensors' own error, or metadata that is not ours.
+        raise PlanError(f"{path}: unreadable or corrupt packed file ({type(exc).__name__}: {exc})") from None
     return quantized, others

@@ -53,9 +53,10 @@ def codes_nbytes(n: int, bits: int) -> int:
     return -(-n * bits // 8)
 
 
-def packed_nbytes(shape: tuple[int, int], scheme: TensorScheme) -> int:
-    """Bytes `pack` produces for a tensor of `shape` under `scheme` (payload only, no header)."""
-    rows, cols = validate_scheme(shape, scheme)
+def packed_nbytes(shape: tuple[int, int], scheme: TensorScheme, name: str = "weight") -> int:
+    """Bytes `pack` produces for a tensor of `shape` under `scheme` (payload only, no header);
+    `name` is the tensor an invalid scheme is reported for."""
+    rows, cols = validate_scheme(shape, scheme, name)
     n = rows * cols
     if not scheme.is_integer:
         return n * (2 if scheme.precision == "fp16" else 4)
@@ -67,7 +68,7 @@ def packed_nbytes(shape: tuple[int, int], scheme: TensorScheme) -> int:
 def weights_nbytes(spec: ModelSpec, plan: Plan) -> int:
     """Packed bytes of every quantizable tensor of `spec` under `plan`."""
     plan.validate(spec)
-    return sum(packed_nbytes(t.shape, plan.scheme(t.name)) for t in spec.tensors)
+    return sum(packed_nbytes(t.shape, plan.scheme(t.name), t.name) for t in spec.tensors)
 
 
 def plan_nbytes(spec: ModelSpec, plan: Plan) -> int:

@@ -171,6 +171,27 @@ def test_outputs_are_cached_in_memory_and_on_disk(
     assert fresh.stats.weights_quantized == 0
 
 
+def test_a_damaged_output_cache_file_is_recomputed(
+    tiny_adapter: TinyAdapter, tiny_dataset: TextDataset, tiny_heads: ExitHeads, tmp_path: Path
+) -> None:
+    plan = Plan.uniform(tiny_adapter.spec(), TensorScheme("int4"))
+    first = Evaluator(
+        tiny_adapter, tiny_dataset, tiny_heads, cache_dir=tmp_path, quantizer=reference_quantize, threads=1
+    ).evaluate(plan)
+    files = sorted((tmp_path / "evals").rglob("*.npz"))
+    assert len(files) == 2  # the plan's and the FP32 reference's
+    # empty (EOFError), truncated (zipfile.BadZipFile), garbage: each recomputed, none trusted
+    for damage in (b"", files[0].read_bytes()[:40], b"garbage"):
+        for f in files:
+            f.write_bytes(damage)
+        ev = Evaluator(
+            tiny_adapter, tiny_dataset, tiny_heads, cache_dir=tmp_path, quantizer=reference_quantize
+        )
+        again = ev.evaluate(plan)
+        assert ev.stats.passes >= 1 and ev.stats.output_disk_hits == 0
+        assert again.kl == pytest.approx(first.kl) and again.accuracy == first.accuracy
+
+
 def test_exit_threshold_figures_match_the_curve(tiny_evaluator: Evaluator) -> None:
     plan = Plan(exit_threshold=0.5)
     r = tiny_evaluator.evaluate(plan)

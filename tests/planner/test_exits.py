@@ -239,6 +239,31 @@ def test_heads_with_a_weight_of_the_wrong_width_are_refused(tmp_path: Path) -> N
         ExitHeads.load(path)
 
 
+def test_heads_whose_bias_std_or_classes_do_not_fit_are_refused_not_broadcast(tmp_path: Path) -> None:
+    w, b, mean, std = torch.zeros(2, 3, 4), torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 4)
+    classes = ("a", "b", "c")
+    ExitHeads(classes, w, b, mean, std)  # fits
+    with pytest.raises(ModelFileError, match=r"bias has shape \(3,\).* must be \(2, 3\)"):
+        ExitHeads(classes, w, torch.zeros(3), mean, std)
+    with pytest.raises(ModelFileError, match=r"std has shape \(4,\).* must be \(2, 4\)"):
+        ExitHeads(classes, w, b, mean, torch.ones(4))
+    with pytest.raises(ModelFileError, match=r"weight has shape \(2, 3, 4\).*2 classes"):
+        ExitHeads(("a", "b"), w, b, mean, std)
+    with pytest.raises(ModelFileError, match=r"mean has shape \(4,\)"):
+        ExitHeads(classes, w, b, torch.zeros(4), std)
+    # in a file: the error names it; missing classes metadata too
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    tensors = {"weight": w, "bias": b, "mean": torch.zeros(4), "std": std}
+    save_file(tensors, str(path), metadata={"format": "edgefit-exit-heads/1", "classes": '["a", "b", "c"]'})
+    with pytest.raises(ModelFileError, match=r"bad\.safetensors: exit heads: mean has shape"):
+        ExitHeads.load(path)
+    save_file({**tensors, "mean": mean}, str(path), metadata={"format": "edgefit-exit-heads/1"})
+    with pytest.raises(ModelFileError, match=r"bad\.safetensors: its classes metadata is missing"):
+        ExitHeads.load(path)
+
+
 def test_heads_save_and_load(tiny_heads: ExitHeads, tmp_path: Path) -> None:
     path = tiny_heads.save(tmp_path / "h.safetensors")
     loaded = ExitHeads.load(path)

@@ -150,3 +150,5 @@ def test_frontier_options_and_errors() -> None:
         greedy_frontier(spec, prof, ladder=("int8", "int5"))
     with pytest.raises(PlanError, match="not in the sensitivity profile"):
         greedy_frontier(minilm_spec(n_blocks=7), prof)
+    with pytest.raises(PlanError, match=r"frozen names tensors \['embeddings.word_embedings.weight'\]"):
+        greedy_frontier(spec, prof, frozen={"embeddings.word_embedings.weight": "int4"})

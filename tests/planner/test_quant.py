@@ -348,6 +348,67 @@ def test_packed_file_reads_back_bit_exact(tmp_path: Path) -> None:
     assert torch.equal(others["norm.weight"], net.norm.weight.detach())
 
 
+def test_packed_parts_that_are_missing_or_wrong_name_the_tensor_the_part_and_the_rule() -> None:
+    qt = quantize(torch.randn(8, 64), TensorScheme("int4", 32, False), name="blocks.0.up.weight")
+    parts = pack(qt)
+    shape, scheme = (8, 64), qt.scheme
+    missing = {k: v for k, v in parts.items() if k != "scales"}
+    want = r"'blocks\.0\.up\.weight': packed scales is missing, expected float16 \(8, 2\)"
+    with pytest.raises(PlanError, match=want):
+        unpack(missing, shape, scheme, name="blocks.0.up.weight")
+    with pytest.raises(PlanError, match="'w': packed zeros is float32"):
+        unpack({**parts, "zeros": parts["zeros"].astype(np.float32)}, shape, scheme, name="w")
+    with pytest.raises(PlanError, match="'w': packed codes is uint8 \\(7,\\)"):
+        unpack({**parts, "codes": parts["codes"][:7]}, shape, scheme, name="w")
+    hot = {"hot_index": np.zeros(1, np.int32)}
+    with pytest.raises(PlanError, match=r"'w': packed parts \['hot_index'\] do not belong"):
+        unpack({**parts, **hot}, shape, scheme, name="w")
+    with pytest.raises(PlanError, match="'w': group_size 128 does not divide its input dimension 64"):
+        unpack(parts, shape, TensorScheme("int4", 128, False), name="w")
+
+
+def test_codes_outside_the_bit_width_are_refused_not_wrapped() -> None:
+    with pytest.raises(PlanError, match="code 256 does not fit in 4 bits"):
+        pack_codes(np.array([256, 1]), 4)
+    with pytest.raises(PlanError, match="code -1 does not fit in 4 bits"):
+        pack_codes(np.array([-1, 1]), 4)
+
+
+def test_a_corrupt_packed_file_is_a_plan_error_naming_the_file(tmp_path: Path) -> None:
+    net = tiny_net()
+    spec = tiny_spec(net)
+    path = tmp_path / "p.safetensors"
+    write_packed_safetensors(path, quantize_plan(net, spec, mixed_plan(spec)))
+    data = path.read_bytes()
+    for broken in (data[: len(data) // 2], data[:5], b""):
+        path.write_bytes(broken)
+        with pytest.raises(PlanError, match=f"{path}: unreadable or corrupt packed file"):
+            read_packed_safetensors(path)
+
+
+def test_a_failed_packed_write_leaves_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.numpy
+
+    net = tiny_net()
+    spec = tiny_spec(net)
+    quantized = quantize_plan(net, spec, mixed_plan(spec))
+    path = tmp_path / "p.safetensors"
+    write_packed_safetensors(path, quantized)
+    before = path.read_bytes()
+
+    def half_then_fail(arrays: object, filename: str, metadata: object = None) -> None:
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_packed_safetensors(path, quantized)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+
+
 def test_int4_plan_is_about_eight_times_smaller_than_fp32() -> None:
     net = tiny_net()
     spec = tiny_spec(net)
@@ -370,6 +431,17 @@ def test_apply_plan_patches_weights_and_restores_fp32_tensors() -> None:
     assert torch.equal(net.norm.weight.detach(), original["norm.weight"])
     restore_weights(net, cache)
     assert torch.equal(net.blocks[0]["up"].weight.detach(), original["blocks.0.up.weight"])
+
+
+def test_apply_plan_that_fails_on_one_tensor_changes_no_weight() -> None:
+    net = tiny_net()
+    spec = tiny_spec(net)
+    net.head = nn.Linear(32, 16)  # the spec's last tensor no longer matches the module
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with pytest.raises(PlanError, match=r"'head\.weight': module has shape"):
+        apply_plan(net, spec, Plan.uniform(spec, TensorScheme("int4", 32)))
+    for name, p in net.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
 
 
 def test_apply_plan_reuses_cached_tensors_and_never_requantizes_its_own_output() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -124,6 +125,30 @@ def test_batch_estimate_matches_single(profiled: tuple[Evaluator, SensitivityPro
     # Throughput (plans/s) is measured by `python -m bench engine`, not asserted here.
     big = np.random.default_rng(0).integers(0, 6, size=(5_000, len(prof.tensors)))
     assert prof.estimate_many(big).shape == (5_000,)
+
+
+def test_random_plans_for_a_model_use_the_schemes_the_profile_measured(
+    profiled: tuple[Evaluator, SensitivityProfile],
+) -> None:
+    ev, measured = profiled
+    # A profile measured in groups of 32, and one tensor whose input dimension that does not
+    # divide: its columns were measured per channel, and plans to run must say so.
+    prof = dataclasses.replace(measured, group_size=32)
+    assert prof.group_size is not None
+    odd = next(t for t in ev.spec.tensors if t.kind == "linear")
+    tensors = tuple(
+        dataclasses.replace(t, shape=(t.shape[0], prof.group_size + 8)) if t.name == odd.name else t
+        for t in ev.spec.tensors
+    )
+    spec = dataclasses.replace(ev.spec, tensors=tensors)
+    plans, idx = random_plans(prof, 40, seed=3, spec=spec)
+    assert any(plan.scheme(odd.name).is_integer for plan in plans)
+    for plan in plans:
+        plan.validate(spec)
+        scheme = plan.scheme(odd.name)
+        assert scheme == prof.family_scheme(spec.tensor(odd.name).shape, scheme.precision)
+        assert not scheme.is_integer or scheme.group_size is None
+    np.testing.assert_allclose(prof.estimate_many(idx, "kl"), [prof.estimate(p, "kl") for p in plans])
 
 
 def test_unprofiled_precision_is_refused(profiled: tuple[Evaluator, SensitivityProfile]) -> None:
