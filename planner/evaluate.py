@@ -218,9 +218,8 @@ class Evaluator:
     """Measures plans of one adapter on one dataset with one set of exit heads.
 
     `quantizer` defaults to `planner.quant.quantize_dequantize`.  `max_length` (tokens per
-    text) defaults to the adapter's.  Not thread-safe for concurrent `evaluate` calls on the
-    same instance (weights are patched into the shared module during a pass); a lock
-    serialises them.
+    text) defaults to the adapter's.  Concurrent calls on one instance are serialised by a
+    lock: a pass patches the plan's weights into the shared module.
     """
 
     def __init__(
@@ -279,11 +278,12 @@ class Evaluator:
         """
         started = time.perf_counter()
         plan.validate(self.spec)
-        state = self._split(split)
-        passes = self.stats.passes
-        ref = self.reference(split)
-        out = self.outputs(plan, split)
-        from_cache = self.stats.passes == passes
+        with self._lock:  # so `from_cache` counts this call's passes only
+            state = self._split(split)
+            passes = self.stats.passes
+            ref = self.reference(split)
+            out = self.outputs(plan, split)
+            from_cache = self.stats.passes == passes
         ref_final = ref.logits[:, -1].argmax(-1)
         curve = threshold_curve(out.logits, state.labels, ref_final)
         final_pred = out.logits[:, -1].argmax(-1)
