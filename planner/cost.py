@@ -50,6 +50,7 @@ is stable.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -251,7 +252,10 @@ class CostParams:
                 f"not a {_PARAMS_TYPE} v{_PARAMS_VERSION} dict: "
                 f"{data.get('_type')!r} v{data.get('_version')!r}"
             )
-        body = dict(data["_data"])
+        raw = data.get("_data")
+        if not isinstance(raw, Mapping):
+            raise PlanError(f"{_PARAMS_TYPE}: '_data' must be an object of fields, got {type(raw).__name__}")
+        body = dict(raw)
         unknown = set(body) - {
             "mem_efficiency",
             "compute_efficiency",
@@ -265,19 +269,38 @@ class CostParams:
         }
         if unknown:
             raise PlanError(f"unknown CostParams field(s): {', '.join(sorted(unknown))}")
+        try:
+            return cls._from_fields(body)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"{_PARAMS_TYPE}: {exc}") from None
+
+    @classmethod
+    def _from_fields(cls, body: Mapping[str, Any]) -> CostParams:
+        def real(label: str, value: object) -> float:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"field {label} must be a number, got {value!r}")
+            return float(value)
+
+        def number(name: str, default: float) -> float:
+            return real(repr(name), body.get(name, default))
+
+        def per_key(name: str) -> dict[str, float]:
+            value = body.get(name) or {}
+            if not isinstance(value, Mapping):
+                raise ValueError(f"field {name!r} must be an object of numbers, got {type(value).__name__}")
+            return {str(k): real(f"{name!r}[{k!r}]", v) for k, v in value.items()}
+
         return cls(
-            mem_efficiency=float(body.get("mem_efficiency", 0.6)),
-            compute_efficiency={str(k): float(v) for k, v in (body.get("compute_efficiency") or {}).items()},
-            per_tensor_overhead_s=float(body.get("per_tensor_overhead_s", 5e-6)),
-            fixed_overhead_s=float(body.get("fixed_overhead_s", 2e-4)),
-            runtime_overhead_bytes=int(body.get("runtime_overhead_bytes", 32 * 1024 * 1024)),
-            regime_efficiency={str(k): float(v) for k, v in (body.get("regime_efficiency") or {}).items()},
-            regime_overhead_s={str(k): float(v) for k, v in (body.get("regime_overhead_s") or {}).items()},
-            act_quant_s_per_element=float(body.get("act_quant_s_per_element", 2e-9)),
+            mem_efficiency=number("mem_efficiency", 0.6),
+            compute_efficiency=per_key("compute_efficiency"),
+            per_tensor_overhead_s=number("per_tensor_overhead_s", 5e-6),
+            fixed_overhead_s=number("fixed_overhead_s", 2e-4),
+            runtime_overhead_bytes=int(number("runtime_overhead_bytes", 32 * 1024 * 1024)),
+            regime_efficiency=per_key("regime_efficiency"),
+            regime_overhead_s=per_key("regime_overhead_s"),
+            act_quant_s_per_element=number("act_quant_s_per_element", 2e-9),
             # Before v3 an exit head was priced as one tensor op.
-            exit_check_s=float(
-                body["exit_check_s"] if "exit_check_s" in body else body.get("per_tensor_overhead_s", 5e-6)
-            ),
+            exit_check_s=number("exit_check_s", number("per_tensor_overhead_s", 5e-6)),
         )
 
 
@@ -625,8 +648,8 @@ def predict(
     """Predict expected latency and peak memory of `plan` on `device`.
 
     Steps: (1) validate the plan and the exit distribution; (2) cost every op with the
-    roofline; (3) expected latency = fixed overhead + Σ P(op runs) · op time, plus one
-    per-tensor overhead per exit head evaluated; (4) memory = packed weights (+ fp32 other
+    roofline; (3) expected latency = fixed overhead + Σ P(op runs) · op time, plus
+    `exit_check_s` per exit head evaluated; (4) memory = packed weights (+ fp32 other
     params) + peak block activations + the largest dequantize-on-the-fly buffer of a
     fallback tensor + runtime overhead.  `kernels` (tensor → regime) prices each tensor in
     the kernel regime the host runtime really uses for it (see the module docstring).

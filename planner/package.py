@@ -36,6 +36,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -541,6 +542,28 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def _resign(package_dir: Path, signature: bytes) -> None:
+    """Make an existing package's signature the one this build made.
+
+    The manifest names no key, so a build after a key rotation has the digest of the package
+    already on disk; its `manifest.sig` is the old key's (Ed25519 signs deterministically: the
+    same key gives the same bytes, which are then left alone).  The new one replaces it
+    atomically: a reader sees the old signature or the new one, never part of either."""
+    path = package_dir / SIGNATURE_NAME
+    try:
+        if path.read_bytes() == signature:
+            return
+    except OSError:
+        pass  # missing or unreadable: write it
+    tmp = package_dir / f".{SIGNATURE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        _write_file(tmp, signature)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(package_dir)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -693,6 +716,8 @@ def build_package(
                 if not final.is_dir():  # not a concurrent build of the same digest: a real error
                     raise
                 created = False
+        if not created:
+            _resign(final, signature)
         _fsync_dir(out_root)
     finally:
         if tmp.exists():
@@ -791,11 +816,11 @@ def _dir_digest(source: object) -> str | None:
     return name if len(name) == 64 and all(c in "0123456789abcdef" for c in name) else None
 
 
-def _read_small(path: Path, limit: int) -> bytes:
+def _read_small(path: Path, limit: int, reason: str) -> bytes:
     with path.open("rb") as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
-        raise PackageError("manifest-corrupt", f"{path.name} is larger than {limit} bytes")
+        raise PackageError(reason, f"{path.name} is larger than {limit} bytes")
     return data
 
 
@@ -805,8 +830,9 @@ def _read_header(paths: Mapping[str, Path]) -> tuple[bytes, bytes]:
         if path is None or not path.is_file():
             raise PackageError("missing-file", f"{name} is missing ({path})")
     return (
-        _read_small(paths[MANIFEST_NAME], _MAX_MANIFEST_BYTES),
-        _read_small(paths[SIGNATURE_NAME], 4096),
+        _read_small(paths[MANIFEST_NAME], _MAX_MANIFEST_BYTES, "manifest-corrupt"),
+        # No valid Ed25519 signature is that long: the signature's fault, not the manifest's.
+        _read_small(paths[SIGNATURE_NAME], 4096, "bad-signature"),
     )
 
 

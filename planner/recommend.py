@@ -240,9 +240,7 @@ def recommend(
     binding = objective
     if better:
         # The variant just beyond the chosen one on the objective: what stops us taking it?
-        nearest = min(
-            better, key=lambda c: abs(c.accuracy - chosen.accuracy) + abs(c.latency_s - chosen.latency_s)
-        )
+        nearest = min(better, key=lambda c: _objective_gap(policy.kind, chosen, c))
         misses = _violations(nearest, slo_s, budget, floor)
         if misses:
             worst = max(misses, key=lambda k: misses[k])
@@ -265,6 +263,16 @@ def recommend(
     return Recommendation(described, chosen, binding, reason, near, {}, tuple(front))
 
 
+def _objective_gap(kind: str, chosen: Candidate, other: Candidate) -> float:
+    """How far `other`, better than `chosen` on the policy's objective, lies beyond it — on
+    the objective's own scale (accuracy, seconds or bytes), so the nearest is the runner-up."""
+    if kind == "max_accuracy":
+        return other.accuracy - chosen.accuracy
+    if kind == "min_latency":
+        return chosen.latency_s - other.latency_s
+    return float(chosen.memory_bytes - other.memory_bytes)
+
+
 def _explain_infeasible(
     candidates: Sequence[Candidate],
     front: Sequence[Candidate],
@@ -284,7 +292,8 @@ def _explain_infeasible(
         fastest = min(candidates, key=lambda c: c.latency_s)
         if fastest.latency_s > slo_s:
             failing["latency"] = (
-                f"fastest variant takes {_ms(fastest.latency_s)} (predicted), SLO is {_ms(slo_s)} "
+                f"fastest variant takes {_ms(fastest.latency_s)} ({fastest.latency_source}), "
+                f"SLO is {_ms(slo_s)} "
                 f"({_ms(fastest.latency_s - slo_s)} over)"
             )
     if floor is not None:

@@ -469,6 +469,9 @@ class PackedEmbedding(nn.Module):
         # int3 g64 + 4,096 hot rows 140 → 104 µs, int2 g32 + 256 hot rows 123 → 90 µs.  The
         # same float32 operations in the same order, so the same numbers.
         flat = ids.reshape(-1).numpy()
+        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            # numpy would read row −1 as the last row; nn.Embedding refuses, and so does this.
+            raise IndexError(f"index out of range: ids must be in 0..{self.num_embeddings - 1}")
         if self.hot_slot is None:
             return torch.from_numpy(self._dequantize_rows(flat)).reshape(*ids.shape, self.embedding_dim)
         assert self.hot_codes is not None and self.hot_scales is not None
@@ -1165,7 +1168,10 @@ class _W8A8BertLayer(_Layer):
         attributes on every call cost ~10 % of batch-1 latency (measured), rebuilding the
         signature ~7 µs per block call.
         `_apply` (`.to()`, `.float()`, …) drops the cache, so moved or converted buffers are
-        re-read; assigning a new buffer to a fused Linear directly would not be seen."""
+        re-read — but the fused Q/K/V weights live on the `_FusedSiblings` group, which no
+        `_apply` reaches, so moving a built runtime model is not supported (nothing in the
+        product moves one: models are built where they run).
+        Assigning a new buffer to a fused Linear directly would not be seen either."""
         cached = self.__dict__.get("_block_args_cache")
         if cached is None:
             linears, (n1, n2), heads = self._parts()
@@ -1333,7 +1339,11 @@ class MemoryStats:
     """Memory of running a model, in bytes (measured, not predicted).
 
     `weights_bytes`: bytes of the module's parameter and buffer storages (each counted once)
-    — exact.  `activation_peak_bytes`: peak of net tensor allocations during one call as
+    — exact for those; copies the runtime keeps outside them are not counted (the dequantized
+    copy of a small embedding table, ≤ 1 MiB each, built on first lookup; a fused Q/K/V
+    group's concatenated scales, row sums and bias).  On hosts that run integer Linears as
+    W8A8, int2/3/4 weights are held widened to int8, so this exceeds the packed size.
+    `activation_peak_bytes`: peak of net tensor allocations during one call as
     recorded by the torch profiler at op granularity (temporaries allocated and freed inside
     a single op are not seen, so this is a lower bound).  Process RSS is not used: it mixes in
     the interpreter, libraries and allocator caching.
@@ -1725,6 +1735,10 @@ class _FusedSiblings:
         self.source: torch.Tensor | None = None
         self.version = -1
         self.value: torch.Tensor | None = None
+        #: Siblings that have not yet taken their slice of `value`; when none is left the input
+        #: and the fused output are let go (held, they kept ~25 MB per layer alive after a
+        #: 32 × 128 batch until the next call).
+        self._unread: set[int] = set()
         self.hits = 0
 
     @staticmethod
@@ -1737,12 +1751,17 @@ class _FusedSiblings:
         """`layer`'s (rows, out) output for input `x` (flattened `x2`), computed once for all."""
         if self.value is not None and self.source is x and self.version == self._version(x):
             self.hits += 1
+            value = self.value
         else:
-            self.value = _int8_product(
+            value = _int8_product(
                 x2, self.weight, self.scale, self.rowsum, self.bias, self.asymmetric, self.two_digits
             )
-            self.source, self.version = x, self._version(x)
-        return self.value[:, self.slices[id(layer)]]
+            self.value, self.source, self.version = value, x, self._version(x)
+            self._unread = set(self.slices)
+        self._unread.discard(id(layer))
+        if not self._unread:
+            self.value = self.source = None
+        return value[:, self.slices[id(layer)]]
 
 
 class Int8DynamicLinear(_QuantLinearBase):
@@ -2134,8 +2153,10 @@ def measure_text_latency(
     2–8 s) left identical-kernel plans of the engine bench 10–25 % apart in one run (measured
     2026-12-04), as spells of contention fell on some passes and not others.
     """
-    if rounds < 1 or warmup < 0 or chunk < 1 or not batches:
-        raise PlanError("measure_text_latency needs rounds ≥ 1, warmup ≥ 0, chunk ≥ 1 and at least one text")
+    if rounds < 1 or warmup < 0 or chunk < 1 or not batches or not runners:
+        raise PlanError(
+            "measure_text_latency needs rounds ≥ 1, warmup ≥ 0, chunk ≥ 1, at least one text and one runner"
+        )
     names = list(runners)
     samples = {n: [[0.0] * rounds for _ in batches] for n in names}
     exits: dict[str, list[int]] = {n: [0] * len(batches) for n in names}

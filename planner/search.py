@@ -5,7 +5,7 @@ that dies mid-search is replaced by one that resumes the same study (`load_if_ex
 
 Fidelity levels:
   * every trial is scored by the sensitivity proxy (additive per-tensor fidelity loss,
-    microseconds) for accuracy, and by the roofline cost model for the device's latency and
+    microseconds per plan) for accuracy, and by the roofline cost model for the device's latency and
     memory (both predictions, and labelled so);
   * the candidates on each device's estimated front are then confirmed by real evaluations
     (the caller runs them, cached by plan and shared by every device of the run).

@@ -220,6 +220,16 @@ def test_cost_params_round_trip_and_validate() -> None:
         CostParams(compute_efficiency={"int2": 0.5})
     with pytest.raises(PlanError, match="unknown"):
         CostParams.from_dict({"_type": "CostParams", "_version": 1, "_data": {"bogus": 1}})
+    # stored parameters that are damaged: a PlanError naming the field, not a raw KeyError
+    header = {"_type": "CostParams", "_version": 1}
+    for data, field in (
+        (header, "'_data'"),
+        ({**header, "_data": {"mem_efficiency": "fast"}}, "'mem_efficiency'"),
+        ({**header, "_data": {"compute_efficiency": [0.5]}}, "'compute_efficiency'"),
+        ({**header, "_data": {"regime_overhead_s": {"fp32": None}}}, "'regime_overhead_s'\\['fp32'\\]"),
+    ):
+        with pytest.raises(PlanError, match=field):
+            CostParams.from_dict(data)
 
 
 def test_numpy_nnls_matches_scipy() -> None:

@@ -186,6 +186,18 @@ def test_packages_are_content_addressed_and_nothing_else_is_left(bundle: Bundle,
     assert sorted(p.name for p in a.path.iterdir()) == sorted(pkg.FILE_NAMES)
 
 
+def test_a_rebuild_after_a_key_rotation_carries_the_new_signature(bundle: Bundle, tmp_path: Path) -> None:
+    plan = _uniform(bundle, TensorScheme("int8"))
+    old = build_package(bundle, plan, tmp_path, signing_key=KEY)
+    new = build_package(bundle, plan, tmp_path, signing_key=OTHER_KEY)
+    assert not new.created and new.digest == old.digest  # the manifest names no key
+    assert (new.path / pkg.SIGNATURE_NAME).read_bytes().hex() == new.signature_hex != old.signature_hex
+    verify_package(new.path, pkg.public_key_hex(OTHER_KEY))
+    with pytest.raises(PackageError, match="signature"):
+        verify_package(new.path, PUBLIC)
+    assert sorted(p.name for p in new.path.iterdir()) == sorted(pkg.FILE_NAMES)
+
+
 @pytest.mark.parametrize(
     ("schemes", "message"),
     [
@@ -274,6 +286,7 @@ def _resign(d: Path, manifest: dict[str, object] | bytes) -> None:
             True,
             "bad-signature",
         ),
+        (lambda d: (d / pkg.SIGNATURE_NAME).write_bytes(b"\0" * 5000), True, "bad-signature"),
         (lambda d: (d / pkg.SIGNATURE_NAME).unlink(), True, "missing-file"),
         (lambda d: (d / pkg.BLOB_NAME).unlink(), True, "missing-file"),
         (lambda d: _resign(d, b'{"format": 1}'), False, "manifest-corrupt"),
@@ -288,6 +301,7 @@ def _resign(d: Path, manifest: dict[str, object] | bytes) -> None:
         "manifest-byte-no-digest",
         "signature-of-other-bytes",
         "signature-by-other-key",
+        "signature-too-long",
         "no-signature",
         "no-blob",
         "not-canonical",

@@ -60,6 +60,27 @@ def test_min_memory_with_loss_and_slo():
     assert rec.chosen.key == "int4"
 
 
+def test_binding_is_what_stops_the_runner_up_on_the_objective_itself():
+    # min_memory: the runner-up on memory (99 MiB) misses the SLO; a far smaller variant that
+    # misses the accuracy floor is closer in accuracy + latency, but it is not the runner-up.
+    chosen, runner_up, far = (
+        cand("chosen", 0.890, 10, 100),
+        cand("runner-up", 0.895, 40, 99),
+        cand("far", 0.870, 5, 10),
+    )
+    policy = Policy("min_memory", max_loss_points=2.5, latency_slo_ms=20)
+    rec = recommend([chosen, runner_up, far], policy, fp32_accuracy=FP32, device_memory_budget=10**9)
+    assert rec.chosen is not None and rec.chosen.key == "chosen"
+    assert rec.binding == "latency SLO 20 ms"
+
+
+def test_an_infeasible_slo_says_whether_the_latency_was_measured_or_predicted():
+    measured = Candidate("m", 0.9, 0.050, MIB, latency_source="measured")
+    policy = Policy("max_accuracy", latency_slo_ms=10)
+    rec = recommend([measured], policy, fp32_accuracy=FP32, device_memory_budget=10**9)
+    assert "50.00 ms (measured)" in rec.infeasible["latency"]
+
+
 def test_nothing_feasible_says_which_constraint_fails_and_by_how_much():
     rec = recommend(
         FRONT, Policy("max_accuracy", latency_slo_ms=5), fp32_accuracy=FP32, device_memory_budget=8 * MIB

@@ -117,6 +117,15 @@ def test_packed_embedding_dequantizes_only_the_rows_looked_up() -> None:
         assert module_storage_bytes(emb) == packed_nbytes((100, 64), scheme)
 
 
+def test_packed_embedding_refuses_ids_outside_the_table_as_nn_embedding_does() -> None:
+    large = PackedEmbedding(quantize(torch.randn(4096, 128), TensorScheme("int4", 32), kind="embedding"))
+    for bad in ([[-1, 3]], [[4096]]):
+        with pytest.raises(IndexError, match="out of range"):
+            large(torch.tensor(bad))
+        with pytest.raises(IndexError):
+            torch.nn.Embedding(4096, 128)(torch.tensor(bad))
+
+
 def test_only_small_packed_tables_keep_a_dequantized_copy() -> None:
     small = PackedEmbedding(quantize(torch.randn(512, 384), TensorScheme("int2", 32), kind="embedding"))
     large = PackedEmbedding(quantize(torch.randn(4096, 128), TensorScheme("int4", 32), kind="embedding"))

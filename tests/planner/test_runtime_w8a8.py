@@ -292,6 +292,25 @@ def test_fused_w8a8_block_matches_the_layer_by_layer_runtime(
     assert _rel_err(fused, by_layer) < 1e-4
 
 
+def test_fused_siblings_compute_once_and_let_the_input_go_once_all_have_read(
+    one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan]
+) -> None:
+    _, module, _ = runtime_pair
+    attention = module.encoder.layer[0].attention.self
+    shared = attention.query.shared_input
+    x = torch.randn(2, 5, attention.query.in_features)
+    with torch.inference_mode():
+        q, k = attention.query(x), attention.key(x)
+        assert shared.source is x and shared.value is not None  # V has not read yet
+        v = attention.value(x)
+    assert shared.source is None and shared.value is None  # nothing held between inputs
+    assert shared.hits >= 2
+    with torch.inference_mode():
+        again = attention.query(x), attention.key(x), attention.value(x)
+    for a, b in zip((q, k, v), again, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_fused_w8a8_block_takes_packed_hidden_states(
     one_thread: None, runtime_pair: tuple[TinyAdapter, torch.nn.Module, Plan]
 ) -> None:
@@ -503,6 +522,8 @@ def test_text_latency_interleaves_runners_chunk_by_chunk() -> None:
     runners = {n: Recorder(n) for n in ("a", "b", "c")}
     texts = list(range(5))
     measure_text_latency(runners, texts, rounds=2, warmup=0, threads=1, chunk=2)  # type: ignore[arg-type]
+    with pytest.raises(PlanError, match="one runner"):
+        measure_text_latency({}, texts, rounds=2, warmup=0, threads=1)  # type: ignore[arg-type]
     # Round 0: chunk [0, 1] by a, b, c; chunk [2, 3] by b, c, a; chunk [4] by c, a, b; round 1
     # starts one runner later.
     expected = []
