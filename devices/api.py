@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-from django.db.models import Count
+from django.db import IntegrityError, transaction
+from django.db.models import Count, ProtectedError, RestrictedError
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, mixins, permissions, status, views, viewsets
 from rest_framework.decorators import action
@@ -56,6 +57,56 @@ class DeviceProfileViewSet(viewsets.ModelViewSet):
     ordering_fields = ORDERING_FIELDS
     ordering = ["name"]
     search_fields = ["name", "vendor", "soc"]
+
+    def perform_create(self, serializer: Any) -> None:
+        _save_profile(serializer)
+
+    def perform_update(self, serializer: Any) -> None:
+        _save_profile(serializer)
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Delete an unused profile; 409 naming what still uses it otherwise."""
+        profile = self.get_object()
+        with transaction.atomic():
+            refused = _references(profile)
+            if not refused:
+                try:
+                    profile.delete()
+                except (ProtectedError, RestrictedError):
+                    # A device enrolled between the check and the delete.
+                    refused = _references(profile) or ["rows added meanwhile"]
+        if refused:
+            raise _Conflict({"profile": [f"still used by {', '.join(refused)}: remove or move those first"]})
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class _Conflict(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "conflict"
+
+
+def _save_profile(serializer: Any) -> None:
+    try:
+        with transaction.atomic():
+            serializer.save()
+    except IntegrityError:
+        # Another request took the name (or its slug) after validation looked.
+        raise exceptions.ValidationError(
+            {"name": ["a profile with this name (or its slug) was created at the same moment"]}
+        ) from None
+
+
+def _references(profile: DeviceProfile) -> list[str]:
+    """What deleting `profile` would break: devices and enrollment keys protect it; releases,
+    planning runs and predictions would be silently deleted (or lose the device) with it."""
+    counts = [
+        (profile.devices.count(), "enrolled device(s)"),
+        (profile.enrollment_keys.count(), "enrollment key(s) that pin it"),
+        (profile.releases.count(), "release(s), which would be deleted with it"),
+        (profile.planning_runs.count(), "planning run(s), which would lose its results"),
+        (profile.predictions.count(), "prediction(s), which would be deleted with it"),
+    ]
+    return [f"{n} {what}" for n, what in counts if n]
 
 
 def _raise_for(exc: EnrollmentError) -> NoReturn:

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from planner.cost import CostParams
 
 
+def profile_slug(name: str) -> str:
+    """The slug a profile named `name` gets (unique: "Pixel 8" and "pixel-8" collide)."""
+    return slugify(name)[:140] or "device"
+
+
 class DeviceProfile(models.Model):
     class Origin(models.TextChoices):
         CATALOG = "catalog", "catalog (public spec sheets)"
@@ -83,7 +88,7 @@ class DeviceProfile(models.Model):
         return self.name
 
     def save(self, *args: object, **kwargs: object) -> None:
-        self.slug = slugify(self.name)[:140] or "device"
+        self.slug = profile_slug(self.name)
         super().save(*args, **kwargs)  # type: ignore[arg-type]
 
     def clean(self) -> None:

@@ -4,7 +4,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from devices.models import Device, DeviceProfile, EnrollmentKey
+from devices.models import Device, DeviceProfile, EnrollmentKey, profile_slug
 from devices.validation import profile_errors
 
 
@@ -60,6 +60,21 @@ class DeviceProfileSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "activation_formats": {"required": True},
             "sources": {"required": True},
         }
+
+    def validate_name(self, name: str) -> str:
+        # The slug is derived from the name and unique too: names differing only in case or
+        # punctuation ("Pixel 8", "pixel-8") would otherwise fail on the database constraint.
+        slug = profile_slug(name)
+        clash = DeviceProfile.objects.filter(slug=slug)
+        if self.instance is not None:
+            clash = clash.exclude(pk=self.instance.pk)
+        taken = clash.values_list("name", flat=True).first()
+        if taken is not None:
+            raise serializers.ValidationError(
+                f"its slug {slug!r} is taken by the profile {taken!r}: choose a name that differs in more "
+                "than case, spaces or punctuation"
+            )
+        return name
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         # On PATCH, judge the profile as it would be after the change, not the fragment alone.

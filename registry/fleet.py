@@ -11,7 +11,8 @@ Stages (each a Celery task in `workers`, each safe to run twice):
      threshold curve, per-device measured fronts, recommendations, Pareto variants stored.
 
 A worker killed at any point leaves a stale heartbeat; `stale_work` finds it and the caller
-re-enqueues the stage, which resumes from what the database and the Optuna study hold.
+re-enqueues the stage, which resumes from what the database and the Optuna study hold.  It also
+finds queued runs whose `run_plan` message was lost, and finishes cancelled runs whose worker died.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from devices.models import DeviceProfile
@@ -640,9 +642,15 @@ def device_trials(run: PlanningRun, device_id: int) -> list[dict[str, Any]]:
 
 
 def stale_work() -> dict[str, list[int]]:
-    """Work whose worker stopped beating: device searches to re-lease, runs to re-confirm,
-    runs whose start never completed. The caller re-enqueues the matching tasks."""
-    stale = timezone.now() - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+    """Work whose worker stopped beating, or whose message the broker lost: device searches to
+    re-lease, runs to re-confirm, runs whose start never completed, and queued runs no worker
+    took up.  The caller re-enqueues the matching tasks.
+
+    A run whose cancel was asked and whose worker died is finished as cancelled here (no worker
+    would ever come back to it); those ids are returned under "cancelled"."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+    cancelled = _finish_abandoned_cancels(stale)
     running = PlanningRun.objects.filter(status=PlanningRun.Status.RUNNING, cancel_requested=False)
     searches = list(
         DeviceSearch.objects.filter(
@@ -656,4 +664,47 @@ def stale_work() -> dict[str, list[int]]:
         .values_list("pk", flat=True)
         .distinct()
     )
-    return {"searches": searches, "confirms": confirms, "starts": starts}
+    return {
+        "searches": searches,
+        "confirms": confirms,
+        "starts": starts,
+        "queued": _stale_queued(now, stale),
+        "cancelled": cancelled,
+    }
+
+
+def _stale_queued(now: Any, stale: Any) -> list[int]:
+    """Queued runs older than the stale period: their `run_plan` message was lost (broker down
+    at commit, Redis restarted) or is still waiting behind busy workers.  Re-enqueueing is safe
+    either way (`claim_run` takes a run once; a second start resumes it).  `heartbeat_at` of a
+    queued run records when it was last enqueued, so a run that merely waits is enqueued again
+    once per stale period, not at every sweep."""
+    queued = PlanningRun.objects.filter(status=PlanningRun.Status.QUEUED, cancel_requested=False)
+    ids = list(
+        queued.annotate(last_sent=Coalesce("heartbeat_at", "created_at"))
+        .filter(last_sent__lt=stale)
+        .values_list("pk", flat=True)
+    )
+    if ids:
+        queued.filter(pk__in=ids).update(heartbeat_at=now)
+    return ids
+
+
+def _finish_abandoned_cancels(stale: Any) -> list[int]:
+    """Finish as cancelled the running runs asked to cancel whose worker stopped beating: the
+    worker would have finished them at its next trial, but a dead one never does, and a
+    re-enqueued stage refuses a run being cancelled (`claim_run`), so nothing else would."""
+    ids = list(
+        PlanningRun.objects.filter(status=PlanningRun.Status.RUNNING, cancel_requested=True)
+        .annotate(last_beat=Coalesce("heartbeat_at", "started_at", "created_at"))
+        .filter(last_beat__lt=stale)
+        .values_list("pk", flat=True)
+    )
+    for run_id in ids:
+        DeviceSearch.objects.filter(run_id=run_id).exclude(status=DeviceSearch.Status.DONE).update(
+            status=DeviceSearch.Status.CANCELLED
+        )
+        planning.finish_run(
+            run_id, PlanningRun.Status.CANCELLED, error="cancelled on request (its worker had stopped)"
+        )
+    return ids

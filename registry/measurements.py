@@ -12,16 +12,17 @@ one queued per profile at a time).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery import current_app
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
 from devices.models import Device
+from registry.dispatch import enqueue
 from registry.models import Measurement, Package, Release
 
 __all__ = [
@@ -65,10 +66,16 @@ LIMITS: dict[str, tuple[str, bool, str]] = {
     "check_examples": ("count", False, "an integer from 1 to 1,000,000"),
     "samples": ("samples", True, f"a list of 1 to {MAX_SAMPLES} samples"),
     "runtime": ("runtime", False, f"an object of at most {MAX_RUNTIME_BYTES} bytes of JSON"),
-    "measured_at": ("datetime", True, "an ISO 8601 date-time, not in the future"),
+    "measured_at": (
+        "datetime",
+        True,
+        "an ISO 8601 date-time from 2000 on, at most one hour ahead of the server's clock",
+    ),
 }
 _SAMPLE_FIELDS = {"tokens", "exit_layer", "latency_ms"}
 _RECALIBRATION_FLAG = "recalibration-queued:{}"
+
+log = logging.getLogger(__name__)
 
 
 class MeasurementError(ValueError):
@@ -150,6 +157,7 @@ def _check_field(name: str, kind: str, value: Any) -> Any:
         if parsed is not None:
             if timezone.is_naive(parsed):
                 parsed = timezone.make_aware(parsed, UTC)
+            # A device's clock may run ahead of ours: up to an hour is tolerated (LIMITS says so).
             if datetime(2000, 1, 1, tzinfo=UTC) <= parsed <= timezone.now() + timedelta(hours=1):
                 return parsed
     raise KeyError(name)
@@ -313,9 +321,22 @@ def record_measurement(device: Device, data: Any) -> Measurement:
 
 def _queue_recalibration(profile_id: int) -> None:
     # One queued re-fit per profile: the task clears the flag when it starts, so a report
-    # arriving while it runs queues the next one.
-    if cache.add(_RECALIBRATION_FLAG.format(profile_id), 1, 600):
-        current_app.signature("workers.recalibrate_profile", args=[profile_id]).delay()
+    # arriving while it runs queues the next one.  Runs after the commit: the measurement is
+    # stored, so neither a cache nor a broker failure may turn it into a 500.
+    flag = _RECALIBRATION_FLAG.format(profile_id)
+    try:
+        claimed = cache.add(flag, 1, 600)
+    except Exception:
+        # Without the cache we cannot tell whether a re-fit is queued: one more is harmless.
+        log.exception("recalibration flag of profile %s unreadable; queueing the re-fit anyway", profile_id)
+        claimed = True
+    if not claimed or enqueue("workers.recalibrate_profile", profile_id):
+        return
+    # Nothing was queued: a flag left behind would block this profile's re-fits for 10 minutes.
+    try:
+        cache.delete(flag)
+    except Exception:
+        log.exception("could not clear the recalibration flag of profile %s", profile_id)
 
 
 def clear_recalibration_flag(profile_id: int) -> None:

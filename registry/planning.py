@@ -1,16 +1,17 @@
 """Services for planning runs: create (validated), claim (exactly once), cancel, report progress.
 
-Views and the API call these; the Celery task `workers.run_plan` calls `claim_run` and then
-`registry.fleet.execute_run`.  Enqueueing happens on commit, by task name, so this module never
-imports `workers`.
+Views and the API call these; the Celery task `workers.run_plan` calls `registry.fleet.start_run`,
+which claims the run through `claim_run`.  Enqueueing happens on commit, by task name, so this
+module never imports `workers`; a run whose message the broker lost stays queued until
+`workers.requeue_stale` enqueues it again.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
-from celery import current_app
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -18,9 +19,12 @@ from django.utils import timezone
 from devices.models import DeviceProfile
 from planner.recommend import Policy
 from planner.specs import PlanError
+from registry.dispatch import enqueue
 from registry.models import BaseModel, PlanningRun
 
 __all__ = [
+    "MAX_ID",
+    "MAX_SEED",
     "MAX_TRIALS_PER_DEVICE",
     "RunInputError",
     "cancel_run",
@@ -32,6 +36,20 @@ __all__ = [
 MAX_TRIALS_PER_DEVICE = 20_000
 MAX_REAL_EVALS = 500
 MAX_DEVICES = 100
+#: Largest database id (BigAutoField): a bigger number cannot name a row, and SQLite refuses it.
+MAX_ID = 2**63 - 1
+#: planner.search.make_sampler seeds Optuna with `seed * 1_000_003 + sum(map(ord, str(profile id)))`
+#: and Optuna takes seeds below 2**32; a profile id has at most 19 digits ('9' = 57), so the
+#: largest seed that works for every device is (2**32 - 1 - 19 * 57) // 1_000_003.
+MAX_SEED = (2**32 - 1 - 19 * ord("9")) // 1_000_003
+#: Policy field → (accepted types, rule): `Policy.from_dict` takes any value (true would be 1 ms).
+_POLICY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "kind": ((str,), "must be a string"),
+    "latency_slo_ms": ((int, float), "must be a number of milliseconds"),
+    "max_loss_points": ((int, float), "must be a number of points"),
+    "accuracy_floor": ((int, float), "must be a number (a fraction from 0 to 1)"),
+    "memory_budget_bytes": ((int,), "must be an integer number of bytes"),
+}
 
 
 class RunInputError(ValueError):
@@ -62,8 +80,12 @@ def create_run(
     if model is None:
         errors["base_model"] = "unknown model"
     ids = [p.pk if isinstance(p, DeviceProfile) else p for p in device_profiles]
-    profiles = list(DeviceProfile.objects.filter(pk__in=ids))
-    if not ids:
+    # An id past the database's integer range raises OverflowError in the query: judge it first.
+    out_of_range = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= MAX_ID]
+    profiles = [] if out_of_range else list(DeviceProfile.objects.filter(pk__in=ids))
+    if out_of_range:
+        errors["device_profiles"] = f"ids are integers from 1 to {MAX_ID}"
+    elif not ids:
         errors["device_profiles"] = "give at least one device profile"
     elif len(ids) > MAX_DEVICES:
         errors["device_profiles"] = f"at most {MAX_DEVICES} device profiles per run"
@@ -76,13 +98,21 @@ def create_run(
         errors["real_eval_budget"] = f"must be an integer from 1 to {MAX_REAL_EVALS}"
     if sampler not in PlanningRun.Sampler.values:
         errors["sampler"] = f"must be one of {', '.join(PlanningRun.Sampler.values)}"
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed <= MAX_SEED):
+        errors["seed"] = f"must be an integer from 0 to {MAX_SEED}"
     fp32_accuracy = (model.fp32_metrics or {}).get("accuracy") if isinstance(model, BaseModel) else None
-    if isinstance(model, BaseModel) and model.kind == BaseModel.Kind.RUNNABLE and fp32_accuracy is None:
+    if isinstance(model, BaseModel) and model.kind != BaseModel.Kind.RUNNABLE:
+        # fleet.start_run searches accuracy with the model's weights: refuse now, not in the worker.
+        errors["base_model"] = "is spec-only (no weights): only runnable models can be planned"
+    elif isinstance(model, BaseModel) and fp32_accuracy is None:
         errors["base_model"] = "has no measured FP32 accuracy yet (register it with its evaluation set first)"
+    type_errors = _policy_type_errors(policy) if isinstance(policy, dict) else {}
     try:
-        parsed = Policy.from_dict(policy) if isinstance(policy, dict) else None
-        if parsed is None:
+        parsed = Policy.from_dict(policy) if isinstance(policy, dict) and not type_errors else None
+        if not isinstance(policy, dict):
             errors["policy"] = "must be an object"
+        elif parsed is None:
+            errors.update(type_errors)
         else:
             errors.update({f"policy.{k}": v for k, v in parsed.errors(fp32_accuracy).items()})
     except (PlanError, TypeError) as exc:
@@ -107,9 +137,23 @@ def create_run(
             created_by=created_by if getattr(created_by, "is_authenticated", False) else None,
         )
         run.device_profiles.set(profiles)
-        # By name (services never import workers); a signature honours eager mode in tests.
-        transaction.on_commit(lambda: current_app.signature("workers.run_plan", args=[run.pk]).delay())
+        transaction.on_commit(lambda: enqueue("workers.run_plan", run.pk))
     return run
+
+
+def _policy_type_errors(policy: dict[str, Any]) -> dict[str, str]:
+    """`policy.<field>` → rule, for values of the wrong type (unknown fields are Policy's to name)."""
+    errors: dict[str, str] = {}
+    for name, value in policy.items():
+        if name not in _POLICY_TYPES or value is None:
+            continue
+        types, rule = _POLICY_TYPES[name]
+        # bool is an int subclass: `true` must not pass as 1 ms.
+        if isinstance(value, bool) or not isinstance(value, types):
+            errors[f"policy.{name}"] = rule
+        elif isinstance(value, float) and not math.isfinite(value):
+            errors[f"policy.{name}"] = "must be a finite number"
+    return errors
 
 
 def claim_run(run_id: int) -> PlanningRun | None:

@@ -10,23 +10,28 @@ Rules (docs/delivery.md):
   * rollback marks the head rolled back and makes its previous release the head again;
   * every change is audited (who, when, before → after) in its own transaction, and drops the
     profile's cached config state on commit;
-  * edits name the version they change (`If-Match: "<version>"`): a stale one is refused (412),
-    a missing one too (428).
+  * a rollout change names the version it changes (`If-Match: "<version>"`): a stale one is
+    refused (412), a missing one too (428); a rollback's If-Match is optional (docs/delivery.md),
+    but a stale one is refused (412) as well;
+  * a pending release whose `workers.build_package` message was lost (broker down at commit,
+    Redis restarted) is found by `stale_pending` and its build enqueued again.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+from datetime import timedelta
 from typing import Any
 
-from celery import current_app
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from devices.models import DeviceProfile
 from registry import audit
 from registry.delivery import bucket, forget_profile
+from registry.dispatch import enqueue
 from registry.models import Package, Release, Variant
 
 __all__ = [
@@ -38,6 +43,7 @@ __all__ = [
     "publish",
     "rollback",
     "set_rollout",
+    "stale_pending",
 ]
 
 _ALIAS = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
@@ -152,9 +158,7 @@ def publish(
                 _activate(release, package, by)
             else:
                 variant_id = variant_obj.pk
-                transaction.on_commit(
-                    lambda: current_app.signature("workers.build_package", args=[variant_id]).delay()
-                )
+                transaction.on_commit(lambda: enqueue("workers.build_package", variant_id))
     except IntegrityError:
         raise ReleaseError(
             {"alias": "another release of this alias was published at the same moment"}, 409
@@ -232,6 +236,25 @@ def activate_pending(variant: Variant, package: Package) -> list[Release]:
                 continue
             done.append(release)
     return done
+
+
+def stale_pending() -> list[int]:
+    """Variants with a release pending for longer than EDGEFIT_STALE_SECONDS: their build
+    message was lost or its worker died.  The caller enqueues `workers.build_package` for each.
+
+    The releases' `updated_at` is bumped (the version is not: nothing a client sees changes),
+    so a build that is merely slow is enqueued again once per stale period, not every sweep."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+    with transaction.atomic():
+        pending = Release.objects.select_for_update().filter(
+            status=Release.Status.PENDING, updated_at__lt=stale
+        )
+        variants = sorted(set(pending.values_list("variant_id", flat=True)))
+        Release.objects.filter(
+            status=Release.Status.PENDING, updated_at__lt=stale, variant_id__in=variants
+        ).update(updated_at=now)
+    return variants
 
 
 def _fail(release: Release, error: str) -> None:

@@ -6,6 +6,7 @@ from rest_framework import serializers
 
 from devices.serializers import StrictFieldsMixin
 from registry.models import AuditEntry, BaseModel, Package, PlanningRun, Release, Variant
+from registry.planning import MAX_ID, MAX_SEED
 
 
 class BaseModelSerializer(serializers.ModelSerializer):
@@ -93,13 +94,17 @@ class PlanningRunSerializer(serializers.ModelSerializer):
 class PlanningRunCreateSerializer(StrictFieldsMixin, serializers.Serializer):
     """Input of POST /api/v1/plans/; the service validates the combination."""
 
-    base_model = serializers.IntegerField()
-    device_profiles = serializers.ListField(child=serializers.IntegerField(), allow_empty=True)
+    # Ids are bounded to the database's integer range: a bigger one overflows the query (500).
+    base_model = serializers.IntegerField(min_value=1, max_value=MAX_ID)
+    device_profiles = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID), allow_empty=True
+    )
     policy = serializers.DictField()
     trials_per_device = serializers.IntegerField()
     real_eval_budget = serializers.IntegerField()
     sampler = serializers.CharField(default=PlanningRun.Sampler.NSGA2)
-    seed = serializers.IntegerField(default=0, min_value=0)
+    # The search derives Optuna's seed from it, which must stay below 2**32 (see MAX_SEED).
+    seed = serializers.IntegerField(default=0, min_value=0, max_value=MAX_SEED)
 
     def to_representation(self, instance: Any) -> Any:
         return PlanningRunSerializer(instance).data

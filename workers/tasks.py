@@ -2,7 +2,8 @@
 
 A run fans out: `run_plan` → one `search_device` per device (several workers share a run) →
 the last search enqueues `confirm_run`.  `requeue_stale` (every minute, and when a worker
-starts) re-enqueues the stage a killed worker left behind.
+starts) re-enqueues the stage a killed worker left behind, the runs and package builds whose
+message the broker lost, and finishes cancelled runs whose worker died.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready
 
-from registry import calibration, fleet, packages
+from registry import calibration, fleet, packages, releases
 from registry.engine import compute_sensitivity
 from registry.models import BaseModel
 
@@ -63,10 +64,13 @@ def requeue_stale() -> dict[str, list[int]]:
         search_device.delay(search_id)
     for run_id in work["confirms"]:
         confirm_run.delay(run_id)
-    for run_id in work["starts"]:
+    for run_id in [*work["starts"], *work["queued"]]:
         run_plan.delay(run_id)
+    work["builds"] = releases.stale_pending()
+    for variant_id in work["builds"]:
+        build_package.delay(variant_id)
     if any(work.values()):
-        log.warning("re-enqueued stale planning work: %s", work)
+        log.warning("re-enqueued stale work: %s", work)
     return work
 
 

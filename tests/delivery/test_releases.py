@@ -364,3 +364,11 @@ def test_the_admin_cannot_delete_releases_audit_entries_or_packages(rf, admin_us
         model_admin = admin.site._registry[model]
         assert not model_admin.has_delete_permission(request), model.__name__
         assert not model_admin.has_add_permission(request), model.__name__
+
+
+def test_a_profile_with_releases_is_not_deleted_with_them(api_as, staff, profile, package, publish):
+    publish(package.variant, profile)
+    response = api_as(staff).delete(f"/api/v1/devices/profiles/{profile.pk}/")
+    assert response.status_code == 409
+    assert "1 release(s), which would be deleted with it" in response.json()["errors"]["profile"][0]
+    assert Release.objects.filter(profile=profile).exists()

@@ -99,6 +99,48 @@ def test_staff_deletes_a_profile(api_as, staff):
     assert not DeviceProfile.objects.exists()
 
 
+def test_a_name_whose_slug_is_taken_is_a_400_on_name(api_as, staff):
+    # The slug is unique too: this was an IntegrityError, a 500.
+    client = api_as(staff)
+    assert client.post(URL, profile_payload(name="Pixel 8"), format="json").status_code == 201
+    response = client.post(URL, profile_payload(name="pixel-8"), format="json")
+    assert response.status_code == 400
+    assert "slug 'pixel-8' is taken by the profile 'Pixel 8'" in response.json()["errors"]["name"][0]
+    assert DeviceProfile.objects.count() == 1
+    other = client.post(URL, profile_payload(name="Pixel 9"), format="json").json()
+    renamed = client.patch(f"{URL}{other['id']}/", {"name": "PIXEL 8"}, format="json")
+    assert renamed.status_code == 400 and "name" in renamed.json()["errors"]
+    assert DeviceProfile.objects.get(pk=other["id"]).name == "Pixel 9"
+    # Renaming a profile to a spelling of its own name keeps working.
+    assert client.patch(f"{URL}{other['id']}/", {"name": "pixel 9"}, format="json").status_code == 200
+
+
+def test_a_profile_in_use_is_a_409_naming_what_uses_it(api_as, staff):
+    from devices.enrollment import create_enrollment_key, preregister_device
+
+    client = api_as(staff)
+    with_device = DeviceProfile.objects.create(**profile_payload(name="With device"))
+    preregister_device(name="d1", profile=with_device, channel="stable", by=None)
+    pinned = DeviceProfile.objects.create(**profile_payload(name="Pinned"))
+    create_enrollment_key(fleet="north", profile=pinned, created_by=None)
+    for profile, what in ((with_device, "1 enrolled device(s)"), (pinned, "1 enrollment key(s) that pin it")):
+        response = client.delete(f"{URL}{profile.pk}/")
+        assert response.status_code == 409  # was a ProtectedError, a 500
+        assert what in response.json()["errors"]["profile"][0]
+        assert DeviceProfile.objects.filter(pk=profile.pk).exists()
+
+
+def test_a_profile_a_planning_run_used_is_not_deleted_under_it(api_as, staff):
+    from tests.registry.factories import demo_fleet
+
+    phone = demo_fleet()["phone"]
+    response = api_as(staff).delete(f"{URL}{phone.pk}/")
+    assert response.status_code == 409
+    message = response.json()["errors"]["profile"][0]
+    assert "1 planning run(s)" in message and "prediction(s), which would be deleted with it" in message
+    assert phone.predictions.exists()
+
+
 def test_list_filters_orders_and_paginates(api_as, viewer, catalog):
     client = api_as(viewer)
     apple = client.get(URL, {"vendor": "apple"}).json()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from devices.models import DeviceProfile
+from planner.search import SearchSettings, make_sampler
 from registry.models import BaseModel, PlanningRun
+from registry.planning import MAX_ID, MAX_SEED
 from tests.devices.factories import profile_payload
 
 URL = "/api/v1/plans/"
@@ -76,6 +78,19 @@ def test_staff_creates_a_run_which_is_queued(
         ({"policy": {"kind": "fastest"}}, "policy.kind"),
         ({"policy": {"kind": "max_accuracy", "slo": 5}}, "policy"),
         ({"colour": "red"}, "colour"),
+        # Past the database's integer range (was an OverflowError, a 500).
+        ({"device_profiles": [10**30]}, "device_profiles"),
+        ({"base_model": 10**30}, "base_model"),
+        # Optuna refuses the seed the search derives from it (was accepted, failed in the worker).
+        ({"seed": MAX_SEED + 1}, "seed"),
+        ({"seed": 2**40}, "seed"),
+        # Wrong types: `true` was stored as a 1 ms SLO, "5" was a 400 not naming the field.
+        ({"policy": {"kind": "max_accuracy", "latency_slo_ms": True}}, "policy.latency_slo_ms"),
+        ({"policy": {"kind": "max_accuracy", "latency_slo_ms": "5"}}, "policy.latency_slo_ms"),
+        ({"policy": {"kind": "min_latency", "max_loss_points": "1"}}, "policy.max_loss_points"),
+        ({"policy": {"kind": "max_accuracy", "accuracy_floor": [0.5]}}, "policy.accuracy_floor"),
+        ({"policy": {"kind": "max_accuracy", "memory_budget_bytes": 1.5}}, "policy.memory_budget_bytes"),
+        ({"policy": {"kind": 3}}, "policy.kind"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(api_as, staff, model, device, overrides, field):
@@ -83,6 +98,25 @@ def test_bad_input_is_a_400_naming_the_field(api_as, staff, model, device, overr
     assert response.status_code == 400
     assert field in response.json()["errors"], response.json()
     assert not PlanningRun.objects.exists()
+
+
+def test_a_spec_only_model_is_refused_at_request_time(api_as, staff, model, device):
+    # fleet.start_run cannot search it: it used to be accepted and fail in the worker.
+    BaseModel.objects.filter(pk=model.pk).update(kind=BaseModel.Kind.SPEC_ONLY)
+    response = api_as(staff).post(URL, body(model, device), format="json")
+    assert response.status_code == 400
+    assert "spec-only" in response.json()["errors"]["base_model"][0]
+    assert not PlanningRun.objects.exists()
+
+
+@pytest.mark.parametrize("sampler", PlanningRun.Sampler.values)
+def test_the_largest_accepted_seed_works_for_any_device_id(api_as, staff, model, device, sampler):
+    response = api_as(staff).post(URL, body(model, device, seed=MAX_SEED, sampler=sampler), format="json")
+    assert response.status_code == 201, response.json()
+    settings = SearchSettings(trials=2, sampler=sampler, seed=MAX_SEED)
+    make_sampler(settings, str(MAX_ID)).reseed_rng()  # the worker's search builds exactly this
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        make_sampler(SearchSettings(trials=2, sampler=sampler, seed=MAX_SEED + 1), "1")
 
 
 def test_viewers_read_but_cannot_start_or_cancel(api_as, staff, viewer, model, device):
