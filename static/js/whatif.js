@@ -113,7 +113,7 @@
     if (sloS !== null) {
       var fastest = argBest(candidates, function (c) { return [c.latency_s]; }, false);
       if (fastest.latency_s > sloS) {
-        failing.push(["latency", "fastest variant takes " + ms(fastest.latency_s) + " (predicted), SLO is " + ms(sloS) +
+        failing.push(["latency", "fastest variant takes " + ms(fastest.latency_s) + " (" + fastest.latency_source + "), SLO is " + ms(sloS) +
           " (" + ms(fastest.latency_s - sloS) + " over)"]);
       }
     }
@@ -170,8 +170,11 @@
     }
     var binding = objective;
     if (better.length) {
+      // planner.recommend._objective_gap: the runner-up on the objective's own scale
       var nearest = argBest(better, function (c) {
-        return [Math.abs(c.accuracy - chosen.accuracy) + Math.abs(c.latency_s - chosen.latency_s)];
+        if (policy.kind === "max_accuracy") { return [c.accuracy - chosen.accuracy]; }
+        if (policy.kind === "min_latency") { return [chosen.latency_s - c.latency_s]; }
+        return [chosen.memory_bytes - c.memory_bytes];
       }, false);
       var misses = violations(nearest, sloS, budget, floor);
       if (misses.length) {
