@@ -85,6 +85,15 @@ class DeviceProfileSerializer(StrictFieldsMixin, serializers.ModelSerializer):
             raise serializers.ValidationError(errors)
         return attrs
 
+    def update(self, instance: DeviceProfile, validated_data: dict[str, Any]) -> DeviceProfile:
+        # Only the fields the request changed (plus what `save` derives from them): saving every
+        # field would write back the `cost_params` / `calibration` this request loaded, over a
+        # re-fit a worker stored while it ran.
+        for name, value in validated_data.items():
+            setattr(instance, name, value)
+        instance.save(update_fields=[*validated_data, "slug", "updated_at"])
+        return instance
+
 
 class DeviceSerializer(serializers.ModelSerializer):
     """An enrolled device as staff and viewers see it (never its token)."""

@@ -82,6 +82,24 @@ def test_every_number_needs_a_source(api_as, staff):
     assert "int8_tops is set but has no source" in response.json()["errors"]["sources"]
 
 
+def test_a_patch_writes_only_its_fields_not_a_calibration_stored_meanwhile(api_as, staff, monkeypatch):
+    from devices.serializers import DeviceProfileSerializer
+
+    created = api_as(staff).post(URL, profile_payload(), format="json").json()
+    refit = {"note": "a worker's re-fit, stored while the PATCH ran"}
+    real_validate = DeviceProfileSerializer.validate
+
+    def validate_while_a_worker_stores(self, attrs):  # the request already holds the profile
+        DeviceProfile.objects.filter(pk=created["id"]).update(calibration=refit)
+        return real_validate(self, attrs)
+
+    monkeypatch.setattr(DeviceProfileSerializer, "validate", validate_while_a_worker_stores)
+    response = api_as(staff).patch(f"{URL}{created['id']}/", {"notes": "checked"}, format="json")
+    assert response.status_code == 200
+    stored = DeviceProfile.objects.get(pk=created["id"])
+    assert stored.notes == "checked" and stored.calibration == refit
+
+
 def test_a_patch_is_judged_against_the_whole_profile(api_as, staff):
     created = api_as(staff).post(URL, profile_payload(), format="json").json()
     response = api_as(staff).patch(f"{URL}{created['id']}/", {"ram_total_bytes": GIB}, format="json")
