@@ -36,7 +36,6 @@ import os
 import shutil
 import struct
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -555,12 +554,8 @@ def _resign(package_dir: Path, signature: bytes) -> None:
             return
     except OSError:
         pass  # missing or unreadable: write it
-    tmp = package_dir / f".{SIGNATURE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
+    with replacing(path) as tmp:
         _write_file(tmp, signature)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     _fsync_dir(package_dir)
 
 

@@ -8,6 +8,8 @@ when nothing is feasible — which constraint fails and by how much.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -50,8 +52,11 @@ class Policy:
             raise PlanError(f"policy.{field_name}: {message}")
 
     def errors(self, fp32_accuracy: float | None = None) -> dict[str, str]:
-        """Field → rule broken; empty when the policy is usable (with `fp32_accuracy` if known)."""
-        errors: dict[str, str] = {}
+        """Field → rule broken; empty when the policy is usable (with `fp32_accuracy` if known).
+        Types first: a policy read from JSON may hold `true` (which would pass as 1 ms) or "5"."""
+        errors = self._type_errors()
+        if errors:
+            return errors  # the range rules below assume numbers
         if self.kind not in POLICY_KINDS:
             errors["kind"] = f"must be one of {', '.join(POLICY_KINDS)}"
         if self.latency_slo_ms is not None and not (0 < self.latency_slo_ms <= 3_600_000):
@@ -85,6 +90,26 @@ class Policy:
                         f"contradicts accuracy_floor: {self.max_loss_points} points of loss means a floor "
                         f"of {implied:.4f}, not {self.accuracy_floor:.4f}; give one of the two"
                     )
+        return errors
+
+    def _type_errors(self) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        if not isinstance(self.kind, str):
+            errors["kind"] = f"must be one of {', '.join(POLICY_KINDS)}"
+        for name, kind, rule in (
+            ("latency_slo_ms", numbers.Real, "must be a number of milliseconds"),
+            ("max_loss_points", numbers.Real, "must be a number of points"),
+            ("accuracy_floor", numbers.Real, "must be a number (a fraction from 0 to 1)"),
+            ("memory_budget_bytes", numbers.Integral, "must be an integer number of bytes"),
+        ):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            # bool is an int subclass: `true` must not pass as 1.
+            if isinstance(value, bool) or not isinstance(value, kind):
+                errors[name] = rule
+            elif not math.isfinite(value):
+                errors[name] = "must be a finite number"
         return errors
 
     def floor(self, fp32_accuracy: float) -> float | None:

@@ -193,6 +193,8 @@ def _flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
+    # `.float()` returns an fp32 tensor itself too, but only after a trip through the
+    # dispatcher (~1 µs) on every Linear call at batch 1.
     return x if x.dtype == torch.float32 else x.float()
 
 
@@ -385,7 +387,31 @@ class DequantLinear(_Fp32ProductLinear):
         return self.weight_fp32
 
 
-class PackedEmbedding(nn.Module):
+class _SmallTableCopy(nn.Module):
+    """An embedding whose small table (fp32 copy ≤ `SMALL_TABLE_BYTES`) is looked up from an fp32
+    copy built on first use, kept in the instance dict under `_COPY_KEY` (not a buffer: the
+    package and `module_storage_bytes` see the stored form only); `_apply` (`.to()`,
+    `.float()`, …) drops it, so the next lookup rebuilds it from the moved buffers."""
+
+    #: fp32 bytes up to which a table keeps a copy (inside the runtime overhead the cost model
+    #: budgets, 32 MiB).
+    SMALL_TABLE_BYTES = 1 << 20
+    _COPY_KEY = "_table_copy"
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _SmallTableCopy:
+        self.__dict__.pop(self._COPY_KEY, None)
+        super()._apply(fn, recurse)
+        return self
+
+    def _table_copy(self, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        table: torch.Tensor | None = self.__dict__.get(self._COPY_KEY)
+        if table is None:
+            table = build()
+            self.__dict__[self._COPY_KEY] = table
+        return table
+
+
+class PackedEmbedding(_SmallTableCopy):
     """An embedding table kept bit-packed: each lookup unpacks and dequantizes only its rows.
 
     Needs dim % 8 == 0 so every row starts on a whole chunk of the dense bit stream.  Hot rows
@@ -397,9 +423,7 @@ class PackedEmbedding(nn.Module):
     tokens: 90 → 4 µs per lookup, measured); the package and the buffers stay packed.
     """
 
-    #: fp32 bytes up to which a table keeps a dequantized copy (inside the runtime overhead
-    #: the cost model budgets, 32 MiB).
-    SMALL_TABLE_BYTES = 1 << 20
+    _COPY_KEY = "_dequantized"
 
     def __init__(self, qt: QuantizedTensor, padding_idx: int | None = None) -> None:
         super().__init__()
@@ -440,17 +464,9 @@ class PackedEmbedding(nn.Module):
         self.register_buffer("hot_codes", hot_codes)
         self.register_buffer("hot_scales", hot_scales)
 
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PackedEmbedding:
-        self.__dict__.pop("_dequantized", None)  # re-built from the moved / converted buffers
-        super()._apply(fn, recurse)
-        return self
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.dequantize_once:
-            table = self.__dict__.get("_dequantized")
-            if table is None:
-                table = self.lookup_packed(torch.arange(self.num_embeddings))
-                self.__dict__["_dequantized"] = table
+            table = self._table_copy(lambda: self.lookup_packed(torch.arange(self.num_embeddings)))
             return F.embedding(ids, table)
         return self.lookup_packed(ids)
 
@@ -501,11 +517,13 @@ class PackedEmbedding(nn.Module):
         return q.reshape(n, self.embedding_dim)
 
 
-class _Fp16Embedding(nn.Module):
+class _Fp16Embedding(_SmallTableCopy):
     """An fp16 table whose looked-up rows are upcast to fp32 per call — or, for a small table
-    (fp32 copy ≤ `PackedEmbedding.SMALL_TABLE_BYTES`, e.g. BERT's two token-type rows), upcast
-    once on first lookup: one `F.embedding` instead of two ops per call (15 → 5 µs per text
-    on an AMD Zen 4 host); the buffer and the package stay fp16."""
+    (e.g. BERT's two token-type rows), upcast once on first lookup: one `F.embedding` instead
+    of two ops per call (15 → 5 µs per text on an AMD Zen 4 host); the buffer and the package
+    stay fp16."""
+
+    _COPY_KEY = "_upcast"
 
     def __init__(self, qt: QuantizedTensor, padding_idx: int | None = None) -> None:
         super().__init__()
@@ -513,20 +531,11 @@ class _Fp16Embedding(nn.Module):
         self.padding_idx = padding_idx
         self.weight_fp16: torch.Tensor
         self.register_buffer("weight_fp16", qt.values.to(torch.float16).contiguous())
-        self.upcast_once = qt.values.numel() * 4 <= PackedEmbedding.SMALL_TABLE_BYTES
-
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _Fp16Embedding:
-        self.__dict__.pop("_upcast", None)  # re-built from the moved / converted buffer
-        super()._apply(fn, recurse)
-        return self
+        self.upcast_once = qt.values.numel() * 4 <= self.SMALL_TABLE_BYTES
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.upcast_once:
-            table = self.__dict__.get("_upcast")
-            if table is None:
-                table = self.weight_fp16.float()
-                self.__dict__["_upcast"] = table
-            return F.embedding(ids, table)
+            return F.embedding(ids, self._table_copy(self.weight_fp16.float))
         return F.embedding(ids, self.weight_fp16).float()
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -673,7 +673,7 @@ def stale_work() -> dict[str, list[int]]:
     }
 
 
-def _stale_queued(now: Any, stale: Any) -> list[int]:
+def _stale_queued(now: datetime, stale: datetime) -> list[int]:
     """Queued runs older than the stale period: their `run_plan` message was lost (broker down
     at commit, Redis restarted) or is still waiting behind busy workers.  Re-enqueueing is safe
     either way (`claim_run` takes a run once; a second start resumes it).  `heartbeat_at` of a
@@ -690,7 +690,7 @@ def _stale_queued(now: Any, stale: Any) -> list[int]:
     return ids
 
 
-def _finish_abandoned_cancels(stale: Any) -> list[int]:
+def _finish_abandoned_cancels(stale: datetime) -> list[int]:
     """Finish as cancelled the running runs asked to cancel whose worker stopped beating: the
     worker would have finished them at its next trial, but a dead one never does, and a
     re-enqueued stage refuses a run being cancelled (`claim_run`), so nothing else would."""

@@ -8,7 +8,6 @@ module never imports `workers`; a run whose message the broker lost stays queued
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,14 +41,6 @@ MAX_ID = 2**63 - 1
 #: and Optuna takes seeds below 2**32; a profile id has at most 19 digits ('9' = 57), so the
 #: largest seed that works for every device is (2**32 - 1 - 19 * 57) // 1_000_003.
 MAX_SEED = (2**32 - 1 - 19 * ord("9")) // 1_000_003
-#: Policy field → (accepted types, rule): `Policy.from_dict` takes any value (true would be 1 ms).
-_POLICY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "kind": ((str,), "must be a string"),
-    "latency_slo_ms": ((int, float), "must be a number of milliseconds"),
-    "max_loss_points": ((int, float), "must be a number of points"),
-    "accuracy_floor": ((int, float), "must be a number (a fraction from 0 to 1)"),
-    "memory_budget_bytes": ((int,), "must be an integer number of bytes"),
-}
 
 
 class RunInputError(ValueError):
@@ -106,13 +97,10 @@ def create_run(
         errors["base_model"] = "is spec-only (no weights): only runnable models can be planned"
     elif isinstance(model, BaseModel) and fp32_accuracy is None:
         errors["base_model"] = "has no measured FP32 accuracy yet (register it with its evaluation set first)"
-    type_errors = _policy_type_errors(policy) if isinstance(policy, dict) else {}
     try:
-        parsed = Policy.from_dict(policy) if isinstance(policy, dict) and not type_errors else None
-        if not isinstance(policy, dict):
+        parsed = Policy.from_dict(policy) if isinstance(policy, dict) else None
+        if parsed is None:
             errors["policy"] = "must be an object"
-        elif parsed is None:
-            errors.update(type_errors)
         else:
             errors.update({f"policy.{k}": v for k, v in parsed.errors(fp32_accuracy).items()})
     except (PlanError, TypeError) as exc:
@@ -139,21 +127,6 @@ def create_run(
         run.device_profiles.set(profiles)
         transaction.on_commit(lambda: enqueue("workers.run_plan", run.pk))
     return run
-
-
-def _policy_type_errors(policy: dict[str, Any]) -> dict[str, str]:
-    """`policy.<field>` → rule, for values of the wrong type (unknown fields are Policy's to name)."""
-    errors: dict[str, str] = {}
-    for name, value in policy.items():
-        if name not in _POLICY_TYPES or value is None:
-            continue
-        types, rule = _POLICY_TYPES[name]
-        # bool is an int subclass: `true` must not pass as 1 ms.
-        if isinstance(value, bool) or not isinstance(value, types):
-            errors[f"policy.{name}"] = rule
-        elif isinstance(value, float) and not math.isfinite(value):
-            errors[f"policy.{name}"] = "must be a finite number"
-    return errors
 
 
 def claim_run(run_id: int) -> PlanningRun | None:

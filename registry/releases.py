@@ -251,9 +251,7 @@ def stale_pending() -> list[int]:
             status=Release.Status.PENDING, updated_at__lt=stale
         )
         variants = sorted(set(pending.values_list("variant_id", flat=True)))
-        Release.objects.filter(
-            status=Release.Status.PENDING, updated_at__lt=stale, variant_id__in=variants
-        ).update(updated_at=now)
+        pending.update(updated_at=now)
     return variants
 
 
