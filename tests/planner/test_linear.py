@@ -110,3 +110,26 @@ def test_linear_gelu_calls_any_other_module() -> None:
     x = torch.randn(3, 8)
     with torch.inference_mode():
         torch.testing.assert_close(linear_gelu(other, x), F.gelu(other(x)))
+
+
+@pytest.mark.parametrize("shape", [(57, 384), (2, 57, 384)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_gelu_off_onednn_matches_the_two_torch_ops_exactly(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], with_bias: bool
+) -> None:
+    # The MKL path (Intel hosts) applies bias and GELU in place on the product's own output.
+    monkeypatch.setattr(linear_mod, "_AVAILABLE", False)
+    layer = OneDNNLinear(384, 1536, bias=with_bias)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        got = linear_gelu(layer, x)
+        want = F.gelu(F.linear(x, layer.weight, layer.bias))
+    assert torch.equal(got, want)
+
+
+def test_linear_gelu_off_onednn_keeps_the_autograd_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear_mod, "_AVAILABLE", False)
+    layer = OneDNNLinear(8, 16)
+    x = torch.randn(3, 8, requires_grad=True)
+    linear_gelu(layer, x).sum().backward()  # an in-place GELU on a graph would refuse this
+    assert x.grad is not None and layer.weight.grad is not None

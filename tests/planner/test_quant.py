@@ -28,6 +28,7 @@ from planner.quant import (
     unpack_codes,
     write_packed_safetensors,
 )
+from planner.quant.core import _fp16_scale, qparams_for
 from planner.specs import ModelSpec, Plan, PlanError, TensorScheme, TensorSpec
 
 INT_PRECISIONS = ("int8", "int4", "int3", "int2")
@@ -202,6 +203,33 @@ def test_quantize_dequantize_equals_the_packed_pipeline() -> None:
         expected = dequantize(unpack(pack(qt), qt.shape, scheme))
         assert torch.equal(quantize_dequantize(weight, scheme, x), expected)
         assert quantize_dequantize(weight, scheme, x).dtype == torch.float32
+
+
+def test_quantize_dequantize_never_writes_to_its_inputs() -> None:
+    # The evaluator hands it the model's parameters without a copy.
+    weight = torch.randn(64, 128)
+    x = correlated_inputs(256, 128)
+    ids = torch.randint(0, 64, (500,))
+    cases = [
+        (TensorScheme("int4", 32, False), x, "linear"),
+        (TensorScheme("int8", None, True), None, "linear"),
+        (TensorScheme("int3", 32, True, "gptq"), x, "linear"),
+        (TensorScheme("int4", 64, False, "rtn", hot_rows=8), ids, "embedding"),
+        (TensorScheme("fp16"), None, "embedding"),
+    ]
+    for scheme, calib, kind in cases:
+        before_w, before_c = weight.clone(), None if calib is None else calib.clone()
+        quantize_dequantize(weight, scheme, calib, kind=kind)
+        assert torch.equal(weight, before_w), scheme
+        assert calib is None or torch.equal(calib, before_c), scheme
+
+
+def test_symmetric_scale_is_the_rows_largest_magnitude() -> None:
+    # Rows all positive, all negative, mixed, and all zero.
+    w = torch.tensor([[0.5, 1.0, 2.0], [-3.0, -1.0, -0.5], [-4.0, 1.0, 3.0], [0.0, 0.0, 0.0]])
+    scale, zero = qparams_for(w, 8, True)
+    assert zero is None
+    assert torch.equal(scale, _fp16_scale(2.0 * torch.tensor([2.0, 3.0, 4.0, 0.0]) / 255))
 
 
 def test_rtn_error_is_within_half_a_step_and_shrinks_with_bits() -> None:
