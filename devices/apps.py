@@ -1,7 +1,6 @@
 from typing import Any
 
 from django.apps import AppConfig
-from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 
 
@@ -29,7 +28,7 @@ def _device_changed(sender: Any, instance: Any, created: bool = False, **kwargs:
     from devices.models import DeviceToken
 
     digests = list(DeviceToken.objects.filter(device_id=instance.pk).values_list("digest", flat=True))
-    transaction.on_commit(lambda: hotpath.forget_tokens(digests))
+    hotpath.forget_tokens_on_commit(digests)
 
 
 def _token_changed(sender: Any, instance: Any, created: bool = False, **kwargs: Any) -> None:
@@ -38,4 +37,4 @@ def _token_changed(sender: Any, instance: Any, created: bool = False, **kwargs: 
     from devices import hotpath
 
     digest = instance.digest
-    transaction.on_commit(lambda: hotpath.forget_tokens([digest]))
+    hotpath.forget_tokens_on_commit([digest])

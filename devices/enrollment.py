@@ -263,6 +263,6 @@ def revoke_device(device: Device, *, by: Any) -> Device:
                 before={"revoked": False},
                 after={"revoked": True, "tokens_revoked": len(digests)},
             )
-        transaction.on_commit(lambda: hotpath.forget_tokens(digests))
+        hotpath.forget_tokens_on_commit(digests)
     device.refresh_from_db()
     return device

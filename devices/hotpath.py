@@ -1,7 +1,8 @@
 """What the device config path reads instead of the database.
 
 A device polls `GET /api/v1/device/config` every few minutes, so a fleet makes this the busiest
-endpoint, and it must not run a single SQL query.  Three layers serve it:
+endpoint, and a warm request runs no SQL query (the one exception: each process's look for
+missed invalidations, at most once a second, below).  Three layers serve it:
 
 1. the **shared cache** (Django's default cache: Redis on the real stack, a file cache under
    ./var on one machine — both seen by every web process and the worker) holds what a token
@@ -13,11 +14,12 @@ endpoint, and it must not run a single SQL query.  Three layers serve it:
 2. a **per-process memo** (`memo`) keeps copies of those entries, plus the rendered config body
    and ETag per device, so a warm request reads nothing outside the process; unknown tokens go
    to a small separate table (`memo.negative`) that can never push out a known one;
-3. **invalidation**: a writer changes the database, then *on commit* replaces the marker (a
-   random value) and deletes the shared entries it touched — `bump_generation`,
-   `forget_tokens` — and, on Redis, publishes the marker on `CHANNEL` (retried once).  Each web
-   process listens on that channel in a background thread and empties its memo when a message
-   arrives.
+3. **invalidation**: a writer changes the database and, in the same transaction, records a
+   `PendingInvalidation` row (`note_change`); *on commit* it replaces the marker (a random
+   value), deletes the shared entries it touched, and, on Redis, publishes the marker on
+   `CHANNEL` (retried once); then it deletes its row.  Each web process listens on that channel
+   in a background thread and empties its memo when a message arrives.  A cache that fails on
+   commit does not fail the change (it is logged): see "a lost invalidation" below.
 
 How soon a process sees a committed change (the bound is what matters, the channel is the fast
 path): with the file cache, or until the subscription is confirmed, the process reads the
@@ -27,6 +29,17 @@ within `MARKER_RECHECK_S` (1 s): the listener thread re-reads the marker every h
 and a request that finds the last read older than that re-reads it itself (`Store.check`; the
 ASGI fast path, `Store.fresh`, answers only while the last read is recent).  Independently, no
 memo entry is older than `MEMO_MAX_AGE_S`.
+
+A lost invalidation (the cache refused the marker on commit — an outage, a read-only replica,
+memory full — or the process died after the commit) is not lost for good: its row stays, and
+every process looks for such rows at most every `DURABLE_RECHECK_S` (one query on a table that
+is empty but for a few milliseconds after each change, made by the request that finds the look
+due; the ASGI fast path leaves that request to the view).  Finding one, it replaces the marker —
+every entry built before is then refused, in every process — and deletes the rows it saw
+(`Store.verify`).  While the cache still refuses that write, the process reads the database
+instead of the shared entries (`Store.behind`).  So a change is seen within
+`DURABLE_RECHECK_S` even when its invalidation failed (by the writing process at its next
+request).
 
 A memo entry is only stored if the memo was not emptied since the request started
 (`memo.epoch`) and still believes in the marker the entry was built at.  Entries missing from
@@ -44,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -54,11 +68,13 @@ from typing import Any, NamedTuple
 from django.conf import settings
 from django.core.cache import cache
 from django.core.signals import setting_changed
+from django.db import DatabaseError, transaction
 
 from devices.models import device_token_digest
 
 __all__ = [
     "CHANNEL",
+    "DURABLE_RECHECK_S",
     "GEN_KEY",
     "MARKER_RECHECK_S",
     "MEMO_MAX_AGE_S",
@@ -66,8 +82,9 @@ __all__ = [
     "TokenEntry",
     "bump_generation",
     "device_token_digest",
-    "forget_tokens",
+    "forget_tokens_on_commit",
     "memo",
+    "note_change",
     "rate",
     "resolve_token",
     "shared_read",
@@ -90,6 +107,8 @@ NEGATIVE_MAX_ENTRIES = 10_000
 MARKER_RECHECK_S = 1.0
 #: No memo entry outlives this, whatever happens to the marker and the channel.
 MEMO_MAX_AGE_S = 300.0
+#: A process looks for invalidations the cache missed (`PendingInvalidation`) this often.
+DURABLE_RECHECK_S = 1.0
 
 
 class TokenEntry(NamedTuple):
@@ -119,14 +138,16 @@ def shared_read(key: str) -> tuple[object, Any]:
     found = cache.get_many([GEN_KEY, key])
     gen = found.get(GEN_KEY)
     tagged = found.get(key)
-    if isinstance(tagged, tuple) and len(tagged) == 2 and tagged[0] == gen:
+    if isinstance(tagged, tuple) and len(tagged) == 2 and tagged[0] == gen and not store().behind:
         return gen, tagged[1]
     return gen, MISS
 
 
 def shared_write(key: str, gen: object, value: Any, ttl: float) -> None:
-    """Store `value`, built from the database *after* `gen` was read by `shared_read`."""
-    cache.set(key, (gen, value), ttl)
+    """Store `value`, built from the database *after* `gen` was read by `shared_read` (not
+    while the cache is behind the database: it refuses writes then)."""
+    if not store().behind:
+        cache.set(key, (gen, value), ttl)
 
 
 class LocalMemo:
@@ -183,6 +204,10 @@ class Store:
         self._client_pid = 0
         self._pid = 0  # the process whose listener runs (0: none yet)
         self._read_at = 0.0  # monotonic time of the last marker read
+        self._durable_at = -math.inf  # … and of the last look for missed invalidations
+        #: The newest missed invalidation the cache's marker could not be replaced for (0:
+        #: none): shared entries are then neither read nor written.
+        self.behind = 0
         self._lock = threading.Lock()
 
     def generation(self) -> object:
@@ -194,22 +219,79 @@ class Store:
         if self.redis_location and self._pid != os.getpid():
             self._start_listener()
         now = time.monotonic()
+        durable_due = now - self._durable_at >= DURABLE_RECHECK_S
         if now - memo.born > MEMO_MAX_AGE_S:
             memo.clear()
-        elif self.live and memo.gen is not MISS and now - self._read_at < MARKER_RECHECK_S:
+        elif (
+            self.live and memo.gen is not MISS and now - self._read_at < MARKER_RECHECK_S and not durable_due
+        ):
             return
         self._read_at = now
-        memo.sync(cache.get(GEN_KEY))
+        gen = cache.get(GEN_KEY)
+        if durable_due:
+            gen = self.verify(gen, now)
+        memo.sync(gen)
 
     def fresh(self) -> bool:
         """Whether a request may skip `check()` now: this process listens on the channel, the
         memo holds a marker read less than `MARKER_RECHECK_S` ago and is younger than
-        `MEMO_MAX_AGE_S`.  (The ASGI fast path answers only then; otherwise the request goes to
-        the view, whose `check()` does the reading.)"""
+        `MEMO_MAX_AGE_S`, and the look for missed invalidations is not due.  (The ASGI fast path
+        answers only then; otherwise the request goes to the view, whose `check()` does the
+        reading.)"""
         if not self.live or self._pid != os.getpid() or memo.gen is MISS:
             return False
         now = time.monotonic()
-        return now - self._read_at < MARKER_RECHECK_S and now - memo.born <= MEMO_MAX_AGE_S
+        return (
+            now - self._read_at < MARKER_RECHECK_S
+            and now - memo.born <= MEMO_MAX_AGE_S
+            and now - self._durable_at < DURABLE_RECHECK_S
+        )
+
+    def recheck_soon(self) -> None:
+        """Look for missed invalidations at the next request (one just failed here)."""
+        self._durable_at = -math.inf
+
+    def verify(self, gen: object, now: float) -> object:
+        """The marker this request goes on with: `gen` (just read from the cache), unless the
+        database holds invalidations the cache missed — then a new marker, written and
+        announced, and those rows deleted.  If the cache refuses that write, the process is
+        `behind`: it reads the database instead of shared entries until a later look succeeds."""
+        from devices.models import PendingInvalidation
+
+        self._durable_at = now
+        try:
+            missed = list(PendingInvalidation.objects.values_list("pk", flat=True)[:1000])
+        except DatabaseError as exc:  # warm entries still answer; looked for again next time
+            log.warning("could not look for missed delivery invalidations (%s)", exc)
+            return gen
+        if not missed:
+            if self.behind:
+                log.warning("the delivery cache accepts writes again")
+            self.behind = 0
+            return gen
+        marker = uuid.uuid4().hex
+        try:
+            cache.set(GEN_KEY, marker, None)
+        except Exception as exc:
+            if self.behind != max(missed):  # newly behind, or behind a newer change
+                log.warning(
+                    "the delivery cache missed %d change(s) and refuses a new marker (%s); the "
+                    "config path reads the database until it accepts one",
+                    len(missed),
+                    exc,
+                )
+                memo.clear()
+            self.behind = max(missed)
+            return gen
+        # (Usually a change whose writer failed or died; rarely one whose writer is finishing.)
+        log.info("replaced the delivery marker for %d change(s) not known to be invalidated", len(missed))
+        self.behind = 0
+        self.publish(marker)
+        try:  # only the rows seen: the marker was replaced after those committed
+            PendingInvalidation.objects.filter(pk__in=missed).delete()
+        except DatabaseError as exc:
+            log.warning("could not delete delivery invalidations (%s); looked at again", exc)
+        return marker
 
     def _redis(self) -> Any:
         if self._client is None or self._client_pid != os.getpid():  # a forked child needs its own
@@ -412,17 +494,54 @@ def resolve_token(digest: str, epoch: int) -> TokenEntry | None:
 # --------------------------------------------------------------------------- writers
 
 
-def bump_generation() -> None:
-    """Replace the marker and announce it: every process drops its memo before its next request
-    (this one at once; the others when the message arrives, within a millisecond on a LAN)."""
-    marker = uuid.uuid4().hex
-    cache.set(GEN_KEY, marker, None)
-    memo.clear()
-    store().publish(marker)
+def note_change(keys: Iterable[str] = ()) -> None:
+    """Call in the transaction of a change to what the config path serves: records the change
+    durably (a `PendingInvalidation` row) and, on commit, drops the shared entries under `keys`,
+    replaces the marker (`bump_generation`) and deletes the row.  Should the cache fail then,
+    the change still stands and nothing is raised: the row stays, and every process finds it
+    within `DURABLE_RECHECK_S` and replaces the marker (`Store.verify`)."""
+    from devices.models import PendingInvalidation
+
+    pending = PendingInvalidation.objects.create().pk
+    stale = list(keys)
+    transaction.on_commit(lambda: _invalidate(stale, pending))
 
 
-def forget_tokens(digests: Iterable[str]) -> None:
-    keys = [token_key(d) for d in digests]
+def forget_tokens_on_commit(digests: Iterable[str]) -> None:
+    """`note_change` for device tokens (revoked, deleted, or their device changed)."""
+    note_change(token_key(d) for d in digests)
+
+
+def _invalidate(keys: list[str], pending: int) -> None:
+    from devices.models import PendingInvalidation
+
     if keys:
-        cache.delete_many(keys)
-    bump_generation()
+        try:
+            cache.delete_many(keys)
+        except Exception:  # the new marker refuses them anyway
+            log.exception("could not delete %d delivery cache entries", len(keys))
+    if not bump_generation():
+        return
+    try:
+        PendingInvalidation.objects.filter(pk=pending).delete()
+    except DatabaseError:  # a process's next look deletes it (and replaces the marker once more)
+        log.exception("could not delete delivery invalidation %d", pending)
+
+
+def bump_generation() -> bool:
+    """Replace the marker and announce it: every process drops its memo before its next request
+    (this one at once; the others when the message arrives, within a millisecond on a LAN).
+    Never raises: if the cache refuses the marker, the error is logged, False is returned, and
+    the change's `PendingInvalidation` row gets the marker replaced later (`Store.verify`; this
+    process looks at its next request)."""
+    marker = uuid.uuid4().hex
+    try:
+        cache.set(GEN_KEY, marker, None)
+    except Exception:
+        log.exception("could not replace the delivery marker; retried within %ss", DURABLE_RECHECK_S)
+        store().recheck_soon()
+        return False
+    finally:
+        memo.clear()
+    store().publish(marker)
+    return True

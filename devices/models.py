@@ -246,3 +246,18 @@ class DeviceToken(models.Model):
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+
+class PendingInvalidation(models.Model):
+    """A change to what the device config path serves whose cache invalidation is not known to
+    be done: written in the change's own transaction (`devices.hotpath.note_change`), deleted
+    once the shared cache's marker was replaced after the change committed.  A row that stays
+    (the cache failed on commit, or the process died) is found by the web processes' periodic
+    check, which replaces the marker then (`devices.hotpath.Store.verify`) — so an invalidation
+    the cache missed is never lost, and no entry built before the change is served."""
+
+    id = models.BigAutoField(primary_key=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"pending delivery invalidation {self.pk} ({self.created_at:%Y-%m-%d %H:%M:%S})"

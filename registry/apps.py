@@ -1,7 +1,6 @@
 from typing import Any
 
 from django.apps import AppConfig
-from django.db import transaction
 from django.db.models.signals import post_save
 
 
@@ -22,7 +21,6 @@ class RegistryConfig(AppConfig):
 def _profile_saved(sender: Any, instance: Any, created: bool = False, **kwargs: Any) -> None:
     if created:
         return
-    from registry.delivery import forget_profile
+    from registry.delivery import forget_profile_on_commit
 
-    profile_id = instance.pk
-    transaction.on_commit(lambda: forget_profile(profile_id))
+    forget_profile_on_commit(instance.pk)

@@ -4,7 +4,7 @@ A profile's *delivery state* — per alias, the head release and the nearest pre
 that is fully rolled out, each with its package's config entry — is built from the database on
 a miss, kept in the shared cache (`profile_key`, tagged with the generation marker it was built
 at) and in the process memo (`devices.hotpath`), and dropped on commit of any release change
-(`forget_profile`).  A device's answer depends only
+(`forget_profile_on_commit`).  A device's answer depends only
 on that state and on (device id, channel), so its JSON bytes and ETag are rendered once per
 state and reused for every poll until the state changes.
 """
@@ -16,7 +16,6 @@ import json
 from typing import Any, NamedTuple
 
 from django.conf import settings
-from django.core.cache import cache
 
 from devices import hotpath
 from devices.models import DeviceProfile
@@ -31,7 +30,7 @@ __all__ = [
     "bucket",
     "build_profile_state",
     "config_for",
-    "forget_profile",
+    "forget_profile_on_commit",
     "profile_key",
     "profile_state",
     "render_config",
@@ -144,8 +143,8 @@ def render_config(device_id: str, channel: str, state: ProfileState) -> Rendered
     return RenderedConfig(body, '"' + hashlib.sha256(body).hexdigest()[:40] + '"', state)
 
 
-def forget_profile(profile_id: int) -> None:
-    """Replace the marker (every process re-reads; entries built before are refused), then drop
-    the profile's shared state."""
-    hotpath.bump_generation()
-    cache.delete(profile_key(profile_id))
+def forget_profile_on_commit(profile_id: int) -> None:
+    """In the transaction of a change to the profile's delivery state: on commit, drop its
+    shared state and replace the marker (every process re-reads; entries built before are
+    refused) — durably, even if the cache fails then (`devices.hotpath.note_change`)."""
+    hotpath.note_change([profile_key(profile_id)])

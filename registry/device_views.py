@@ -60,8 +60,8 @@ def device_config(request: HttpRequest) -> HttpResponse:
 
     Per request: check the token's form, hash it and look up dictionaries of this process (plus
     a read of the invalidation marker: every request when the process is not subscribed to the
-    Redis channel, at most once a second when it is).  No SQL once the entries are warm
-    (`devices.hotpath`)."""
+    Redis channel, at most once a second when it is).  No SQL once the entries are warm, but for
+    one small query per process per `DURABLE_RECHECK_S` (missed invalidations, `devices.hotpath`)."""
     if request.method not in ("GET", "HEAD"):
         return _error(405, f"method {request.method} not allowed", Allow="GET, HEAD")
     digest = device_token_digest(request.META.get("HTTP_AUTHORIZATION", ""))

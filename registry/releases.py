@@ -30,7 +30,7 @@ from django.utils import timezone
 
 from devices.models import DeviceProfile
 from registry import audit
-from registry.delivery import bucket, forget_profile
+from registry.delivery import bucket, forget_profile_on_commit
 from registry.dispatch import enqueue
 from registry.models import Package, Release, Variant
 
@@ -189,8 +189,7 @@ def _activate(release: Release, package: Package, by: Any) -> None:
     release.version += 1
     release.save(update_fields=["package", "previous", "status", "activated_at", "version", "updated_at"])
     audit.record(by, "release.activate", release, before, _state(release))
-    profile_id = release.profile_id
-    transaction.on_commit(lambda: forget_profile(profile_id))
+    forget_profile_on_commit(release.profile_id)
 
 
 def activate_pending(variant: Variant, package: Package) -> list[Release]:
@@ -312,8 +311,7 @@ def set_rollout(release: Release | int, rollout_percent: Any, *, if_match: str |
         locked.version += 1
         locked.save(update_fields=["rollout_percent", "version", "updated_at"])
         audit.record(by, "release.rollout", locked, before, _state(locked))
-        profile_id = locked.profile_id
-        transaction.on_commit(lambda: forget_profile(profile_id))
+        forget_profile_on_commit(locked.profile_id)
     return locked
 
 
@@ -355,6 +353,5 @@ def rollback(
             **{f"rolled_back_{k}": v for k, v in _state(locked).items() if k in ("status", "version")},
         }
         audit.record(by, "release.rollback", locked, before, after)
-        profile_id = locked.profile_id
-        transaction.on_commit(lambda: forget_profile(profile_id))
+        forget_profile_on_commit(locked.profile_id)
     return locked, restored
