@@ -4,7 +4,7 @@ Retries: 429, 500, 502, 503, 504 and connection errors are retried up to `retrie
 wait before attempt k+1 honours ``Retry-After`` (seconds or an HTTP date, never waiting less
 than asked, plus up to 10 % jitter so a fleet does not return in lock-step); without it,
 exponential backoff with jitter: half of min(cap, base · 2^k) fixed plus up to the other half
-at random.  Other 4xx answers are final.
+at random.  Other 4xx answers are final.  Redirects are refused, not followed (`_RefuseRedirects`).
 """
 
 from __future__ import annotations
@@ -99,6 +99,26 @@ class SizeMismatchError(Exception):
     its Content-Length / Content-Range total announces another size)."""
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are refused, never followed: urllib's handler would send the request's headers,
+    `Authorization` included, to wherever `Location` points (another host too), and turn a
+    redirected POST into a GET without its body.  The agent speaks to the server it enrolled
+    with, at the URL it was given."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Message, newurl: str
+    ) -> urllib.request.Request | None:
+        fp.close()
+        raise AgentError(
+            "redirect",
+            f"{req.get_method()} {req.full_url}: the server answered HTTP {code}, redirecting to "
+            f"{newurl}; the agent follows no redirects (its token goes to the enrolled server "
+            "only): give the agent the URL the server is reached at",
+            EXIT_SERVER,
+            status=code,
+        )
+
+
 @dataclass
 class Client:
     """One server, optionally one bearer token; `sleep` and `rand` are injectable for tests."""
@@ -121,7 +141,7 @@ class Client:
             raise AgentError(
                 "bad-server", f"server URL {self.server!r} must be http(s)://host[:port]", EXIT_SERVER
             )
-        self._opener = urllib.request.build_opener()
+        self._opener = urllib.request.build_opener(_RefuseRedirects())
 
     def url(self, path: str) -> str:
         """`path` resolved against the server.  An absolute URL of another origin (scheme,
