@@ -28,7 +28,7 @@ from django.utils import timezone
 
 from devices.models import DeviceProfile
 from registry.exits import exit_fractions, variant_exit_fraction
-from registry.measurements import clear_recalibration_flag
+from registry.measurements import clear_recalibration_flag, recalibration_covered, recalibration_due
 from registry.models import Measurement, PlanningRun, Prediction, Variant
 from registry.predictions import UNSUPPORTED_MEMORY, error_pct
 
@@ -265,11 +265,13 @@ def recalibrate_profile(profile_id: int) -> dict[str, Any] | None:
     from planner.specs import PlanError
 
     clear_recalibration_flag(profile_id)
+    requested_at = recalibration_due(profile_id)  # before the measurements: any later report stays due
     profile = DeviceProfile.objects.filter(pk=profile_id).first()
     if profile is None:
         return None
     measurements = _device_measurements(profile)
     if not measurements:
+        recalibration_covered(profile_id, requested_at)
         return None
     device = profile.to_device_spec()
     start = profile.cost_params_or_default()
@@ -306,6 +308,7 @@ def recalibrate_profile(profile_id: int) -> dict[str, Any] | None:
         DeviceProfile.objects.filter(pk=profile.pk).update(
             cost_params=result.params.to_dict(), calibration=calibration
         )
+        recalibration_covered(profile.pk, requested_at)
     profile.refresh_from_db()
     written = _store_predictions(profile)
     reranked = rerank_profile(profile)

@@ -3,7 +3,7 @@
 The row a task works on is already committed when the callback runs, so a broker that refuses
 the message (Redis restarting, down at commit) must not turn the stored row into a 500: the
 failure is logged and `workers.requeue_stale` finds the row again (queued runs, pending
-releases) and re-enqueues it.
+releases, due profile re-fits) and re-enqueues it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ batch size 1–1024; memory 1 B–1 TiB; accuracies in [0, 1]; 1–1024 samples,
 are refused (`runtime` takes only `RUNTIME_FIELDS`).  Any broken rule is a 400 naming the
 field (`samples[3].latency_ms`) and nothing is stored.  A stored measurement enqueues
 `workers.recalibrate_profile` for the device's profile once the transaction commits (at most
-one queued per profile at a time).
+one queued per profile at a time); the re-fit is also recorded as due in the database
+(`RecalibrationRequest`), so one whose message the broker lost is enqueued again by the
+periodic sweep (`stale_recalibrations`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
 from devices.models import Device
 from registry.dispatch import enqueue
-from registry.models import Measurement, Package, Release
+from registry.models import Measurement, Package, RecalibrationRequest, Release
 
 __all__ = [
     "KERNEL_REGIMES",
@@ -31,7 +34,10 @@ __all__ = [
     "RUNTIME_FIELDS",
     "MeasurementError",
     "clear_recalibration_flag",
+    "recalibration_covered",
+    "recalibration_due",
     "record_measurement",
+    "stale_recalibrations",
     "validate_measurement",
 ]
 
@@ -315,6 +321,12 @@ def record_measurement(device: Device, data: Any) -> Measurement:
         )
         Device.objects.filter(pk=device.pk).update(last_seen_at=now)
         profile_id = device.profile_id
+        RecalibrationRequest.objects.bulk_create(
+            [RecalibrationRequest(profile_id=profile_id, requested_at=now)],
+            update_conflicts=True,
+            unique_fields=["profile"],
+            update_fields=["requested_at"],
+        )
         transaction.on_commit(lambda: _queue_recalibration(profile_id))
     return measurement
 
@@ -341,3 +353,39 @@ def _queue_recalibration(profile_id: int) -> None:
 
 def clear_recalibration_flag(profile_id: int) -> None:
     cache.delete(_RECALIBRATION_FLAG.format(profile_id))
+
+
+def recalibration_due(profile_id: int) -> datetime | None:
+    """When the profile's re-fit was last asked for (None: not due).  A re-fit reads this before
+    the measurements and hands it to `recalibration_covered` once its fit is stored."""
+    return (
+        RecalibrationRequest.objects.filter(profile_id=profile_id)
+        .values_list("requested_at", flat=True)
+        .first()
+    )
+
+
+def recalibration_covered(profile_id: int, requested_at: datetime | None) -> None:
+    """The re-fit that read `recalibration_due` → `requested_at` is stored: the request is done,
+    unless a report (or the sweep) asked again since — then it stays, for the next re-fit."""
+    if requested_at is not None:
+        RecalibrationRequest.objects.filter(profile_id=profile_id, requested_at=requested_at).delete()
+
+
+def stale_recalibrations() -> list[int]:
+    """Profiles whose re-fit was asked for longer than EDGEFIT_STALE_SECONDS ago and not done:
+    its message was lost (broker down when the report committed) or its worker died.  The
+    caller enqueues `workers.recalibrate_profile` for each.
+
+    The requests' time is moved to now, so a re-fit that is merely slow (or keeps failing) is
+    enqueued again once per stale period, not at every sweep."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+    with transaction.atomic():
+        profiles = sorted(
+            RecalibrationRequest.objects.select_for_update()
+            .filter(requested_at__lt=stale)
+            .values_list("profile_id", flat=True)
+        )
+        RecalibrationRequest.objects.filter(profile_id__in=profiles).update(requested_at=now)
+    return profiles

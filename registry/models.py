@@ -146,6 +146,22 @@ class Prediction(models.Model):
         return f"predicted {self.latency_s * 1000:.2f} ms for {self.variant_id} on {self.device_profile_id}"
 
 
+class RecalibrationRequest(models.Model):
+    """A device profile whose cost model is due a re-fit: a device reported since the last re-fit
+    read the measurements.  Written in the report's transaction (`registry.measurements`),
+    deleted by the re-fit that covers it (`registry.calibration`); one left longer than
+    EDGEFIT_STALE_SECONDS — its message lost (broker down at commit) or its worker dead — is
+    enqueued again by `workers.requeue_stale`."""
+
+    profile = models.OneToOneField(
+        DeviceProfile, primary_key=True, on_delete=models.CASCADE, related_name="+"
+    )
+    requested_at = models.DateTimeField(help_text="the latest report (or sweep) asking for the re-fit")
+
+    def __str__(self) -> str:
+        return f"re-fit of profile {self.profile_id} due since {self.requested_at:%Y-%m-%d %H:%M:%S}"
+
+
 class PlanningRun(models.Model):
     """A fleet planning run: one model, several device profiles, a policy and a budget.
 

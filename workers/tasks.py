@@ -2,8 +2,8 @@
 
 A run fans out: `run_plan` → one `search_device` per device (several workers share a run) →
 the last search enqueues `confirm_run`.  `requeue_stale` (every minute, and when a worker
-starts) re-enqueues the stage a killed worker left behind, the runs and package builds whose
-message the broker lost, and finishes cancelled runs whose worker died.
+starts) re-enqueues the stage a killed worker left behind, the runs, package builds and profile
+re-fits whose message the broker lost, and finishes cancelled runs whose worker died.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready
 
-from registry import calibration, fleet, packages, releases
+from registry import calibration, fleet, measurements, packages, releases
 from registry.engine import compute_sensitivity
 from registry.models import BaseModel
 
@@ -69,6 +69,9 @@ def requeue_stale() -> dict[str, list[int]]:
     work["builds"] = releases.stale_pending()
     for variant_id in work["builds"]:
         build_package.delay(variant_id)
+    work["recalibrations"] = measurements.stale_recalibrations()
+    for profile_id in work["recalibrations"]:
+        recalibrate_profile.delay(profile_id)
     if any(work.values()):
         log.warning("re-enqueued stale work: %s", work)
     return work

@@ -129,3 +129,53 @@ def test_the_enqueue_failure_is_logged_naming_the_task(caplog):
     with mock.patch("celery.current_app.signature", _Broker(down=True).signature):
         assert enqueue("workers.run_plan", 7) is False
     assert "workers.run_plan(7,)" in caplog.text and "broker down" in caplog.text
+
+
+def test_a_refit_whose_message_was_lost_is_enqueued_again_by_the_sweep(
+    client, profile, package, device, settings, django_capture_on_commit_callbacks
+):
+    from registry.models import RecalibrationRequest
+    from tests.delivery.test_measurements_api import good, post
+    from workers import tasks
+
+    broker = _Broker(down=True)
+    with (
+        mock.patch("celery.current_app.signature", broker.signature),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        response = post(client, device["token"], good(package))
+    assert response.status_code == 201 and response.json()["recalibration"] == "queued"
+    assert broker.sent == []  # the message is lost
+
+    settings.EDGEFIT_STALE_SECONDS = 60
+    with mock.patch.object(tasks.recalibrate_profile, "delay") as recalibrate:
+        assert tasks.requeue_stale()["recalibrations"] == []  # just reported: its message may be on its way
+        recalibrate.assert_not_called()
+        RecalibrationRequest.objects.update(requested_at=timezone.now() - timedelta(seconds=61))
+        assert tasks.requeue_stale()["recalibrations"] == [profile.pk]
+        recalibrate.assert_called_once_with(profile.pk)
+        assert tasks.requeue_stale()["recalibrations"] == []  # once per stale period, not every sweep
+
+
+def test_a_refit_that_ran_leaves_nothing_for_the_sweep_unless_a_report_came_in_meanwhile(
+    client, profile, package, device, settings, django_capture_on_commit_callbacks
+):
+    from registry import calibration
+    from registry.models import RecalibrationRequest
+    from tests.delivery.test_measurements_api import good, post
+
+    with django_capture_on_commit_callbacks(execute=False):
+        assert post(client, device["token"], good(package)).status_code == 201
+    real_measurements = calibration._device_measurements
+
+    def a_report_arrives_meanwhile(profile_obj):
+        found = real_measurements(profile_obj)
+        with django_capture_on_commit_callbacks(execute=False):
+            assert post(client, device["token"], good(package)).status_code == 201
+        return found
+
+    with mock.patch.object(calibration, "_device_measurements", a_report_arrives_meanwhile):
+        assert calibration.recalibrate_profile(profile.pk)["n_measurements"] == 1
+    assert RecalibrationRequest.objects.filter(profile=profile).exists()  # the second report's re-fit
+    assert calibration.recalibrate_profile(profile.pk)["n_measurements"] == 2
+    assert not RecalibrationRequest.objects.exists()
