@@ -10,6 +10,9 @@
   3. recompute the batch-1 `Prediction` of every variant on that profile (calibrated);
   4. re-rank the profile's recommendation in every finished planning run that covers it.
 
+Steps 2–4 are written with the profile's row locked (two re-fits of a profile never interleave
+their writes), and not at all when the fit stored meanwhile read newer measurements.
+
 `predicted_vs_measured(profile)` gives the rows of the device page's chart
 (`registry.figures.predicted_vs_measured_data` / `_figure`).
 """
@@ -260,7 +263,8 @@ def variants_on_profile(profile: DeviceProfile) -> list[Variant]:
 
 def recalibrate_profile(profile_id: int) -> dict[str, Any] | None:
     """Steps 1–4 of the module docstring. Returns the stored calibration report, or None when
-    the profile is gone or has no device samples yet. Safe to run twice."""
+    the profile is gone, has no device samples yet, or a fit from newer measurements was stored
+    while this one ran. Safe to run twice."""
     from planner.cost import COST_MODEL_VERSION, fit
     from planner.specs import PlanError
 
@@ -304,16 +308,32 @@ def recalibrate_profile(profile_id: int) -> dict[str, Any] | None:
         "cost_model_version": COST_MODEL_VERSION,
         "measurements": [m.pk for m in measurements],
     }
+    # One re-fit at a time per profile from here: the profile row is locked while the fit, the
+    # predictions and the re-ranked runs are written, so two re-fits (a slow one and the one a
+    # later report queued) cannot interleave their writes, and one that read older
+    # measurements than the fit now stored leaves it alone.
     with transaction.atomic():
+        locked = DeviceProfile.objects.select_for_update().filter(pk=profile.pk).first()
+        if locked is None:
+            return None
+        stored_through = _measured_through(locked.calibration)
+        if stored_through > _measured_through(calibration):
+            log.info(
+                "profile %s: a fit from newer measurements (through #%d) is stored; this one "
+                "(through #%d) is dropped",
+                profile.pk,
+                stored_through,
+                _measured_through(calibration),
+            )
+            return None
+        locked.cost_params = result.params.to_dict()
+        written = _store_predictions(locked)
+        reranked = rerank_profile(locked)
+        calibration = {**calibration, "predictions": written, "runs_reranked": reranked}
         DeviceProfile.objects.filter(pk=profile.pk).update(
-            cost_params=result.params.to_dict(), calibration=calibration
+            cost_params=locked.cost_params, calibration=calibration
         )
         recalibration_covered(profile.pk, requested_at)
-    profile.refresh_from_db()
-    written = _store_predictions(profile)
-    reranked = rerank_profile(profile)
-    calibration = {**calibration, "predictions": written, "runs_reranked": reranked}
-    DeviceProfile.objects.filter(pk=profile.pk).update(calibration=calibration)
     log.info(
         "profile %s calibrated on %d observations: MAPE %.1f %% (was %.1f %%), %d predictions, %d runs",
         profile.pk,
@@ -324,6 +344,12 @@ def recalibrate_profile(profile_id: int) -> dict[str, Any] | None:
         reranked,
     )
     return calibration
+
+
+def _measured_through(calibration: dict[str, Any] | None) -> int:
+    """The newest measurement (by id: ids grow as reports arrive) a stored fit read; -1 if none."""
+    ids = (calibration or {}).get("measurements")
+    return max(ids) if isinstance(ids, list) and ids else -1
 
 
 def _store_predictions(profile: DeviceProfile) -> int:

@@ -157,3 +157,49 @@ def test_the_worker_task_runs_the_service(profile, two_packages, publish):
     publish(two_packages[0].variant, profile)
     measure(two_packages[0], profile)
     assert task.apply(args=[profile.pk]).get()["n_measurements"] == 1
+
+
+def test_a_slow_refit_never_overwrites_the_fit_a_later_report_stored_meanwhile(
+    profile, two_packages, publish, monkeypatch
+):
+    from planner import cost
+    from registry import calibration
+
+    fp32, int8 = two_packages
+    for i, package in enumerate(two_packages):
+        publish(package.variant, profile, alias=f"a{i}")
+    measure(fp32, profile, seed=0)
+    real_fit = cost.fit
+    newer: list[dict | None] = []
+
+    def slow_fit(*args, **kwargs):
+        # While this re-fit computes, a device reports and that report's re-fit runs to the end.
+        if not newer:
+            newer.append(None)
+            measure(int8, profile, seed=1)
+            newer[0] = calibration.recalibrate_profile(profile.pk)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(cost, "fit", slow_fit)
+    assert calibration.recalibrate_profile(profile.pk) is None  # dropped: it read older data
+    assert newer[0] is not None and newer[0]["n_measurements"] == 2
+    profile.refresh_from_db()
+    assert profile.calibration == newer[0]  # the newer fit, whole: report, predictions count
+    assert profile.cost_params is not None
+
+
+def test_the_fit_is_written_under_the_profiles_row_lock(profile, package, publish):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    if not connection.features.has_select_for_update:
+        pytest.skip("SQLite has no row locks (its writers take the whole database)")
+    publish(package.variant, profile)
+    measure(package, profile)
+    with CaptureQueriesContext(connection) as captured:
+        assert recalibrate_profile(profile.pk) is not None
+    sql = [q["sql"] for q in captured.captured_queries]
+    locked = next(i for i, q in enumerate(sql) if "devices_deviceprofile" in q and "FOR UPDATE" in q)
+    written = [i for i, q in enumerate(sql) if q.startswith("UPDATE") and "devices_deviceprofile" in q]
+    predictions = [i for i, q in enumerate(sql) if "registry_prediction" in q and q.startswith("INSERT")]
+    assert written and predictions and locked < min(predictions) and locked < min(written)
