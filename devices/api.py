@@ -61,8 +61,20 @@ class DeviceProfileViewSet(viewsets.ModelViewSet):
     def perform_create(self, serializer: Any) -> None:
         _save_profile(serializer)
 
-    def perform_update(self, serializer: Any) -> None:
-        _save_profile(serializer)
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """PUT / PATCH: the request is validated and saved with the profile's row locked, against
+        the row as it is then — a change committed meanwhile is judged with, never against a
+        copy loaded before it (two PATCHes each valid alone may not be valid together)."""
+        partial = kwargs.pop("partial", False)
+        profile = self.get_object()  # permissions, 404
+        with transaction.atomic():
+            locked = DeviceProfile.objects.select_for_update().filter(pk=profile.pk).first()
+            if locked is None:  # deleted meanwhile
+                raise exceptions.NotFound()
+            serializer = self.get_serializer(locked, data=request.data, partial=partial)
+            serializer.is_valid(raise_exception=True)
+            _save_profile(serializer)
+        return Response(serializer.data)
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         """Delete an unused profile; 409 naming what still uses it otherwise."""
@@ -85,15 +97,42 @@ class _Conflict(exceptions.APIException):
     default_detail = "conflict"
 
 
+#: A profile's database constraints that validation checks too: one broken at save time was
+#: broken together with a request that committed in between.  (constraint, field, message)
+_NAME_TAKEN = "a profile with this name (or its slug) was created at the same moment"
+_CONSTRAINTS = [
+    ("budget_within_total_ram", "ram_budget_bytes", "must not exceed ram_total_bytes (changed meanwhile)"),
+    ("fleet_share_is_a_fraction", "fleet_share", "must be a fraction from 0 to 1"),
+    ("bandwidth_positive", "bandwidth_gbs", "must be greater than 0"),
+    # Unique columns: PostgreSQL names the constraint <table>_<column>_key, SQLite <table>.<column>.
+    ("devices_deviceprofile_name", "name", _NAME_TAKEN),
+    ("devices_deviceprofile.name", "name", _NAME_TAKEN),
+    ("devices_deviceprofile_slug", "name", _NAME_TAKEN),
+    ("devices_deviceprofile.slug", "name", _NAME_TAKEN),
+]
+
+
 def _save_profile(serializer: Any) -> None:
     try:
         with transaction.atomic():
             serializer.save()
-    except IntegrityError:
-        # Another request took the name (or its slug) after validation looked.
-        raise exceptions.ValidationError(
-            {"name": ["a profile with this name (or its slug) was created at the same moment"]}
-        ) from None
+    except IntegrityError as exc:
+        found = _broken_constraint(exc)
+        if found is None:
+            raise  # not one validation knows about: a bug to see, not a message to guess
+        field, message = found
+        raise exceptions.ValidationError({field: [message]}) from None
+
+
+def _broken_constraint(exc: IntegrityError) -> tuple[str, str] | None:
+    """The field and message of the profile constraint `exc` reports: by the constraint's name
+    (PostgreSQL's diagnostics), else as the message names it (SQLite)."""
+    diag = getattr(exc.__cause__, "diag", None)
+    text = f"{getattr(diag, 'constraint_name', None) or ''} {exc}"
+    for constraint, field, message in _CONSTRAINTS:
+        if constraint in text:
+            return field, message
+    return None
 
 
 def _references(profile: DeviceProfile) -> list[str]:

@@ -185,3 +185,53 @@ def test_an_unknown_filter_value_is_a_400_naming_the_filter(api_as, viewer, cata
     response = api_as(viewer).get(URL, {"weight_format": "int5"})
     assert response.status_code == 400
     assert "weight_format" in response.json()["errors"]
+
+
+def test_a_patch_is_judged_against_a_change_committed_after_the_profile_was_loaded(
+    api_as, staff, monkeypatch
+):
+    from devices.api import DeviceProfileViewSet
+
+    created = api_as(staff).post(URL, profile_payload(), format="json").json()  # 8 GiB, budget 2
+    real_get_object = DeviceProfileViewSet.get_object
+
+    def get_object_then_another_patch_commits(self):
+        loaded = real_get_object(self)
+        # Another PATCH, valid alone, commits now: total 4 GiB (budget 2 GiB still fits).
+        DeviceProfile.objects.filter(pk=loaded.pk).update(ram_total_bytes=4 * GIB)
+        return loaded
+
+    monkeypatch.setattr(DeviceProfileViewSet, "get_object", get_object_then_another_patch_commits)
+    # Valid against the loaded copy (8 GiB), not against the profile as it now is (4 GiB).
+    response = api_as(staff).patch(f"{URL}{created['id']}/", {"ram_budget_bytes": 6 * GIB}, format="json")
+    assert response.status_code == 400
+    assert list(response.json()["errors"]) == ["ram_budget_bytes"]
+    assert "must not exceed ram_total_bytes" in response.json()["errors"]["ram_budget_bytes"][0]
+    stored = DeviceProfile.objects.get(pk=created["id"])
+    assert (stored.ram_total_bytes, stored.ram_budget_bytes) == (4 * GIB, 2 * GIB)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"ram_budget_bytes": 16 * GIB}, "ram_budget_bytes"), ({"fleet_share": 2.0}, "fleet_share")],
+)
+def test_a_check_constraint_broken_at_save_time_names_its_field_not_the_name(
+    api_as, staff, monkeypatch, change, field
+):
+    import devices.serializers
+
+    created = api_as(staff).post(URL, profile_payload(), format="json").json()
+    monkeypatch.setattr(devices.serializers, "profile_errors", lambda values: {})  # let the database judge
+    response = api_as(staff).patch(f"{URL}{created['id']}/", change, format="json")
+    assert response.status_code == 400
+    assert list(response.json()["errors"]) == [field]
+
+
+def test_a_name_taken_at_save_time_is_still_a_400_on_name(api_as, staff, monkeypatch):
+    from devices.serializers import DeviceProfileSerializer
+
+    assert api_as(staff).post(URL, profile_payload(name="Pixel 8"), format="json").status_code == 201
+    monkeypatch.setattr(DeviceProfileSerializer, "validate_name", lambda self, name: name)  # the race
+    for name in ("Pixel 8", "pixel-8"):  # the name's constraint, then the slug's
+        response = api_as(staff).post(URL, profile_payload(name=name), format="json")
+        assert response.status_code == 400 and list(response.json()["errors"]) == ["name"]
