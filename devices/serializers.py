@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rest_framework import serializers
@@ -9,15 +10,40 @@ from devices.validation import profile_errors
 
 
 class StrictFieldsMixin:
-    """Reject unknown keys: a typo in a field name must not be silently ignored."""
+    """Reject unknown keys: a typo in a field name must not be silently ignored.
+
+    A read-only field may be sent back with the value it has (a PUT of a GET body): it is then
+    ignored.  Sent with another value — or on a create, where the server sets it — it is
+    refused as read-only, rather than silently not applied."""
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
-            writable = {name for name, field in self.fields.items() if not field.read_only}  # type: ignore[attr-defined]
-            unknown = sorted(set(data) - writable)
-            if unknown:
-                raise serializers.ValidationError({name: ["unknown field"] for name in unknown})
+            errors: dict[str, list[str]] = {}
+            for name in sorted(data):
+                field = self.fields.get(name)  # type: ignore[attr-defined]
+                if field is None:
+                    errors[name] = ["unknown field"]
+                elif field.read_only:
+                    problem = self._read_only_problem(name, field, data[name])
+                    if problem:
+                        errors[name] = [problem]
+            if errors:
+                raise serializers.ValidationError(errors)
         return super().to_internal_value(data)  # type: ignore[misc]
+
+    def _read_only_problem(self, name: str, field: serializers.Field, sent: Any) -> str | None:
+        instance = getattr(self, "instance", None)
+        if instance is None:
+            return "read-only field: the server sets it"
+        current = field.get_attribute(instance)
+        current = None if current is None else field.to_representation(current)
+        try:  # compared as the field reads it: "2026-01-02T03:04:05Z" and "…+00:00" are the same time
+            echoed = None if sent is None else field.to_representation(field.to_internal_value(sent))
+        except (serializers.ValidationError, NotImplementedError, TypeError, ValueError):
+            echoed = sent
+        if echoed == current:
+            return None
+        return f"read-only field: it is {json.dumps(current, default=str)}; send that value or leave it out"
 
 
 class DeviceProfileSerializer(StrictFieldsMixin, serializers.ModelSerializer):

@@ -235,3 +235,48 @@ def test_a_name_taken_at_save_time_is_still_a_400_on_name(api_as, staff, monkeyp
     for name in ("Pixel 8", "pixel-8"):  # the name's constraint, then the slug's
         response = api_as(staff).post(URL, profile_payload(name=name), format="json")
         assert response.status_code == 400 and list(response.json()["errors"]) == ["name"]
+
+
+def test_a_put_of_the_get_body_is_accepted_with_its_read_only_fields(api_as, staff):
+    client = api_as(staff)
+    created = client.post(URL, profile_payload(), format="json").json()
+    body = client.get(f"{URL}{created['id']}/").json()
+    assert {"id", "slug", "ram_total_gib", "created_at", "updated_at", "origin"} <= set(body)
+    body["notes"] = "edited from the GET body"
+    body["created_at"] = body["created_at"].replace("Z", "+00:00")  # the same instant, spelled otherwise
+    response = client.put(f"{URL}{created['id']}/", body, format="json")
+    assert response.status_code == 200, response.json()
+    assert DeviceProfile.objects.get(pk=created["id"]).notes == "edited from the GET body"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("slug", "renamed"),
+        ("id", 999),
+        ("origin", "catalog"),
+        ("ram_total_gib", 64.0),
+        ("created_at", "2020-01-01T00:00:00Z"),
+    ],
+)
+def test_a_changed_read_only_field_is_refused_as_read_only(api_as, staff, field, value):
+    client = api_as(staff)
+    created = client.post(URL, profile_payload(), format="json").json()
+    body = client.get(f"{URL}{created['id']}/").json()
+    body[field] = value
+    response = client.put(f"{URL}{created['id']}/", body, format="json")
+    assert response.status_code == 400
+    assert list(response.json()["errors"]) == [field]
+    assert response.json()["errors"][field][0].startswith("read-only field: it is ")
+    patched = client.patch(f"{URL}{created['id']}/", {field: value}, format="json")
+    assert patched.status_code == 400 and list(patched.json()["errors"]) == [field]
+
+
+def test_a_read_only_field_in_a_create_is_refused_and_a_typo_is_still_unknown(api_as, staff):
+    response = api_as(staff).post(URL, profile_payload(origin="catalog", vendr="Acme"), format="json")
+    assert response.status_code == 400
+    assert response.json()["errors"] == {
+        "origin": ["read-only field: the server sets it"],
+        "vendr": ["unknown field"],
+    }
+    assert not DeviceProfile.objects.exists()
