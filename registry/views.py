@@ -15,6 +15,7 @@ from django.urls import reverse
 from accounts.decorators import viewer_required
 from accounts.roles import is_staff
 from devices.models import Device
+from registry import studies
 from registry.charts import hypervolume_figure, pareto_data, pareto_figure
 from registry.forms import PlanningRunForm
 from registry.models import AuditEntry, BaseModel, PlanningRun, Release
@@ -63,17 +64,17 @@ def _device_figures(run: PlanningRun) -> list[dict[str, Any]]:
     cached = cache.get(key)
     if cached is not None:
         return list(cached)
-    # The fleet module pulls in torch and optuna: load it on the first chart, not at start-up.
-    from registry import fleet
-
     figures = []
     results = (run.result or {}).get("devices", {})
-    for profile in run.device_profiles.order_by("name"):
+    profiles = list(run.device_profiles.order_by("name"))
+    # Every device's trials in two queries plus one read of Optuna's tables per study (not
+    # Optuna's own API per device, which imports torch into the web worker and builds ~40
+    # fields per trial): the live page re-fetches these figures every few seconds.
+    trials = studies.trial_points_many((run.pk, p.pk) for p in profiles)
+    for profile in profiles:
         entry = results.get(str(profile.pk), {})
         chosen = (entry.get("recommendation") or {}).get("chosen")
-        data = pareto_data(
-            fleet.device_trials(run, profile.pk), entry.get("front", []), chosen and chosen["key"]
-        )
+        data = pareto_data(trials[(run.pk, profile.pk)], entry.get("front", []), chosen and chosen["key"])
         figures.append({"id": f"device-{profile.pk}", "figure": pareto_figure(data, profile.name)})
     cache.set(key, figures, 3600 if run.finished else 10)
     return figures

@@ -256,6 +256,39 @@ def test_a_study_not_created_yet_has_no_trial_points(optuna_file, fleet):
     assert studies.trial_points(run.pk, device) == []
 
 
+def test_a_plan_pages_queries_do_not_grow_with_its_devices(optuna_file, fleet, client, viewer):
+    """The plan page and the figures its live view polls read every device's search at once
+    (one DeviceSearch query per device before), with the trials from Optuna's tables."""
+    from django.core.cache import cache
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tests.registry.factories import make_profile
+
+    client.force_login(viewer)
+    counts, points = [], []
+    for n in (2, 4):
+        profiles = [make_profile(f"Plan page {n}-{i}") for i in range(n)]
+        run = finished_run(
+            fleet["model"], {p: [candidate(fleet["full"], latency_ms=10, memory_mib=10)] for p in profiles}
+        )
+        for p in profiles:
+            search = DeviceSearch.objects.create(run=run, device_profile=p, status="done", trials_done=12)
+            _study(optuna_file, search.study_name)
+        per_url = []
+        for url in (f"/plans/{run.pk}/", f"/plans/{run.pk}/figures/"):
+            cache.clear()
+            with CaptureQueriesContext(connection) as queries:
+                response = client.get(url)
+            assert response.status_code == 200, url
+            per_url.append(len(queries))
+        counts.append(per_url)
+        figures = response.json()["figures"]
+        points.append([sum(len(t.get("x", [])) for t in f["figure"]["data"]) for f in figures[1:]])
+    assert counts[0] == counts[1]
+    assert all(p >= 12 for p in points[0] + points[1]), points  # every device's trials are drawn
+
+
 def test_the_optuna_url_of_djangos_in_memory_test_database_uses_uri(settings, monkeypatch):
     settings.OPTUNA_STORAGE_URL = ""
     db = settings.DATABASES["default"]

@@ -137,6 +137,19 @@ def test_the_variant_table_ignores_malformed_filters_with_notices(viewer_client,
     assert html.count('name="selv"') == 4
 
 
+@pytest.mark.parametrize("suffix", ["", "variants.csv"])
+@pytest.mark.parametrize("value", ["1e50", "1e400"])
+@pytest.mark.parametrize("field", ["size_min", "size_max", "latency_max"])
+def test_huge_number_filters_answer_200(viewer_client, fleet, field, value, suffix):
+    # The largest value the form accepts (1e50) must not overflow the SQL comparison; past it,
+    # a notice (1e400 is a finite decimal but an infinite float).
+    params = {field: value, "device": fleet["phone"].slug}
+    response = viewer_client.get(f"/models/{fleet['model'].slug}/{suffix}", params)
+    assert response.status_code == 200
+    if not suffix:
+        assert ('class="notice"' in response.content.decode()) == (value == "1e400")
+
+
 def test_a_page_past_the_end_shows_the_last_page(viewer_client, fleet):
     html = viewer_client.get(f"/models/{fleet['model'].slug}/", {"page": "99"}).content.decode()
     assert "past the last page" in html and html.count('name="selv"') == 4
