@@ -52,7 +52,12 @@ def device_list(request: HttpRequest) -> HttpResponse:
     """Sortable, filterable list. Unknown filter values fall back to 'all' with a notice."""
     notices: list[str] = []
     profiles = DeviceProfile.objects.all()
-    q = request.GET.get("q", "").strip()[:100]
+    q = request.GET.get("q", "")
+    if "\x00" in q:
+        # PostgreSQL text cannot hold NUL: passed into the lookup it was a 500 there.
+        notices.append("Search: NUL characters removed.")
+        q = q.replace("\x00", "")
+    q = q.strip()[:100]
     if q:
         profiles = profiles.filter(Q(name__icontains=q) | Q(vendor__icontains=q) | Q(soc__icontains=q))
     kind = request.GET.get("kind", "")

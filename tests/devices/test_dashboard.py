@@ -47,6 +47,15 @@ def test_malformed_query_values_fall_back_to_defaults_with_a_notice(viewer_clien
     assert len(_row_names(html)) >= 12
 
 
+def test_a_nul_in_the_search_is_removed_with_a_notice(viewer_client):
+    # PostgreSQL text cannot hold NUL: the raw value in the lookup was a 500 there.
+    response = viewer_client.get("/devices/", {"q": "tensor\x00 g4"})
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "NUL characters removed" in html
+    assert _row_names(html) == ["Google Pixel 9 (Tensor G4)"]
+
+
 def test_the_detail_page_shows_every_source_and_a_roofline(viewer_client):
     response = viewer_client.get("/devices/raspberry-pi-5-8-gb/")
     assert response.status_code == 200
