@@ -195,8 +195,9 @@ def sync(ctx: Context) -> dict[str, Any]:
     download the blob into a ``.part`` file, resuming with HTTP Range, never beyond the signed
     size; (5) verify the whole package (`planner.package.verify_package`); (6) move it into
     packages/<digest> and switch `current` atomically; keep the previous package for
-    rollback, delete older ones.  Any verification failure → `package-refused` with the
-    reason, the staged blob is deleted and `current` is untouched.
+    rollback, delete older ones.  Partial downloads (staging/) of digests other than the one
+    the config names are deleted at step (2).  Any verification failure → `package-refused`
+    with the reason, the staged blob is deleted and `current` is untouched.
     """
     from planner.package import PackageError, verify_manifest, verify_package
 
@@ -230,12 +231,16 @@ def sync(ctx: Context) -> dict[str, Any]:
     }
     package = config.get("package")
     if not package:
+        out["pruned"] = ctx.state.prune_staging(None)  # partial downloads nobody wants now
         ctx.log("no package is released to this device")
         return {**out, "status": "no-package", "digest": None}
     digest = str(package.get("digest", "")).lower()
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise AgentError("bad-response", f"the config names an invalid digest {digest!r}", EXIT_SERVER)
     out["digest"] = digest
+    # Partial downloads of digests the config no longer names (a release rolled back or
+    # replaced mid-download) are dropped; this digest's own is resumed below.
+    out["pruned"] = ctx.state.prune_staging(digest)
     if digest == current:
         ctx.log(f"package {digest[:16]}… is current")
         return {**out, "status": "unchanged"}
@@ -299,7 +304,7 @@ def _switch(
     state["current"] = digest
     ctx.state.save(state)
     keep = {digest} | ({current} if current else set())
-    pruned = ctx.state.prune(keep)
+    pruned = sorted([*out.get("pruned", []), *ctx.state.prune(keep, downloading=digest)])
     ctx.log(f"package {digest[:16]}… is now current" + (f" (was {current[:16]}…)" if current else ""))
     return {**out, "current": digest, "pruned": pruned}
 

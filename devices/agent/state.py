@@ -162,13 +162,28 @@ class AgentState:
         os.rename(staged, final)
         return final
 
-    def prune(self, keep: set[str]) -> list[str]:
-        """Delete installed packages not in `keep` (current and previous stay for rollback)."""
+    def prune(self, keep: set[str], downloading: str | None = None) -> list[str]:
+        """Delete installed packages not in `keep` (current and previous stay for rollback) and
+        the partial downloads of every digest but `downloading` (`prune_staging`).  Returns
+        the package digests and ``staging/<digest>`` entries removed."""
         removed: list[str] = []
-        if not self.packages_dir.is_dir():
+        if self.packages_dir.is_dir():
+            for entry in self.packages_dir.iterdir():
+                if entry.name not in keep and entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry.name)
+        return sorted(removed + self.prune_staging(downloading))
+
+    def prune_staging(self, downloading: str | None) -> list[str]:
+        """Delete staging/<digest> directories but the one of `downloading`: a partial download
+        of a digest the config no longer names would otherwise stay on disk for good (it is
+        resumed only while that digest is the one wanted).  Returns ``staging/<digest>`` of
+        each removed."""
+        removed: list[str] = []
+        if not self.staging_dir.is_dir():
             return removed
-        for entry in self.packages_dir.iterdir():
-            if entry.name not in keep and entry.is_dir():
+        for entry in self.staging_dir.iterdir():
+            if entry.name != downloading and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry.name)
+                removed.append(f"staging/{entry.name}")
         return sorted(removed)

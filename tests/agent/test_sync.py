@@ -7,6 +7,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +233,54 @@ def test_urls_off_the_enrolled_server_are_refused_before_the_token_is_sent(url: 
     with pytest.raises(AgentError) as refused:
         client.request("GET", url)
     assert refused.value.code == "bad-response" and "not on the enrolled server" in str(refused.value)
+
+
+def _partial_download(agent: Agent, digest: str, data: bytes = b"x" * 1000) -> Path:
+    staged = agent.state_dir / "staging" / digest
+    staged.mkdir(parents=True, exist_ok=True)
+    (staged / "model.safetensors.part").write_bytes(data)
+    return staged
+
+
+def test_a_partial_download_of_a_digest_no_longer_wanted_is_deleted(
+    enrolled: Agent, server: FakeServer, packages: dict[str, pkg.PackageInfo]
+) -> None:
+    abandoned = _partial_download(enrolled, "f" * 64)  # the release was replaced mid-download
+    b = server.publish(packages["b"])
+    half = packages["b"].blob_bytes // 2
+    wanted = _partial_download(enrolled, b, server.packages[b].blob[:half])
+    code, out, _ = enrolled.run("sync")
+    assert (code, out["status"], out["resumed_from"]) == (0, "updated", half)  # its own: resumed
+    assert out["pruned"] == [f"staging/{'f' * 64}"]
+    assert not abandoned.exists() and not wanted.exists()  # (installed: moved to packages/)
+    assert sorted(p.name for p in (enrolled.state_dir / "staging").iterdir()) == []
+
+
+def test_an_unchanged_or_empty_config_drops_abandoned_partial_downloads(
+    enrolled: Agent, server: FakeServer, packages: dict[str, pkg.PackageInfo]
+) -> None:
+    abandoned = _partial_download(enrolled, "e" * 64)
+    code, out, _ = enrolled.run("sync")
+    assert (code, out["status"], out["pruned"]) == (0, "no-package", [f"staging/{'e' * 64}"])
+    a = server.publish(packages["a"])
+    assert enrolled.run("sync")[1]["status"] == "updated"
+    b = server.publish(packages["b"])
+    _partial_download(enrolled, b)  # b's download began, then the release was rolled back to a
+    server.config_digest = a
+    code, out, _ = enrolled.run("sync")
+    assert (code, out["status"], out["pruned"]) == (0, "unchanged", [f"staging/{b}"])
+    assert not abandoned.exists() and not (enrolled.state_dir / "staging" / b).exists()
+
+
+def test_prune_keeps_current_previous_and_the_download_in_progress(tmp_path: Path) -> None:
+    from devices.agent.state import AgentState
+
+    state = AgentState(tmp_path)
+    state.ensure()
+    for digest in ("cur", "prev", "old"):
+        state.package_dir(digest).mkdir()
+    for digest in ("downloading", "stale"):
+        state.staging(digest).mkdir()
+    assert state.prune({"cur", "prev"}, downloading="downloading") == ["old", "staging/stale"]
+    assert sorted(p.name for p in state.packages_dir.iterdir()) == ["cur", "prev"]
+    assert [p.name for p in state.staging_dir.iterdir()] == ["downloading"]
