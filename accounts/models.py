@@ -38,9 +38,15 @@ class ApiToken(models.Model):
     @classmethod
     def issue(cls, user: object, name: str) -> tuple[ApiToken, str]:
         """Create a token; the raw value is returned once and never stored."""
-        raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        token = cls.objects.create(user=user, name=name, digest=hash_token(raw), prefix=raw[:10])
+        raw, digest, prefix = cls.new_value()
+        token = cls.objects.create(user=user, name=name, digest=digest, prefix=prefix)
         return token, raw
+
+    @staticmethod
+    def new_value() -> tuple[str, str, str]:
+        """A fresh random token value: (raw value — shown once, never stored —, digest, prefix)."""
+        raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        return raw, hash_token(raw), raw[:10]
 
     def revoke(self) -> None:
         if self.revoked_at is None:

@@ -5,7 +5,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from config.api import router
-from config.views import health, ping
+from config.views import LoginView, health, ping
 from devices.api import EnrollView
 from registry.api import MeasurementView
 from registry.device_views import device_config, package_file, signing_key
@@ -24,7 +24,7 @@ urlpatterns = [
         name="package-file",
     ),
     path("", RedirectView.as_view(pattern_name="dashboard:overview", permanent=False)),
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("login/", LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("health/", health, name="health"),

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.contrib.auth import views as auth_views
 from django.core.cache import cache
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -32,3 +36,12 @@ def ping(request: HttpRequest) -> HttpResponse:
     """GET /api/v1/ping — a constant JSON answer, open to anyone: the ceiling the device config
     endpoint is measured against (same server, same middleware, no work)."""
     return HttpResponse(PING_BODY, content_type="application/json")
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login view, except that a signed-in user sent here with ``next`` pointing back
+    at the login page goes to the overview (Django raises "Redirection loop" there: a 500)."""
+
+    def get_redirect_url(self, *args: Any, **kwargs: Any) -> str:
+        url = super().get_redirect_url(*args, **kwargs)
+        return "" if url and urlsplit(url).path == self.request.path else url

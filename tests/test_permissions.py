@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.test import Client
 
@@ -75,3 +77,31 @@ def test_a_made_up_token_is_refused(client: Client):
     response = client.get(URL, HTTP_AUTHORIZATION="Bearer efu_not-a-real-token")
     assert response.status_code == 401
     assert "invalid or revoked" in response.json()["detail"]
+
+
+def test_a_token_added_in_the_admin_gets_a_value_shown_once(client: Client, django_user_model, viewer):
+    admin_user = django_user_model.objects.create_superuser("ada", password="pw-ada")
+    client.force_login(admin_user)
+    shown = []
+    for name in ("ci", "cron"):
+        response = client.post(
+            "/admin/accounts/apitoken/add/", {"user": viewer.pk, "name": name}, follow=True
+        )
+        assert response.status_code == 200
+        text = " ".join(str(m) for m in response.context["messages"])
+        shown += re.findall(r"efu_[\w-]{40,}", text)
+    tokens = list(ApiToken.objects.order_by("pk"))
+    assert len(tokens) == 2 and len(shown) == 2
+    assert all(t.digest and t.user_id == viewer.pk for t in tokens)
+    client.logout()
+    assert client.get(URL, HTTP_AUTHORIZATION=f"Bearer {shown[1]}").status_code == 200
+    # An existing token cannot be moved to another user.
+    client.force_login(admin_user)
+    change = client.get(f"/admin/accounts/apitoken/{tokens[0].pk}/change/").content.decode()
+    assert 'name="user"' not in change
+
+
+def test_a_logged_in_user_sent_back_to_the_login_page_lands_on_the_overview(client: Client, viewer):
+    client.force_login(viewer)
+    response = client.get("/login/", {"next": "/login/"})
+    assert response.status_code == 302 and response["Location"] == "/overview/"
