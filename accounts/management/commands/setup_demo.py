@@ -20,6 +20,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--skip-catalog", action="store_true")
         parser.add_argument("--skip-model", action="store_true", help="do not register the demo model")
+        parser.add_argument(
+            "--reset-users",
+            action="store_true",
+            help="reset the 'demo' and 'viewer' logins (password, role) even if they exist already",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not options["skip_catalog"]:
@@ -30,10 +35,12 @@ class Command(BaseCommand):
             Group.objects.get_or_create(name=VIEWER_GROUP)
             staff_password = self._demo_password("demo_staff_password")
             viewer_password = self._demo_password("demo_viewer_password")
-            self._ensure_user("demo", staff_password, staff=True)
-            self._ensure_user("viewer", viewer_password, staff=False)
-        self.stdout.write(f"demo staff login:  demo / {staff_password}")
-        self.stdout.write(f"demo viewer login: viewer / {viewer_password}")
+            staff_line = self._ensure_user("demo", staff_password, staff=True, reset=options["reset_users"])
+            viewer_line = self._ensure_user(
+                "viewer", viewer_password, staff=False, reset=options["reset_users"]
+            )
+        self.stdout.write(f"demo staff login:  {staff_line}")
+        self.stdout.write(f"demo viewer login: {viewer_line}")
         # Devices enroll with it: python -m devices.agent enroll --key … (kept in ./var).
         key = io.StringIO()
         call_command(
@@ -49,12 +56,21 @@ class Command(BaseCommand):
             path.chmod(0o600)
         return path.read_text().strip()
 
-    def _ensure_user(self, username: str, password: str, *, staff: bool) -> None:
+    def _ensure_user(self, username: str, password: str, *, staff: bool, reset: bool) -> str:
+        """Create the demo login, or reset it with `reset`; an existing one is left as it is
+        (an operator may have changed its password or role: re-running the setup on a real
+        stack must not hand the 'demo' name superuser rights again).  Returns what to print."""
         user_model = get_user_model()
-        user = user_model.objects.filter(username=username).first() or user_model(username=username)
+        user = user_model.objects.filter(username=username).first()
+        if user is not None and not reset:
+            if user.check_password(password):
+                return f"{username} / {password}"
+            return f"{username} exists with another password: left as it is (--reset-users resets it)"
+        user = user or user_model(username=username)
         user.is_staff = staff
         user.is_superuser = staff
         user.set_password(password)
         user.save()
         if not staff:
             user.groups.add(Group.objects.get(name=VIEWER_GROUP))
+        return f"{username} / {password}"
