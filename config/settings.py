@@ -231,8 +231,21 @@ TIME_ZONE = "UTC"
 USE_I18N = False
 USE_TZ = True
 
-SESSION_COOKIE_SECURE = PRODUCTION
-CSRF_COOKIE_SECURE = PRODUCTION
+# HTTPS: on by default in production (served over TLS, directly or by a TLS-terminating proxy
+# in front); EDGEFIT_HTTPS=false only for a plain-HTTP stack on localhost (the compose demo).
+# With it, cookies are Secure, plain-HTTP requests are redirected (health checks excepted) and
+# browsers are told to keep to HTTPS (HSTS).  A proxy that terminates TLS must set
+# X-Forwarded-Proto, and EDGEFIT_TRUST_X_FORWARDED_PROTO=true lets Django believe it (never set
+# it without such a proxy: a client could then claim HTTPS itself).
+HTTPS = env_bool("EDGEFIT_HTTPS", PRODUCTION)
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SECURE_SSL_REDIRECT = HTTPS
+SECURE_REDIRECT_EXEMPT = [r"^health/$"]
+SECURE_HSTS_SECONDS = env_int("EDGEFIT_HSTS_SECONDS", 31_536_000, minimum=0) if HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("EDGEFIT_HSTS_INCLUDE_SUBDOMAINS", False)
+if env_bool("EDGEFIT_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 LOGGING = {
     "version": 1,
