@@ -82,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
 
     p = sub.add_parser("report", parents=[common], help="send the last bench result to the server")
-    p.add_argument("--force", action="store_true", help="send it again even if already reported")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="send it again even if already reported (same Idempotency-Key: stored once)",
+    )
 
     sub.add_parser("status", parents=[common], help="show the enrollment and installed packages (no network)")
     return parser

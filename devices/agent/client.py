@@ -5,6 +5,12 @@ wait before attempt k+1 honours ``Retry-After`` (seconds or an HTTP date, never 
 than asked, plus up to 10 % jitter so a fleet does not return in lock-step); without it,
 exponential backoff with jitter: half of min(cap, base · 2^k) fixed plus up to the other half
 at random.  Other 4xx answers are final.  Redirects are refused, not followed (`_RefuseRedirects`).
+
+A POST is retried too, though the server may have committed an attempt whose answer was lost
+(a timeout, a dropped connection, a 5xx from a proxy): every POST therefore carries an
+``Idempotency-Key`` that stays the same on all its attempts, and the server answers a repeat
+from what the first attempt stored instead of storing it again.  Callers whose request may be
+sent again by a later run (`report`) pass a key they keep; otherwise one is made per request.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
@@ -30,9 +37,18 @@ from devices.agent import __version__
 from devices.agent.errors import EXIT_AUTH, EXIT_SERVER, AgentError
 from devices.agent.progress import Progress
 
-__all__ = ["RETRY_STATUSES", "Client", "DownloadResult", "Response", "SizeMismatchError"]
+__all__ = [
+    "IDEMPOTENCY_HEADER",
+    "RETRY_STATUSES",
+    "Client",
+    "DownloadResult",
+    "Response",
+    "SizeMismatchError",
+    "new_idempotency_key",
+]
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 _NETWORK_ERRORS = (
     urllib.error.URLError,
     ConnectionError,
@@ -41,6 +57,11 @@ _NETWORK_ERRORS = (
     http.client.HTTPException,
 )
 _CHUNK = 1 << 16
+
+
+def new_idempotency_key() -> str:
+    """A fresh key: a random UUID (the server takes 1-100 characters of [A-Za-z0-9_.:-])."""
+    return str(uuid.uuid4())
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -192,12 +213,15 @@ class Client:
         ok: tuple[int, ...] = (200,),
     ) -> Response:
         """Send one request (retried as the module docstring says); HttpError-style AgentError
-        unless the final status is in `ok`."""
+        unless the final status is in `ok`.  A POST without an ``Idempotency-Key`` in `headers`
+        gets a new one, the same on every attempt."""
         url = self.url(path)
         data = None if body is None else json.dumps(body).encode()
         hdrs = self._headers(headers)
         if data is not None:
             hdrs["Content-Type"] = "application/json"
+        if method.upper() == "POST" and not any(k.lower() == "idempotency-key" for k in hdrs):
+            hdrs[IDEMPOTENCY_HEADER] = new_idempotency_key()
         for attempt in range(self.retries + 1):
             req = urllib.request.Request(url, data=data, headers=hdrs, method=method)
             try:

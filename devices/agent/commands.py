@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from devices.agent.client import Client, SizeMismatchError
+from devices.agent.client import IDEMPOTENCY_HEADER, Client, SizeMismatchError, new_idempotency_key
 from devices.agent.errors import EXIT_REFUSED, EXIT_SERVER, EXIT_STATE, AgentError
 from devices.agent.progress import Progress
 from devices.agent.state import AgentState
@@ -77,7 +77,9 @@ def enroll(
     Steps: (1) refuse to overwrite an existing enrollment unless `force`; (2) fetch
     ``GET signing-key`` and check the key id is the SHA-256 of the key (pinned from now on:
     every package must verify against it); (3) ``POST device/enroll`` with the enrollment key,
-    name, optional profile and hardware probe; (4) store the token (0600) and the state.
+    name, optional profile and hardware probe, and one ``Idempotency-Key`` for all its retries
+    (a retry of an enrollment the server committed gets the same device, with a new token,
+    not a second device); (4) store the token (0600) and the state.
     """
     from planner.package import key_id
 
@@ -115,7 +117,9 @@ def enroll(
         hardware = _probe(quick=True)
     if hardware:
         body["hardware"] = hardware
-    answer = client.request("POST", ENROLL_PATH, body=body, ok=(200, 201)).json()
+    answer = client.request(
+        "POST", ENROLL_PATH, body=body, headers={IDEMPOTENCY_HEADER: new_idempotency_key()}, ok=(200, 201)
+    ).json()
     token = answer.get("token") if isinstance(answer, dict) else None
     if not isinstance(token, str) or not token.startswith("efd_") or not answer.get("device_id"):
         raise AgentError(
@@ -439,7 +443,14 @@ def bench(ctx: Context, *, rounds: int = 5, warmup: int = 1, threads: int | None
         "w8a8": w8a8_reason,
         "predicted": loaded.manifest.get("predicted", {}).get(state.get("profile") or "", None),
     }
-    record = {"measurement": measurement, "summary": summary, "reported": None}
+    # The key `report` sends: kept with the measurement, so a report retried, re-run after a
+    # crash, or forced sends the same key and the server stores the measurement once.
+    record = {
+        "measurement": measurement,
+        "summary": summary,
+        "reported": None,
+        "idempotency_key": new_idempotency_key(),
+    }
     ctx.state.write_json(ctx.state.bench_path, record)
     ctx.log(
         f"{n} texts: accuracy {accuracy:.3f}, agreement {agreement:.3f}, "
@@ -453,7 +464,12 @@ def bench(ctx: Context, *, rounds: int = 5, warmup: int = 1, threads: int | None
 
 
 def report(ctx: Context, *, force: bool = False) -> dict[str, Any]:
-    """POST the last bench measurement to ``device/measurements`` (once, unless `force`)."""
+    """POST the last bench measurement to ``device/measurements`` (once, unless `force`).
+
+    The POST carries the record's ``Idempotency-Key`` (written by `bench`; a record from an
+    older agent gets one, saved before sending): however often it is sent — retries, a re-run
+    after a crash, ``--force`` — the server stores it once and answers a repeat with the stored
+    measurement's id (200, `replayed`)."""
     state = ctx.state.load()
     record = ctx.state.read_json(ctx.state.bench_path)
     if record is None or "measurement" not in record:
@@ -462,20 +478,38 @@ def report(ctx: Context, *, force: bool = False) -> dict[str, Any]:
         raise AgentError(
             "already-reported",
             f"the last bench was already reported (measurement {record['reported'].get('id')}); "
-            "run bench again, or pass --force",
+            "run bench again, or pass --force (the server answers with the stored measurement)",
             EXIT_STATE,
         )
+    key = record.get("idempotency_key")
+    if not isinstance(key, str) or not key:
+        key = record["idempotency_key"] = new_idempotency_key()
+        ctx.state.write_json(ctx.state.bench_path, record)  # before sending: a re-run reuses it
     client = ctx.client(state["server"], ctx.state.token())
-    answer = client.request("POST", MEASUREMENTS_PATH, body=record["measurement"], ok=(200, 201)).json()
+    resp = client.request(
+        "POST",
+        MEASUREMENTS_PATH,
+        body=record["measurement"],
+        headers={IDEMPOTENCY_HEADER: key},
+        ok=(200, 201),
+    )
+    answer = resp.json()
     if not isinstance(answer, dict):
         raise AgentError("bad-response", "the measurement answer is not a JSON object", EXIT_SERVER)
+    replayed = resp.status == 200
     record["reported"] = {"id": answer.get("id"), "at": _now()}
     ctx.state.write_json(ctx.state.bench_path, record)
-    ctx.log(f"measurement {answer.get('id')} stored; recalibration {answer.get('recalibration')}")
+    ctx.log(
+        f"measurement {answer.get('id')} "
+        + ("was already stored (same Idempotency-Key)" if replayed else "stored")
+        + f"; recalibration {answer.get('recalibration')}"
+    )
     return {
         "id": answer.get("id"),
         "recalibration": answer.get("recalibration"),
         "package_digest": record["measurement"]["package_digest"],
+        "replayed": replayed,
+        "idempotency_key": key,
         "retries": client.waits,
     }
 

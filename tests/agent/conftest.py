@@ -67,8 +67,16 @@ class FakeServer:
     fail_config: int = 0  # this many 503s (no Retry-After) before answering
     drop_blob_after: int | None = None  # first blob answer stops after this many bytes
     revoked: bool = False
+    # One entry per POST to come: store it, then answer "503" or "drop" the connection unanswered
+    # (the server committed; the agent never hears of it).
+    fail_after_commit: list[str] = field(default_factory=list)
+    fail_posts: int = 0  # this many POSTs answered 503 before anything is stored
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     measurements: list[dict[str, Any]] = field(default_factory=list)
+    enrollments: list[dict[str, Any]] = field(default_factory=list)
+    # Idempotency-Key → (index in measurements / enrollments, body): what the server stored.
+    measurement_keys: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    enrollment_keys: dict[str, tuple[int, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def publish(self, info: pkg.PackageInfo, served: Served | None = None, digest: str | None = None) -> str:
@@ -106,6 +114,10 @@ class FakeServer:
 
     def paths(self, method: str) -> list[str]:
         return [p for m, p, _ in self.requests if m == method]
+
+    def keys(self, path: str) -> list[str | None]:
+        """The Idempotency-Key of every POST to `path`, in order (None: sent without one)."""
+        return [h.get("Idempotency-Key") for m, p, h in self.requests if m == "POST" and p == path]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -202,24 +214,28 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(status, body, headers)
 
     def do_POST(self) -> None:
+        """Enrollment and measurements, stored once per Idempotency-Key as the server does: a
+        repeat with the same body answers 200 with what was stored, another body 422."""
         fake = self.server.fake
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"null")
+        key = self.headers.get("Idempotency-Key")
         with fake.lock:
             fake.requests.append(("POST", self.path, dict(self.headers)))
+            failed, fake.fail_posts = fake.fail_posts > 0, max(0, fake.fail_posts - 1)
+        if failed:
+            return self._json(503, {"detail": "down for maintenance"})
         if self.path == "/api/v1/device/enroll":
             if body.get("enrollment_key") != ENROLL_KEY:
                 return self._json(403, {"detail": "Unknown or revoked enrollment key."})
-            return self._json(
-                201,
-                {
-                    "device_id": DEVICE_ID,
-                    "token": TOKEN,
-                    "profile": body.get("profile") or "host-test",
-                    "channel": "stable",
-                    "config_url": "/api/v1/device/config",
-                },
-            )
+            answer = {
+                "device_id": DEVICE_ID,
+                "token": TOKEN,
+                "profile": body.get("profile") or "host-test",
+                "channel": "stable",
+                "config_url": "/api/v1/device/config",
+            }
+            return self._store(fake.enrollments, fake.enrollment_keys, key, body, lambda _n: answer)
         if self.path == "/api/v1/device/measurements":
             if not self._device():
                 return None
@@ -230,9 +246,41 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(
                     400, {"detail": "Invalid measurement.", "errors": {field_name: ["bad field"]}}
                 )
-            fake.measurements.append(body)
-            return self._json(201, {"id": len(fake.measurements), "recalibration": "queued"})
+            return self._store(
+                fake.measurements,
+                fake.measurement_keys,
+                key,
+                body,
+                lambda n: {"id": n + 1, "recalibration": "queued"},
+            )
         return self._json(404, {"detail": "Not found."})
+
+    def _store(
+        self,
+        rows: list[Any],
+        keys: dict[str, tuple[int, Any]],
+        key: str | None,
+        body: Any,
+        answer: Callable[[int], dict[str, Any]],
+    ) -> None:
+        fake = self.server.fake
+        with fake.lock:
+            if key is not None and key in keys:
+                index, stored = keys[key]
+                if stored != body:
+                    return self._json(422, {"detail": "Idempotency-Key used for another body."})
+                return self._json(200, answer(index), {"Idempotent-Replayed": "true"})
+            rows.append(body)
+            index = len(rows) - 1
+            if key is not None:
+                keys[key] = (index, body)
+            failure = fake.fail_after_commit.pop(0) if fake.fail_after_commit else None
+        if failure == "503":
+            return self._json(503, {"detail": "upstream timed out"})
+        if failure == "drop":
+            self.close_connection = True  # stored, and not a byte of an answer
+            return None
+        return self._json(201, answer(index))
 
 
 class _Server(ThreadingHTTPServer):

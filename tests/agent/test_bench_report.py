@@ -51,11 +51,14 @@ def test_bench_then_report(
 
     code, out, _ = enrolled.run("report")
     assert (code, out["id"], out["recalibration"], out["package_digest"]) == (0, 1, "queued", b)
-    assert server.measurements == [m]
+    assert server.measurements == [m] and out["replayed"] is False
 
     code, out, _ = enrolled.run("report")
     assert (code, out["error"]) == (3, "already-reported")
-    assert enrolled.run("report", "--force")[1]["id"] == 2
+    # Sent again, under the key kept with the measurement: the server answers with the stored one.
+    code, out, _ = enrolled.run("report", "--force")
+    assert (code, out["id"], out["replayed"]) == (0, 1, True)
+    assert server.measurements == [m]
 
 
 def test_bench_needs_a_package(enrolled: Agent) -> None:
