@@ -41,6 +41,19 @@ instead of the shared entries (`Store.behind`).  So a change is seen within
 `DURABLE_RECHECK_S` even when its invalidation failed (by the writing process at its next
 request).
 
+An unreachable cache (Redis restarting, a network blip: a read raises) costs speed, not answers.
+The process empties its memo and, until the cache answers a marker read again (tried at most
+every `UNREACHABLE_RETRY_S` by a request, never by the others meanwhile), answers every request
+from the database: nothing is read from or written to the shared cache, nothing kept in the
+memo (values read then carry the marker `DOWN`, which matches none), the ASGI fast path declines
+(`Store.fresh`), throttling counts in the process alone (`Rate.hit`).  The outage is logged
+once, when found, and its end once.  When the cache answers, the look for missed invalidations
+runs before anything shared is trusted again: a change committed meanwhile left its
+`PendingInvalidation` row, so the marker is replaced and every entry built before is refused —
+also when Redis comes back from disk with its old marker and entries.  A subscribed process
+finds the outage through its listener (its marker re-read fails, or the channel drops) within
+`MARKER_RECHECK_S` / 2, when the fast path stops answering.
+
 A memo entry is only stored if the memo was not emptied since the request started
 (`memo.epoch`) and still believes in the marker the entry was built at.  Entries missing from
 the shared cache are rebuilt from the database — the only queries this path can make (the
@@ -74,11 +87,13 @@ from devices.models import device_token_digest
 
 __all__ = [
     "CHANNEL",
+    "DOWN",
     "DURABLE_RECHECK_S",
     "GEN_KEY",
     "MARKER_RECHECK_S",
     "MEMO_MAX_AGE_S",
     "MISS",
+    "UNREACHABLE_RETRY_S",
     "TokenEntry",
     "bump_generation",
     "device_token_digest",
@@ -109,6 +124,8 @@ MARKER_RECHECK_S = 1.0
 MEMO_MAX_AGE_S = 300.0
 #: A process looks for invalidations the cache missed (`PendingInvalidation`) this often.
 DURABLE_RECHECK_S = 1.0
+#: While the shared cache is unreachable, one request per process tries it again this often.
+UNREACHABLE_RETRY_S = 1.0
 
 
 class TokenEntry(NamedTuple):
@@ -119,13 +136,19 @@ class TokenEntry(NamedTuple):
     channel: str
 
 
-class _Miss:
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
     def __repr__(self) -> str:
-        return "MISS"
+        return self.name
 
 
 #: "Nothing usable": no entry, or one built at another generation.
-MISS: Any = _Miss()
+MISS: Any = _Sentinel("MISS")
+#: The marker of a value read while the shared cache was unreachable: it equals no marker (nor
+#: MISS), so such a value is neither kept in the memo nor written to the shared cache.
+DOWN: Any = _Sentinel("DOWN")
 
 
 def token_key(digest: str) -> str:
@@ -134,20 +157,34 @@ def token_key(digest: str) -> str:
 
 def shared_read(key: str) -> tuple[object, Any]:
     """(the current marker, the shared entry under `key` if it was built at that marker, else
-    MISS) — one round trip."""
-    found = cache.get_many([GEN_KEY, key])
+    MISS) — one round trip.  (DOWN, MISS) while the cache is unreachable, without trying it:
+    the caller reads the database (`Store.check` tries the cache again)."""
+    current = store()
+    if current.down_since is not None:
+        return DOWN, MISS
+    try:
+        found = cache.get_many([GEN_KEY, key])
+    except Exception as exc:
+        current.unreachable(exc)
+        return DOWN, MISS
     gen = found.get(GEN_KEY)
     tagged = found.get(key)
-    if isinstance(tagged, tuple) and len(tagged) == 2 and tagged[0] == gen and not store().behind:
+    if isinstance(tagged, tuple) and len(tagged) == 2 and tagged[0] == gen and not current.behind:
         return gen, tagged[1]
     return gen, MISS
 
 
 def shared_write(key: str, gen: object, value: Any, ttl: float) -> None:
     """Store `value`, built from the database *after* `gen` was read by `shared_read` (not
-    while the cache is behind the database: it refuses writes then)."""
-    if not store().behind:
+    while the cache is behind the database: it refuses writes then; nor a value read while it
+    was unreachable).  Never raises: the value is right without its shared copy."""
+    current = store()
+    if gen is DOWN or current.behind:
+        return
+    try:
         cache.set(key, (gen, value), ttl)
+    except Exception as exc:
+        current.refused(exc)
 
 
 class LocalMemo:
@@ -208,6 +245,12 @@ class Store:
         #: The newest missed invalidation the cache's marker could not be replaced for (0:
         #: none): shared entries are then neither read nor written.
         self.behind = 0
+        #: Monotonic time the shared cache was found unreachable (None: it answers).  Until a
+        #: marker read succeeds again the process answers from the database alone, like
+        #: `behind` but without even reading the marker (see the module docstring).
+        self.down_since: float | None = None
+        self._down_at = 0.0  # … and of the last failed try
+        self._refusal_logged = False
         self._lock = threading.Lock()
 
     def generation(self) -> object:
@@ -226,11 +269,62 @@ class Store:
             self.live and memo.gen is not MISS and now - self._read_at < MARKER_RECHECK_S and not durable_due
         ):
             return
+        down = self.down_since is not None
+        if down and now - self._down_at < UNREACHABLE_RETRY_S:
+            return  # still unreachable: this request reads the database (`shared_read`)
         self._read_at = now
-        gen = cache.get(GEN_KEY)
-        if durable_due:
-            gen = self.verify(gen, now)
+        try:
+            gen = cache.get(GEN_KEY)
+        except Exception as exc:
+            self.unreachable(exc)
+            return
+        if down:
+            # Back.  Changes committed meanwhile left their PendingInvalidation rows: replace
+            # the marker for them before anything shared is trusted again (the entries Redis
+            # kept, or reloaded from disk, carry the marker read here).
+            gen, looked = self.verify(gen, now)
+            if not looked:  # the database did not answer: still nothing shared, tried again later
+                self._down_at = now
+                return
+            self._recovered(now)
+        elif durable_due:
+            gen, _ = self.verify(gen, now)
         memo.sync(gen)
+
+    def unreachable(self, exc: Exception) -> None:
+        """A read of the shared cache failed: until a marker read succeeds again (`check`), the
+        process answers from the database alone.  Logged once per outage."""
+        with self._lock:
+            now = time.monotonic()
+            self._down_at = now
+            # Neither the fast path (`fresh`) nor `check` may trust what was read before, and
+            # the look for missed invalidations runs first when the cache answers again.
+            self._read_at = self._durable_at = -math.inf
+            memo.clear()
+            if self.down_since is not None:
+                return
+            self.down_since = now
+        log.warning(
+            "the delivery cache is unreachable (%s); the device paths answer from the database "
+            "until it is back",
+            exc,
+        )
+
+    def _recovered(self, now: float) -> None:
+        with self._lock:
+            since, self.down_since = self.down_since, None
+            self._refusal_logged = False
+        if since is not None:
+            log.warning("the delivery cache is back after %.1f s unreachable", now - since)
+
+    def refused(self, exc: Exception) -> None:
+        """A write the answer does not depend on failed (an entry, a throttling count): logged
+        once until the cache is next found unreachable and back, and not while it is down."""
+        with self._lock:
+            if self._refusal_logged or self.down_since is not None:
+                return
+            self._refusal_logged = True
+        log.warning("the delivery cache refuses writes (%s); the config path goes on without them", exc)
 
     def fresh(self) -> bool:
         """Whether a request may skip `check()` now: this process listens on the channel, the
@@ -251,11 +345,12 @@ class Store:
         """Look for missed invalidations at the next request (one just failed here)."""
         self._durable_at = -math.inf
 
-    def verify(self, gen: object, now: float) -> object:
-        """The marker this request goes on with: `gen` (just read from the cache), unless the
-        database holds invalidations the cache missed — then a new marker, written and
-        announced, and those rows deleted.  If the cache refuses that write, the process is
-        `behind`: it reads the database instead of shared entries until a later look succeeds."""
+    def verify(self, gen: object, now: float) -> tuple[object, bool]:
+        """(the marker this request goes on with, whether the database was looked at): `gen`
+        (just read from the cache), unless the database holds invalidations the cache missed —
+        then a new marker, written and announced, and those rows deleted.  If the cache refuses
+        that write, the process is `behind`: it reads the database instead of shared entries
+        until a later look succeeds."""
         from devices.models import PendingInvalidation
 
         self._durable_at = now
@@ -263,12 +358,12 @@ class Store:
             missed = list(PendingInvalidation.objects.values_list("pk", flat=True)[:1000])
         except DatabaseError as exc:  # warm entries still answer; looked for again next time
             log.warning("could not look for missed delivery invalidations (%s)", exc)
-            return gen
+            return gen, False
         if not missed:
             if self.behind:
                 log.warning("the delivery cache accepts writes again")
             self.behind = 0
-            return gen
+            return gen, True
         marker = uuid.uuid4().hex
         try:
             cache.set(GEN_KEY, marker, None)
@@ -282,7 +377,7 @@ class Store:
                 )
                 memo.clear()
             self.behind = max(missed)
-            return gen
+            return gen, True
         # (Usually a change whose writer failed or died; rarely one whose writer is finishing.)
         log.info("replaced the delivery marker for %d change(s) not known to be invalidated", len(missed))
         self.behind = 0
@@ -291,7 +386,7 @@ class Store:
             PendingInvalidation.objects.filter(pk__in=missed).delete()
         except DatabaseError as exc:
             log.warning("could not delete delivery invalidations (%s); looked at again", exc)
-        return marker
+        return marker, True
 
     def _redis(self) -> Any:
         if self._client is None or self._client_pid != os.getpid():  # a forked child needs its own
@@ -332,6 +427,7 @@ class Store:
         channel = cache.make_key(CHANNEL)
         pid = os.getpid()
         backoff = 0.5
+        lost = False  # logged once per loss, not at every retry while Redis is away
         while self._pid == pid and _store is self:
             pubsub = client.pubsub()
             try:
@@ -347,15 +443,26 @@ class Store:
                         memo.clear()  # changes made before we listened
                         self.live = True
                         backoff = 0.5
+                        if lost:
+                            log.info("delivery invalidation channel subscribed again")
+                            lost = False
                     elif message is not None and message["type"] == "message":
                         memo.clear()
-                    if self.live and now - self._read_at >= MARKER_RECHECK_S / 2:
+                    if self.live and self.down_since is None and now - self._read_at >= MARKER_RECHECK_S / 2:
                         # The bounded-staleness re-read, done here so that no request waits
                         # for it (and so that requests in the fast path never find it due).
+                        # (Not while the cache is unreachable: `check` finds it back.)
                         self._read_at = now
-                        memo.sync(cache.get(GEN_KEY))
+                        try:
+                            gen = cache.get(GEN_KEY)
+                        except Exception as exc:
+                            self.unreachable(exc)
+                        else:
+                            memo.sync(gen)
             except Exception as exc:
-                log.warning("delivery invalidation channel lost (%s); retrying", exc)
+                if not lost:
+                    log.warning("delivery invalidation channel lost (%s); retrying", exc)
+                lost = True
             finally:
                 self.live = False
                 memo.clear()
@@ -437,12 +544,24 @@ class Rate:
         if local <= threshold:
             return None
         key = f"delivery:rate:{digest[:32]}:{window}"
-        cache.add(key, 0, window_s + 1)
-        try:
-            # The first time past the threshold, bring the requests counted so far along.
-            shared = cache.incr(key, local if local == threshold + 1 else 1)
-        except ValueError:  # expired between add and incr
-            shared = local
+        current = store()
+        # Without the shared cache the count is this process's own: the limit then holds per
+        # web process.  Open, not closed: refusing (429) every device past an eighth of its
+        # limit, or failing, would take a fleet that polls within its limit offline for as
+        # long as Redis is away.  Not uncounted either: a flooding device is still stopped at
+        # the limit in each process — which matters more then, as every request reads the
+        # database.
+        shared = local
+        if current.down_since is None:
+            try:
+                cache.add(key, 0, window_s + 1)
+                try:
+                    # The first time past the threshold, bring the requests counted so far along.
+                    shared = cache.incr(key, local if local == threshold + 1 else 1)
+                except ValueError:  # expired between add and incr
+                    shared = local
+            except Exception as exc:
+                current.refused(exc)
         if shared <= limit and local <= limit:
             return None
         return (window + 1) * window_s - now

@@ -61,7 +61,9 @@ def device_config(request: HttpRequest) -> HttpResponse:
     Per request: check the token's form, hash it and look up dictionaries of this process (plus
     a read of the invalidation marker: every request when the process is not subscribed to the
     Redis channel, at most once a second when it is).  No SQL once the entries are warm, but for
-    one small query per process per `DURABLE_RECHECK_S` (missed invalidations, `devices.hotpath`)."""
+    one small query per process per `DURABLE_RECHECK_S` (missed invalidations, `devices.hotpath`).
+    While the shared cache is unreachable every request is answered from the database instead,
+    with the same statuses, bodies and ETags."""
     if request.method not in ("GET", "HEAD"):
         return _error(405, f"method {request.method} not allowed", Allow="GET, HEAD")
     digest = device_token_digest(request.META.get("HTTP_AUTHORIZATION", ""))
@@ -142,7 +144,8 @@ def signing_key(request: HttpRequest) -> HttpResponse:
 
 
 def _reader(request: HttpRequest) -> tuple[str, Any] | None:
-    """Who is downloading: ("device", TokenEntry) or ("person", user)."""
+    """Who is downloading: ("device", TokenEntry) or ("person", user).  A device token resolves
+    as on the config path (from the database while the shared cache is unreachable)."""
     header = request.META.get("HTTP_AUTHORIZATION", "")
     if header.startswith(_BEARER_DEVICE):
         digest = device_token_digest(header)

@@ -3,12 +3,13 @@ temporary package directory (real files, fake weights), profiles, devices and re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,39 @@ def wait_until(condition: Callable[[], Any], seconds: float = 5.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+#: Every operation of a cache backend the delivery paths (and Django) may call.
+_CACHE_OPERATIONS = (
+    "get",
+    "get_many",
+    "set",
+    "set_many",
+    "add",
+    "incr",
+    "decr",
+    "delete",
+    "delete_many",
+    "has_key",
+    "touch",
+    "get_or_set",
+    "clear",
+)
+
+
+@contextlib.contextmanager
+def cache_unreachable() -> Iterator[None]:
+    """`with cache_unreachable():` — the default cache cannot be reached (Redis restarting, a
+    network blip): every operation raises what redis-py raises then.  Patched on the backend's
+    class, so every thread's instance fails (the ASGI handler's request threads, the listener)."""
+    import redis
+    from django.core.cache import caches
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    backend = type(caches["default"])
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _CACHE_OPERATIONS:
+            patch.setattr(backend, name, refuse)
+        yield

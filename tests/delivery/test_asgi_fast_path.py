@@ -178,6 +178,39 @@ def test_a_lost_announcement_is_caught_by_the_listeners_marker_reread(warm):
 
 
 @pytest.mark.integration
+def test_while_the_cache_is_unreachable_memory_answers_nothing_and_the_view_answers_from_the_database(
+    warm, settings, api_as, staff, profile, make_device, monkeypatch
+):
+    from devices import hotpath
+    from tests.delivery.conftest import cache_unreachable
+
+    settings.EDGEFIT_DEVICE_RATE_LIMIT = 1000  # the fast path's share (an eighth) is not the point
+    token, by_django = warm["device"]["token"], warm["django"]
+    other = make_device(profile, name="other")
+    assert call(URL, **auth(other["token"])).status == 200
+    store = hotpath.store()
+    before = answered()
+    with cache_unreachable():
+        # The listener's marker re-read finds the outage, no request needed; the memory goes.
+        assert wait_until(lambda: store.down_since is not None, hotpath.MARKER_RECHECK_S + 1)
+        assert not store.fresh() and not hotpath.memo.bodies
+        polled = call(URL, **auth(token))
+        assert (polled.status, polled.body, polled.headers) == (200, by_django.body, by_django.headers)
+        assert call(URL, if_none_match=by_django.headers["etag"], **auth(token)).status == 304
+        assert api_as(staff).post(f"/api/v1/devices/{other['device_id']}/revoke/").status_code == 200
+        assert call(URL, **auth(other["token"])).status == 401
+        assert call(URL, **auth("efd_" + "u" * 43)).status == 401
+    assert answered() == before  # every poll of the outage went to the view
+    monkeypatch.setattr(hotpath, "UNREACHABLE_RETRY_S", 0.0)  # the next request tries the cache
+    assert call(URL, **auth(other["token"])).status == 401
+    assert call(URL, **auth(token)).body == by_django.body
+    assert store.down_since is None
+    # Memory answers again once refilled (after the new marker's announcement emptied it).
+    assert wait_until(lambda: call(URL, **auth(token)).status == 200 and answered() > before)
+    assert call(URL, **auth(other["token"])).status == 401
+
+
+@pytest.mark.integration
 def test_throttling_past_the_process_share_is_decided_by_the_view(warm, settings):
     settings.EDGEFIT_DEVICE_RATE_LIMIT = 16  # an eighth, 2, may be counted here alone
     settings.EDGEFIT_DEVICE_RATE_WINDOW_S = 86_400  # no window boundary during the test
