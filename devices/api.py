@@ -4,12 +4,13 @@ from typing import Any, NoReturn
 
 from django.db import IntegrityError, transaction
 from django.db.models import Count, ProtectedError, RestrictedError
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, mixins, permissions, status, views, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from devices import idempotency
 from devices.enrollment import (
     EnrollmentError,
     check_enrollment_key,
@@ -151,7 +152,12 @@ def _references(profile: DeviceProfile) -> list[str]:
 def _raise_for(exc: EnrollmentError) -> NoReturn:
     if exc.status == 401:
         raise exceptions.AuthenticationFailed(next(iter(exc.errors.values())))
-    raise exceptions.ValidationError({k: [v] for k, v in exc.errors.items()})
+    errors = {k: [v] for k, v in exc.errors.items()}
+    if exc.status == 409:
+        raise _Conflict(errors)
+    if exc.status == 422:
+        raise idempotency.KeyReused(errors)
+    raise exceptions.ValidationError(errors)
 
 
 class DeviceViewSet(
@@ -238,7 +244,31 @@ class EnrollView(views.APIView):
     authentication_classes: list[Any] = []
     permission_classes = [permissions.AllowAny]
 
-    @extend_schema(request=EnrollSerializer, responses={201: DeviceCredentialsSerializer}, auth=[])
+    @extend_schema(
+        request=EnrollSerializer,
+        parameters=[
+            idempotency.openapi_parameter(
+                "enrollment",
+                "within 24 hours is answered 200 with the same device and a new token (the first "
+                "token is revoked: its answer was lost, and tokens are stored only hashed)",
+            )
+        ],
+        responses={
+            201: DeviceCredentialsSerializer,
+            200: OpenApiResponse(
+                DeviceCredentialsSerializer,
+                description=(
+                    "a repeat (same Idempotency-Key, same body): the same device with a new token; "
+                    "the token of the first answer is revoked"
+                ),
+            ),
+            409: OpenApiResponse(
+                description="the Idempotency-Key's device was revoked, or enrolled over 24 hours ago"
+            ),
+            422: OpenApiResponse(description="the Idempotency-Key was already used for another body"),
+        },
+        auth=[],
+    )
     def post(self, request: Request) -> Response:
         serializer = EnrollSerializer(data=request.data)
         try:
@@ -246,8 +276,11 @@ class EnrollView(views.APIView):
             key = check_enrollment_key(
                 request.data.get("enrollment_key") if isinstance(request.data, dict) else None
             )
+            idempotency_key = idempotency.request_key(request)
             serializer.is_valid(raise_exception=True)
-            answer = enroll_device(**{**serializer.validated_data, "enrollment_key": key})
+            answer, created = enroll_device(
+                **{**serializer.validated_data, "enrollment_key": key, "idempotency_key": idempotency_key}
+            )
         except EnrollmentError as exc:
             if exc.status == 401:
                 # (DRF would turn AuthenticationFailed into 403: this view has no authenticator.)
@@ -258,4 +291,6 @@ class EnrollView(views.APIView):
                     headers={"WWW-Authenticate": 'Bearer realm="enrollment"'},
                 )
             _raise_for(exc)
+        if not created:
+            return Response(answer, status=status.HTTP_200_OK, headers={idempotency.REPLAYED_HEADER: "true"})
         return Response(answer, status=status.HTTP_201_CREATED)

@@ -5,18 +5,29 @@ the transaction commits (`devices.hotpath`).  Secrets (enrollment keys, device t
 returned once and stored only as SHA-256 digests.  Each change is announced on
 `devices.signals.audit_event` so the registry's audit log records it (devices never imports
 the registry).
+
+Enrollment takes an optional ``Idempotency-Key`` (`devices.idempotency`): the agent retries a
+POST whose answer it lost, and a server that had committed the first attempt would otherwise
+create a second device with a second token, the first one orphaned.  A repeat with the same key
+(under the same enrollment key) and the same body gets the same device — with a *new* token:
+the token is stored only as its digest, so the first answer cannot be replayed, and that answer
+was lost, so the first token is revoked (nobody holds it).  The same key with another body is a
+422; a repeat for a device since revoked, or enrolled more than `ENROLL_REPLAY_WINDOW` ago, is a
+409 (a key may not mint tokens for a device forever).
 """
 
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import hash_token
 from devices import hotpath
+from devices.idempotency import HEADER, body_digest, reused_message
 from devices.models import (
     DEVICE_TOKEN_PREFIX,
     ENROLLMENT_KEY_PREFIX,
@@ -29,6 +40,7 @@ from devices.models import (
 from devices.signals import audit_event
 
 __all__ = [
+    "ENROLL_REPLAY_WINDOW",
     "MAX_HARDWARE_BYTES",
     "EnrollmentError",
     "check_enrollment_key",
@@ -42,6 +54,9 @@ __all__ = [
 
 #: The hardware probe a device sends is stored as given, up to this size (JSON bytes).
 MAX_HARDWARE_BYTES = 16_384
+#: How long after an enrollment a repeat with its Idempotency-Key still gets the device (with a
+#: new token): the agent's retries take minutes; a key seen later is a mistake or a replay.
+ENROLL_REPLAY_WINDOW = timedelta(hours=24)
 _ALIAS = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 
 
@@ -176,15 +191,28 @@ def check_enrollment_key(raw: Any) -> EnrollmentKey:
 
 
 def enroll_device(
-    *, enrollment_key: Any, name: Any, profile: Any = None, hardware: Any = None
-) -> dict[str, Any]:
+    *,
+    enrollment_key: Any,
+    name: Any,
+    profile: Any = None,
+    hardware: Any = None,
+    idempotency_key: str | None = None,
+) -> tuple[dict[str, Any], bool]:
     """A device presents a fleet's enrollment key and gets an id and a token.
 
     `enrollment_key` is the raw key, or the row `check_enrollment_key` already returned for it.
-    A missing, unknown or revoked key is a 401 (`status`), bad fields a 400 naming them."""
+    A missing, unknown or revoked key is a 401 (`status`), bad fields a 400 naming them.
+    Returns (answer, created): with `idempotency_key`, a device already enrolled under it with
+    this enrollment key is answered again (created False) as the module docstring says."""
     key = (
         enrollment_key if isinstance(enrollment_key, EnrollmentKey) else check_enrollment_key(enrollment_key)
     )
+    digest = ""
+    if idempotency_key is not None:
+        digest = body_digest({"name": name, "profile": profile, "hardware": hardware})
+        device = _enrolled_under(key, idempotency_key, digest)
+        if device is not None:
+            return _enroll_again(device, revoke_earlier=True), False
     errors: dict[str, str] = {}
     name = _check_name(name, errors)
     hardware = _check_hardware(hardware, errors)
@@ -200,24 +228,87 @@ def enroll_device(
     if errors:
         raise EnrollmentError(errors)
     assert chosen is not None
-    with transaction.atomic():
-        device = Device.objects.create(
-            name=name,
-            profile=chosen,
-            channel=key.channel,
-            enrollment_key=key,
-            hardware=hardware,
-            last_seen_at=timezone.now(),
+    try:
+        with transaction.atomic():
+            device = Device.objects.create(
+                name=name,
+                profile=chosen,
+                channel=key.channel,
+                enrollment_key=key,
+                hardware=hardware,
+                last_seen_at=timezone.now(),
+                idempotency_key=idempotency_key,
+                request_digest=digest,
+            )
+            raw = issue_device_token(device)
+            audit_event.send(
+                Device,
+                actor=None,
+                action="device.enroll",
+                target=device,
+                before=None,
+                after={"name": name, "profile": chosen.slug, "channel": device.channel, "fleet": key.fleet},
+            )
+    except IntegrityError:
+        # A concurrent repeat with the same key committed its device first (the unique
+        # constraint held this insert until it did): answer as a repeat, but keep the winner's
+        # token — which of the two answers reaches the agent cannot be known here.
+        winner = _enrolled_under(key, idempotency_key, digest) if idempotency_key is not None else None
+        if winner is None:
+            raise
+        return _enroll_again(winner, revoke_earlier=False), False
+    return _device_answer(device, raw), True
+
+
+def _enrolled_under(key: EnrollmentKey, idempotency_key: str, digest: str) -> Device | None:
+    """The device enrolled with `key` under `idempotency_key` (None: none); 422 if that was for
+    another body, 409 if it was revoked since or enrolled longer than ENROLL_REPLAY_WINDOW ago."""
+    device = (
+        Device.objects.select_related("profile")
+        .filter(enrollment_key=key, idempotency_key=idempotency_key)
+        .first()
+    )
+    if device is None:
+        return None
+    if device.request_digest != digest:
+        raise EnrollmentError({HEADER: reused_message("enrollment")}, status=422)
+    if not device.active:
+        raise EnrollmentError(
+            {HEADER: "the device enrolled with this key was revoked since: enroll with a new key"}, status=409
         )
+    if device.created_at < timezone.now() - ENROLL_REPLAY_WINDOW:
+        hours = int(ENROLL_REPLAY_WINDOW.total_seconds() // 3600)
+        raise EnrollmentError(
+            {HEADER: f"this key enrolled a device more than {hours} hours ago: enroll with a new key"},
+            status=409,
+        )
+    return device
+
+
+def _enroll_again(device: Device, *, revoke_earlier: bool) -> dict[str, Any]:
+    """A repeated enrollment: the same device, a new token (the first answer was lost, and its
+    raw token is stored nowhere).  `revoke_earlier` revokes the tokens issued before: no one
+    holds them, and a credential no one holds is still one more to steal."""
+    now = timezone.now()
+    with transaction.atomic():
+        Device.objects.select_for_update().filter(pk=device.pk).first()  # one repeat at a time
+        revoked: list[str] = []
+        if revoke_earlier:
+            earlier = device.tokens.filter(revoked_at__isnull=True)
+            revoked = list(earlier.values_list("digest", flat=True))
+            earlier.update(revoked_at=now)
         raw = issue_device_token(device)
+        Device.objects.filter(pk=device.pk).update(last_seen_at=now)
         audit_event.send(
             Device,
             actor=None,
-            action="device.enroll",
+            action="device.enroll_repeated",
             target=device,
             before=None,
-            after={"name": name, "profile": chosen.slug, "channel": device.channel, "fleet": key.fleet},
+            after={"tokens_revoked": len(revoked), "token_issued": raw[:10]},
         )
+        if revoked:
+            hotpath.forget_tokens_on_commit(revoked)
     return _device_answer(device, raw)
 
 

@@ -215,10 +215,29 @@ class Device(models.Model):
     revoked_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # NULL, not "": no key (the unique constraint below is partial on it).
+    idempotency_key = models.CharField(  # noqa: DJ001
+        max_length=100,
+        null=True,
+        blank=True,
+        help_text="the enrollment's Idempotency-Key header: a retry with it gets this device",
+    )
+    request_digest = models.CharField(
+        max_length=64, blank=True, default="", help_text="SHA-256 of the enrollment's canonical JSON body"
+    )
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["profile", "channel"])]
+        constraints = [
+            # Scoped by the enrollment key (the fleet): enrollment needs no token, so the key the
+            # request proves it holds is what a repeat is looked up under.
+            models.UniqueConstraint(
+                fields=["enrollment_key", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="one_device_per_enrollment_idempotency_key",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.id})"

@@ -5,7 +5,7 @@ from typing import Any, NoReturn
 
 import django_filters
 from django.db.models import Count
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, NotFound, PermissionDenied, Throttled, ValidationError
@@ -13,7 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from devices import hotpath
+from devices import hotpath, idempotency
 from devices.authentication import DevicePrincipal, DeviceTokenAuthentication, IsDevice
 from registry.measurements import MeasurementError, record_measurement
 from registry.models import AuditEntry, BaseModel, Package, PlanningRun, Release, Variant
@@ -265,17 +265,37 @@ class MeasurementView(APIView):
     authentication_classes = [DeviceTokenAuthentication]
     permission_classes = [IsDevice]
 
-    @extend_schema(request=MeasurementBodySerializer, responses={201: MeasurementAcceptedSerializer})
+    @extend_schema(
+        request=MeasurementBodySerializer,
+        parameters=[
+            idempotency.openapi_parameter(
+                "report", "is answered 200 with the stored measurement's id, nothing stored again"
+            )
+        ],
+        responses={
+            201: MeasurementAcceptedSerializer,
+            200: OpenApiResponse(
+                MeasurementAcceptedSerializer,
+                description="a repeat of a stored report (same Idempotency-Key, same body): its answer",
+            ),
+            422: OpenApiResponse(description="the Idempotency-Key was already used for another body"),
+        },
+    )
     def post(self, request: Request) -> Response:
         principal = request.user
         assert isinstance(principal, DevicePrincipal)
         wait = hotpath.rate.hit(principal.token.digest)
         if wait is not None:
             raise Throttled(wait=max(1, math.ceil(wait)))
+        key = idempotency.request_key(request)
         try:
-            measurement = record_measurement(principal.device, request.data)
+            measurement, created = record_measurement(principal.device, request.data, idempotency_key=key)
         except MeasurementError as exc:
             if exc.status == 403:
                 raise PermissionDenied(next(iter(exc.errors.values()))) from None
-            raise ValidationError({k: [v] for k, v in exc.errors.items()}) from None
-        return Response({"id": measurement.pk, "recalibration": "queued"}, status=status.HTTP_201_CREATED)
+            errors = {k: [v] for k, v in exc.errors.items()}
+            raise (idempotency.KeyReused(errors) if exc.status == 422 else ValidationError(errors)) from None
+        answer = {"id": measurement.pk, "recalibration": "queued"}
+        if not created:  # the first answer again: its re-fit was queued then
+            return Response(answer, status=status.HTTP_200_OK, headers={idempotency.REPLAYED_HEADER: "true"})
+        return Response(answer, status=status.HTTP_201_CREATED)

@@ -9,6 +9,13 @@ field (`samples[3].latency_ms`) and nothing is stored.  A stored measurement enq
 one queued per profile at a time); the re-fit is also recorded as due in the database
 (`RecalibrationRequest`), so one whose message the broker lost is enqueued again by the
 periodic sweep (`stale_recalibrations`).
+
+A report may carry an ``Idempotency-Key`` header (`devices.idempotency`): the agent retries a
+POST whose answer it lost, and the server may have stored it already.  The key is stored on the
+measurement, unique per device in the database; a repeat with the same key and body answers with
+the stored measurement (nothing stored, no re-fit queued again), the same key with another body
+is a 422.  Of two concurrent repeats, the one that loses the unique constraint answers as a
+repeat.  A duplicated observation would count twice in the profile's cost-model fit.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from devices.idempotency import HEADER, body_digest, reused_message
 from devices.models import Device
 from registry.dispatch import enqueue
 from registry.models import Measurement, Package, RecalibrationRequest, Release
@@ -278,8 +286,21 @@ def _check_against_model(clean: dict[str, Any], package: Package, errors: dict[s
         errors["runtime.regimes"] = f"unknown tensor(s) of the model: {', '.join(unknown[:5])}"
 
 
-def record_measurement(device: Device, data: Any) -> Measurement:
-    """Validate (nothing is stored on error), store, and queue the profile's re-fit on commit."""
+def record_measurement(
+    device: Device, data: Any, *, idempotency_key: str | None = None
+) -> tuple[Measurement, bool]:
+    """Validate (nothing is stored on error), store, and queue the profile's re-fit on commit.
+
+    Returns (measurement, created).  With `idempotency_key`, a measurement this device already
+    stored under that key is returned as it is (created False) when `data` is the same body,
+    and is a 422 MeasurementError naming the header when it is not; the repeat is looked up
+    before the body is judged, so it gets the first answer even if a rule changed since (the
+    package released no more)."""
+    digest = body_digest(data) if idempotency_key is not None else ""
+    if idempotency_key is not None:
+        stored = _stored_under(device, idempotency_key, digest)
+        if stored is not None:
+            return stored, False
     clean = validate_measurement(data)
     if clean.get("device_id") not in (None, str(device.pk)):
         raise MeasurementError({"device_id": "a device reports only its own measurements"}, status=403)
@@ -297,8 +318,39 @@ def record_measurement(device: Device, data: Any) -> Measurement:
         raise MeasurementError(errors)
     assert package is not None
     runtime = clean.get("runtime") or {}
+    try:
+        return _store(device, package, clean, runtime, idempotency_key, digest), True
+    except IntegrityError:
+        # A concurrent repeat with the same key committed first (the unique constraint held
+        # this insert until it did): answer as a repeat.  Anything else is a bug to see.
+        if idempotency_key is None:
+            raise
+        stored = _stored_under(device, idempotency_key, digest)
+        if stored is None:
+            raise
+        return stored, False
+
+
+def _stored_under(device: Device, key: str, digest: str) -> Measurement | None:
+    """The measurement `device` stored under `key` (None: none yet); 422 if for another body."""
+    stored = Measurement.objects.filter(device=device, idempotency_key=key).first()
+    if stored is not None and stored.request_digest != digest:
+        raise MeasurementError({HEADER: reused_message("measurement")}, status=422)
+    return stored
+
+
+def _store(
+    device: Device,
+    package: Package,
+    clean: dict[str, Any],
+    runtime: dict[str, Any],
+    idempotency_key: str | None,
+    digest: str,
+) -> Measurement:
     now = timezone.now()
     with transaction.atomic():
+        # The insert comes first: a unique-constraint failure leaves nothing else written and no
+        # re-fit queued (the block's on-commit callbacks go with its rollback).
         measurement = Measurement.objects.create(
             variant=package.variant,
             device_profile_id=device.profile_id,
@@ -318,6 +370,8 @@ def record_measurement(device: Device, data: Any) -> Measurement:
             runtime=runtime,
             measured_at=clean["measured_at"],
             received_at=now,
+            idempotency_key=idempotency_key,
+            request_digest=digest,
         )
         Device.objects.filter(pk=device.pk).update(last_seen_at=now)
         profile_id = device.profile_id

@@ -110,10 +110,28 @@ class Measurement(models.Model):
     runtime = models.JSONField(default=dict, blank=True, help_text="kernels per tensor, threads, versions")
     measured_at = models.DateTimeField()
     received_at = models.DateTimeField(null=True, blank=True)
+    # NULL, not "": no key (the unique constraint below is partial on it).
+    idempotency_key = models.CharField(  # noqa: DJ001
+        max_length=100,
+        null=True,
+        blank=True,
+        help_text="the report's Idempotency-Key header: a retry with it answers with this row",
+    )
+    request_digest = models.CharField(
+        max_length=64, blank=True, default="", help_text="SHA-256 of the report's canonical JSON body"
+    )
 
     class Meta:
         ordering = ["-measured_at"]
         indexes = [models.Index(fields=["device_profile", "kind", "measured_at"])]
+        constraints = [
+            # In the database, not only in the service: two concurrent retries cannot both insert.
+            models.UniqueConstraint(
+                fields=["device", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="one_measurement_per_device_idempotency_key",
+            )
+        ]
 
     def __str__(self) -> str:
         p50_ms = self.latency_p50_s * 1000

@@ -221,3 +221,111 @@ def test_the_demo_key_file_is_created_private(tmp_path, profile, monkeypatch):
         os.umask(old)
     assert stat.S_IMODE(keep.stat().st_mode) == 0o600
     assert keep.read_text().startswith("efe_")
+
+
+# --------------------------------------------------------------------------- Idempotency-Key
+
+
+def enroll(client, key, name="board-7", idempotency_key=None, **fields):
+    headers = {} if idempotency_key is None else {"HTTP_IDEMPOTENCY_KEY": idempotency_key}
+    body = {"enrollment_key": key, "name": name, **fields}
+    return client.post(ENROLL, body, content_type="application/json", **headers)
+
+
+def test_an_enrollment_repeated_with_its_key_gets_the_same_device_and_a_new_token(
+    client, enrollment_key, committed
+):
+    with committed():
+        first = enroll(client, enrollment_key["key"], idempotency_key="enroll-1", hardware={"cpus": 2})
+    assert first.status_code == 201, first.json()
+    assert client.get(CONFIG, **bearer(first.json()["token"])).status_code == 200  # cached now
+    with committed():
+        repeat = enroll(client, enrollment_key["key"], idempotency_key="enroll-1", hardware={"cpus": 2})
+    assert repeat.status_code == 200, repeat.json()
+    assert repeat["Idempotent-Replayed"] == "true"
+    assert repeat.json()["device_id"] == first.json()["device_id"]
+    assert repeat.json()["token"] != first.json()["token"]
+    assert Device.objects.count() == 1
+    # The first answer was lost (that is why the agent retried): its token is revoked.
+    assert client.get(CONFIG, **bearer(repeat.json()["token"])).status_code == 200
+    assert client.get(CONFIG, **bearer(first.json()["token"])).status_code == 401
+    assert DeviceToken.objects.filter(revoked_at__isnull=True).count() == 1
+    assert AuditEntry.objects.filter(action="device.enroll_repeated").count() == 1
+
+
+def test_an_enrollment_key_reused_for_another_body_is_422_and_creates_nothing(client, enrollment_key):
+    assert enroll(client, enrollment_key["key"], idempotency_key="enroll-1").status_code == 201
+    response = enroll(client, enrollment_key["key"], name="board-8", idempotency_key="enroll-1")
+    assert response.status_code == 422, response.json()
+    assert "already used for another" in response.json()["errors"]["Idempotency-Key"][0]
+    assert Device.objects.count() == 1 and DeviceToken.objects.count() == 1
+
+
+@pytest.mark.parametrize("idempotency_key", ["", "x" * 101, "no spaces"])
+def test_a_malformed_idempotency_key_on_enroll_is_400_and_creates_nothing(
+    client, enrollment_key, idempotency_key
+):
+    response = enroll(client, enrollment_key["key"], idempotency_key=idempotency_key)
+    assert response.status_code == 400, response.json()
+    assert "1 to 100 characters" in response.json()["errors"]["Idempotency-Key"][0]
+    assert not Device.objects.exists()
+
+
+def test_enrollments_without_a_key_each_create_a_device(client, enrollment_key):
+    codes = [enroll(client, enrollment_key["key"]).status_code for _ in range(2)]
+    assert codes == [201, 201] and Device.objects.filter(idempotency_key__isnull=True).count() == 2
+
+
+def test_the_same_idempotency_key_under_two_enrollment_keys_enrolls_two_devices(
+    api_as, client, staff, profile, enrollment_key
+):
+    other = api_as(staff).post(KEYS, {"fleet": "other", "profile": profile.slug}, format="json").json()
+    first = enroll(client, enrollment_key["key"], idempotency_key="enroll-1")
+    second = enroll(client, other["key"], idempotency_key="enroll-1")
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert first.json()["device_id"] != second.json()["device_id"]
+    assert Device.objects.filter(idempotency_key="enroll-1").count() == 2
+
+
+def test_a_repeat_for_a_revoked_or_old_enrollment_is_409(client, staff, enrollment_key):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from devices.enrollment import ENROLL_REPLAY_WINDOW, revoke_device
+
+    first = enroll(client, enrollment_key["key"], idempotency_key="enroll-1")
+    device = Device.objects.get(pk=first.json()["device_id"])
+    Device.objects.filter(pk=device.pk).update(
+        created_at=timezone.now() - ENROLL_REPLAY_WINDOW - timedelta(minutes=1)
+    )
+    old = enroll(client, enrollment_key["key"], idempotency_key="enroll-1")
+    assert old.status_code == 409 and "hours ago" in old.json()["errors"]["Idempotency-Key"][0]
+    Device.objects.filter(pk=device.pk).update(created_at=timezone.now())
+    revoke_device(device, by=staff)
+    revoked = enroll(client, enrollment_key["key"], idempotency_key="enroll-1")
+    assert revoked.status_code == 409 and "revoked" in revoked.json()["errors"]["Idempotency-Key"][0]
+    assert DeviceToken.objects.filter(revoked_at__isnull=True).count() == 0
+
+
+def test_the_loser_of_two_concurrent_enrollments_gets_the_winners_device(client, enrollment_key, monkeypatch):
+    """Both looked for the key before either stored it: the unique constraint stops the second
+    device; its answer is the first device with another token, and the first token is kept
+    (which of the two answers reaches the agent cannot be known)."""
+    from devices import enrollment
+
+    winner = enroll(client, enrollment_key["key"], idempotency_key="enroll-1")
+    looked = []
+    real = enrollment._enrolled_under
+
+    def not_yet_on_the_first_look(*args):
+        looked.append(args)
+        return None if len(looked) == 1 else real(*args)
+
+    monkeypatch.setattr(enrollment, "_enrolled_under", not_yet_on_the_first_look)
+    loser = enroll(client, enrollment_key["key"], idempotency_key="enroll-1")
+    assert loser.status_code == 200, loser.json()
+    assert loser.json()["device_id"] == winner.json()["device_id"] and len(looked) == 2
+    assert Device.objects.count() == 1
+    for answer in (winner, loser):
+        assert client.get(CONFIG, **bearer(answer.json()["token"])).status_code == 200
