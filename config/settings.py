@@ -15,7 +15,7 @@ from typing import Any
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import env_bool, env_int, env_list, env_str, env_url
+from config.env import env_bool, env_float, env_int, env_list, env_str, env_url
 from config.openapi import APPEND_COMPONENTS as DELIVERY_COMPONENTS
 from config.openapi import APPEND_PATHS as DELIVERY_PATHS
 
@@ -119,12 +119,20 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- cache ----------------------------------------------------------------------------------
 REDIS_URL = env_url("REDIS_URL", "", schemes=("redis", "rediss", "unix"))
+CACHE_TIMEOUT_S = env_float("EDGEFIT_CACHE_TIMEOUT_S", 2.0, minimum=0.05)
 if REDIS_URL:
     CACHES: dict[str, dict[str, Any]] = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": "edgefit",
+            # Without timeouts a blackholed Redis (a network blip dropping packets) holds a request
+            # until the OS gives up, minutes later; with them the cache read fails fast and the
+            # device paths answer from the database (devices.hotpath's unreachable-cache mode).
+            "OPTIONS": {
+                "socket_connect_timeout": CACHE_TIMEOUT_S,
+                "socket_timeout": CACHE_TIMEOUT_S,
+            },
         }
     }
 else:
