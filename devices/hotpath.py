@@ -251,6 +251,7 @@ class Store:
         self.down_since: float | None = None
         self._down_at = 0.0  # … and of the last failed try
         self._refusal_logged = False
+        self._look_failing = False  # the listener's last look for missed invalidations raised
         self._lock = threading.Lock()
 
     def generation(self) -> object:
@@ -388,6 +389,33 @@ class Store:
             log.warning("could not delete delivery invalidations (%s); looked at again", exc)
         return marker, True
 
+    def _durable_look(self, now: float) -> None:
+        """The look for missed invalidations (`verify`), made by the listener thread ahead of
+        time so that no request waits for its query.  Done by the request that found it due
+        (as `check` still does where no listener runs), it sent every poll of the moment to the
+        view: on the Intel AMX host, 2026-12-05, `bench serve`'s p99 went from 6–7 ms to 60–84 ms.
+        The thread's connection is closed after each look, as a request's is under ASGI
+        (`DB_CONN_MAX_AGE` 0): a connection held by a daemon thread would outlive its database
+        (a test database cannot be dropped while it is open) and survive a database restart."""
+        from django.db import connection
+
+        try:
+            gen = cache.get(GEN_KEY)
+        except Exception as exc:
+            self.unreachable(exc)
+            return
+        try:
+            gen, _ = self.verify(gen, now)
+        except Exception:  # not the listener's to die of: requests still look when it is due
+            if not self._look_failing:  # once per failing streak, not every half second
+                log.exception("looking for missed delivery invalidations failed")
+            self._look_failing = True
+        else:
+            self._look_failing = False
+        with contextlib.suppress(Exception):
+            connection.close()
+        memo.sync(gen)
+
     def _redis(self) -> Any:
         if self._client is None or self._client_pid != os.getpid():  # a forked child needs its own
             import redis
@@ -459,6 +487,12 @@ class Store:
                             self.unreachable(exc)
                         else:
                             memo.sync(gen)
+                    if (
+                        self.live
+                        and self.down_since is None
+                        and now - self._durable_at >= DURABLE_RECHECK_S / 2
+                    ):
+                        self._durable_look(now)
             except Exception as exc:
                 if not lost:
                     log.warning("delivery invalidation channel lost (%s); retrying", exc)
