@@ -38,6 +38,9 @@ _JSON = (b"content-type", b"application/json")
 _PRIVATE = (b"cache-control", b"private, no-cache")
 #: Headers whose value matters here; a request repeating one goes to Django.
 _READ = frozenset((b"host", b"authorization", b"if-none-match", b"content-length", b"transfer-encoding"))
+#: The header a TLS-terminating proxy sets (EDGEFIT_TRUST_X_FORWARDED_PROTO: the only one the
+#: settings configure; `SchemeCheck` compares it to SECURE_PROXY_SSL_HEADER's name).
+_FORWARDED_PROTO = b"x-forwarded-proto"
 
 
 class HostCheck:
@@ -74,6 +77,35 @@ class HostCheck:
         return bool(domain) and validate_host(domain, allowed)
 
 
+class SchemeCheck:
+    """Whether a request may be answered here under the HTTPS settings: always without
+    SECURE_SSL_REDIRECT; with it only when the connection is HTTPS or the trusted proxy header
+    (SECURE_PROXY_SSL_HEADER) says so.  Anything else goes to Django, whose
+    `DevicePathMiddleware` redirects it as SecurityMiddleware redirects every other path."""
+
+    def __init__(self) -> None:
+        self._rule: tuple[bool, bytes | None, bytes | None] | None = None
+
+    def reset(self, **kwargs: Any) -> None:
+        self._rule = None
+
+    def secure_enough(self, scope: Scope, proxy_value: bytes | None) -> bool:
+        if self._rule is None:
+            from django.conf import settings
+
+            header = settings.SECURE_PROXY_SSL_HEADER
+            name = value = None
+            if header:  # ("HTTP_X_FORWARDED_PROTO", "https") -> b"x-forwarded-proto", b"https"
+                name = header[0].removeprefix("HTTP_").replace("_", "-").lower().encode("latin-1")
+                value = header[1].encode("latin-1")
+            self._rule = (bool(settings.SECURE_SSL_REDIRECT), name, value)
+        redirect, name, value = self._rule
+        if not redirect or scope.get("scheme") == "https":
+            return True
+        # Another header than X-Forwarded-Proto configured: Django reads it and decides.
+        return name == _FORWARDED_PROTO and proxy_value == value
+
+
 class DevicePath:
     """The ASGI application: the polling paths' fast answers in front of Django."""
 
@@ -87,7 +119,9 @@ class DevicePath:
         self.ping_body = PING_BODY
         self.config_from_memory = config_from_memory
         self.hosts = HostCheck()
+        self.scheme = SchemeCheck()
         setting_changed.connect(self.hosts.reset, weak=False)
+        setting_changed.connect(self.scheme.reset, weak=False)
         #: Requests answered here (not by Django): tests and `bench serve` read it.
         self.answered = 0
 
@@ -105,11 +139,16 @@ class DevicePath:
 
     def _answer(self, path: str, scope: Scope) -> tuple[dict[str, Any], dict[str, Any]] | None:
         headers: dict[bytes, bytes] = {}
+        proxy_value: bytes | None = None
         for name, value in scope["headers"]:
             if name in _READ:
                 if name in headers:
                     return None
                 headers[name] = value
+            elif name == _FORWARDED_PROTO:
+                proxy_value = value
+        if not self.scheme.secure_enough(scope, proxy_value):
+            return None  # plain HTTP under SECURE_SSL_REDIRECT: Django redirects it
         # A request body (or a promise of one) is Django's to read and refuse.
         if b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0":
             return None

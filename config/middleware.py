@@ -6,8 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.core.signals import setting_changed
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
+from django.middleware.security import SecurityMiddleware
 
 __all__ = ["DevicePathMiddleware"]
 
@@ -34,6 +36,12 @@ class DevicePathMiddleware:
         from registry.device_views import device_config
 
         self.get_response = get_response
+        # SecurityMiddleware's HTTPS redirect (SECURE_SSL_REDIRECT), which the skipped stack
+        # would have made: without it a device polling over plain HTTP was answered 200, its
+        # token in cleartext, while every other path was redirected.
+        # Built on first use, and again after a settings change (tests change them).
+        self._security: SecurityMiddleware | None = None
+        setting_changed.connect(self._forget_security)
         self.routes: dict[str, Callable[[HttpRequest], HttpResponse]] = {
             "/api/v1/device/config": device_config,
             "/api/v1/ping": ping,
@@ -60,11 +68,18 @@ class DevicePathMiddleware:
         # The views touch the database on a cold cache: run them where sync code runs.
         return await sync_to_async(self._answer)(view, request)
 
-    @staticmethod
-    def _answer(view: Callable[[HttpRequest], HttpResponse], request: HttpRequest) -> HttpResponse:
+    def _forget_security(self, **kwargs: Any) -> None:
+        self._security = None
+
+    def _answer(self, view: Callable[[HttpRequest], HttpResponse], request: HttpRequest) -> HttpResponse:
         # The ALLOWED_HOSTS check CommonMiddleware would make: DisallowedHost becomes Django's
         # own 400 (and security log entry) in the handler's exception conversion.
         request.get_host()
+        if self._security is None:
+            self._security = SecurityMiddleware(self.get_response)
+        redirect = self._security.process_request(request)
+        if redirect is not None:
+            return redirect
         response = view(request)
         response["X-Content-Type-Options"] = "nosniff"
         # What CommonMiddleware would add: without it an ASGI server frames the body chunked.

@@ -26,7 +26,9 @@ class Answer:
         self.body = b"".join(chunks)
 
 
-def call(path: str, method: str = "GET", body: bytes = b"", app: Any = None, **headers: str) -> Answer:
+def call(
+    path: str, method: str = "GET", body: bytes = b"", app: Any = None, scheme: str = "http", **headers: str
+) -> Answer:
     """One request through the production ASGI application (or `app`), as gunicorn's worker
     makes it."""
     from config.asgi import application
@@ -42,7 +44,7 @@ def call(path: str, method: str = "GET", body: bytes = b"", app: Any = None, **h
             "asgi": {"version": "3.0"},
             "http_version": "1.1",
             "method": method,
-            "scheme": "http",
+            "scheme": scheme,
             "path": path,
             "raw_path": path.encode(),
             "query_string": b"",
@@ -121,7 +123,6 @@ def test_warm_polls_are_answered_before_django_with_the_same_bytes_and_headers(
 
 
 @pytest.mark.integration
-@pytest.mark.integration
 def test_the_look_for_missed_invalidations_never_sends_a_warm_poll_to_django(warm, settings):
     """The listener thread makes the once-a-second look (`Store.verify`, a query) ahead of
     time; made by the request that found it due, it sent every poll of that moment to the view
@@ -151,6 +152,19 @@ def test_a_missed_invalidation_is_found_by_the_listener_without_any_request(warm
     PendingInvalidation.objects.create()  # as a writer that died right after its commit leaves it
     assert wait_until(lambda: not PendingInvalidation.objects.exists(), 5.0)
     assert hotpath.store().generation() != marker
+
+
+def test_under_secure_ssl_redirect_only_https_polls_are_answered_before_django(warm, settings):
+    token = warm["device"]["token"]
+    settings.SECURE_SSL_REDIRECT = True
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    before = answered()
+    plain = call(URL, **auth(token))
+    assert plain.status == 301 and plain.headers["location"] == f"https://testserver{URL}"
+    assert answered() == before  # Django redirected it: memory answered nothing over plain HTTP
+    assert call(URL, scheme="https", **auth(token)).status == 200
+    assert call(URL, x_forwarded_proto="https", **auth(token)).status == 200  # the trusted proxy
+    assert answered() == before + 2
 
 
 def test_ping_is_answered_before_django_with_the_same_bytes_and_headers(redis_cache):

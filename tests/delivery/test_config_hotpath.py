@@ -145,3 +145,19 @@ def test_unknown_tokens_are_remembered_only_here_and_never_evict_known_ones(
     with django_assert_num_queries(0):  # the known token survived the flood
         assert client.get(URL, **bearer(device["token"])).status_code == 200
         assert client.get(URL, **bearer(unknown[-1])).status_code == 401  # remembered
+
+
+def test_under_secure_ssl_redirect_the_config_path_redirects_plain_http_like_every_path(
+    settings, client, profile, package, make_device, publish
+):
+    # DevicePathMiddleware answers the config path ahead of SecurityMiddleware: it answered a
+    # plain-HTTP poll 200 (the device token in cleartext) while every other path was redirected.
+    publish(package.variant, profile)
+    token = make_device(profile)["token"]
+    settings.SECURE_SSL_REDIRECT = True
+    from django.test import Client
+
+    fresh = Client()  # its handler builds the middleware with the setting on
+    plain = fresh.get(URL, **bearer(token))
+    assert plain.status_code == 301 and plain["Location"] == f"https://testserver{URL}"
+    assert fresh.get(URL, secure=True, **bearer(token)).status_code == 200
