@@ -32,9 +32,10 @@ memo entry is older than `MEMO_MAX_AGE_S`.
 
 A lost invalidation (the cache refused the marker on commit — an outage, a read-only replica,
 memory full — or the process died after the commit) is not lost for good: its row stays, and
-every process looks for such rows at most every `DURABLE_RECHECK_S` (one query on a table that
-is empty but for a few milliseconds after each change, made by the request that finds the look
-due; the ASGI fast path leaves that request to the view).  Finding one, it replaces the marker —
+every process looks for such rows within every `DURABLE_RECHECK_S` (one query on a table that
+is empty but for a few milliseconds after each change; on Redis the listener thread makes it
+every half period ahead of time, on its own short-lived connection, so no request waits for it;
+without a listener the request that finds the look due makes it).  Finding one, it replaces the marker —
 every entry built before is then refused, in every process — and deletes the rows it saw
 (`Store.verify`).  While the cache still refuses that write, the process reads the database
 instead of the shared entries (`Store.behind`).  So a change is seen within
@@ -245,6 +246,8 @@ class Store:
         #: The newest missed invalidation the cache's marker could not be replaced for (0:
         #: none): shared entries are then neither read nor written.
         self.behind = 0
+        self._behind_ids: frozenset[int] = frozenset()  # the missed invalidations seen while behind
+        self._db_failing = False  # the last look's query failed (logged once per streak)
         #: Monotonic time the shared cache was found unreachable (None: it answers).  Until a
         #: marker read succeeds again the process answers from the database alone, like
         #: `behind` but without even reading the marker (see the module docstring).
@@ -356,32 +359,41 @@ class Store:
 
         self._durable_at = now
         try:
-            missed = list(PendingInvalidation.objects.values_list("pk", flat=True)[:1000])
+            # The newest first: past 1,000 pending rows a new change is still among those seen.
+            missed = list(PendingInvalidation.objects.order_by("-pk").values_list("pk", flat=True)[:1000])
         except DatabaseError as exc:  # warm entries still answer; looked for again next time
-            log.warning("could not look for missed delivery invalidations (%s)", exc)
+            if not self._db_failing:  # once per failing streak, not at every look
+                log.warning("could not look for missed delivery invalidations (%s)", exc)
+            self._db_failing = True
             return gen, False
+        self._db_failing = False
         if not missed:
             if self.behind:
                 log.warning("the delivery cache accepts writes again")
-            self.behind = 0
+            self.behind, self._behind_ids = 0, frozenset()
             return gen, True
         marker = uuid.uuid4().hex
         try:
             cache.set(GEN_KEY, marker, None)
         except Exception as exc:
-            if self.behind != max(missed):  # newly behind, or behind a newer change
-                log.warning(
-                    "the delivery cache missed %d change(s) and refuses a new marker (%s); the "
-                    "config path reads the database until it accepts one",
-                    len(missed),
-                    exc,
-                )
+            seen = frozenset(missed)
+            # Any change not seen before empties the memo — not only a newer id than the newest
+            # seen: ids are taken at insert but committed in any order, so an older one can
+            # appear after the memo was refilled from a database that did not hold it yet.
+            if seen - self._behind_ids:
+                if not self.behind:
+                    log.warning(
+                        "the delivery cache missed %d change(s) and refuses a new marker (%s); the "
+                        "config path reads the database until it accepts one",
+                        len(missed),
+                        exc,
+                    )
                 memo.clear()
-            self.behind = max(missed)
+            self.behind, self._behind_ids = max(missed), seen
             return gen, True
         # (Usually a change whose writer failed or died; rarely one whose writer is finishing.)
         log.info("replaced the delivery marker for %d change(s) not known to be invalidated", len(missed))
-        self.behind = 0
+        self.behind, self._behind_ids = 0, frozenset()
         self.publish(marker)
         try:  # only the rows seen: the marker was replaced after those committed
             PendingInvalidation.objects.filter(pk__in=missed).delete()
@@ -420,8 +432,16 @@ class Store:
         if self._client is None or self._client_pid != os.getpid():  # a forked child needs its own
             import redis
 
+            # Timeouts as the cache's (EDGEFIT_CACHE_TIMEOUT_S): `publish` runs in a staff
+            # request's commit callback, which a silently dropped connection would hold for
+            # TCP's own timeout (minutes); the listener polls with its own shorter timeout.
+            timeout = float(getattr(settings, "CACHE_TIMEOUT_S", 2.0))
             self._client = redis.Redis.from_url(
-                str(self.redis_location), socket_keepalive=True, health_check_interval=15
+                str(self.redis_location),
+                socket_keepalive=True,
+                health_check_interval=15,
+                socket_connect_timeout=timeout,
+                socket_timeout=timeout,
             )
             self._client_pid = os.getpid()
         return self._client

@@ -120,3 +120,46 @@ def test_a_change_whose_invalidation_succeeds_leaves_no_pending_row(
     assert api_as(staff).post(f"/api/v1/devices/{device['device_id']}/revoke/").status_code == 200
     assert PendingInvalidation.objects.count() == 0
     assert client.get(URL, **bearer(device["token"])).status_code == 401
+
+
+def test_while_behind_a_change_committed_out_of_id_order_still_empties_the_memo(broken_cache):
+    # Ids are taken at insert, commits land in any order: a change with a LOWER id than the
+    # newest one seen can appear after the memo was refilled from a database without it.  It
+    # was ignored (only a new maximum emptied the memo): up to MEMO_MAX_AGE_S of a stale answer.
+    store = hotpath.store()
+    newer = PendingInvalidation.objects.create()
+    older_id = newer.pk - 1
+    PendingInvalidation.objects.filter(pk=older_id).delete()
+    try:
+        with broken_cache:
+            store.verify(caches["default"].get(hotpath.GEN_KEY), time.monotonic())
+            assert store.behind == newer.pk
+            hotpath.memo.tokens["refilled"] = "from a database without the older change"
+            epoch = hotpath.memo.epoch
+            PendingInvalidation.objects.create(pk=older_id)  # commits late
+            store.verify(caches["default"].get(hotpath.GEN_KEY), time.monotonic())
+            assert hotpath.memo.epoch > epoch and "refilled" not in hotpath.memo.tokens
+            epoch = hotpath.memo.epoch
+            store.verify(caches["default"].get(hotpath.GEN_KEY), time.monotonic())
+            assert hotpath.memo.epoch == epoch  # nothing new: the memo is kept
+        store.verify(caches["default"].get(hotpath.GEN_KEY), time.monotonic())
+        assert store.behind == 0 and not PendingInvalidation.objects.exists()
+    finally:
+        store.behind = 0
+
+
+def test_a_failing_look_is_logged_once_per_streak(monkeypatch, caplog):
+    from django.db import OperationalError
+
+    store = hotpath.store()
+
+    def down(*args: object, **kwargs: object) -> None:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(PendingInvalidation.objects, "order_by", down)
+    with caplog.at_level("WARNING", logger=hotpath.log.name):
+        for _ in range(3):
+            assert store.verify("m", time.monotonic()) == ("m", False)
+    assert sum("could not look for missed" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.undo()
+    assert store.verify(caches["default"].get(hotpath.GEN_KEY), time.monotonic())[1]
