@@ -171,6 +171,18 @@ def _build(variant: Variant) -> Package:
                 "storage_path": str(info.path),
             },
         )
+        if not created and (package.signature, package.key_id) != (info.signature_hex, info.key_id):
+            # Rebuilt after a signing-key rotation: the same digest (the manifest does not name
+            # the key), the files re-signed on disk.  The row must say so too — it kept the old
+            # signature and key id: config answers advertised them, manifest.sig's ETag (from
+            # the row) gave clients holding the old signature a 304, and usable_package never
+            # matched the row again, so every publish of the variant rebuilt it.
+            package.signature, package.key_id = info.signature_hex, info.key_id
+            package.save(update_fields=["signature", "key_id"])
+            from registry.delivery import forget_profile_on_commit  # (delivery imports this module)
+
+            for profile_id in set(package.releases.values_list("profile_id", flat=True)):
+                forget_profile_on_commit(profile_id)
     log.info(
         "package %s of variant %s: %s (%d bytes of %s, %.2f s)",
         info.digest[:12],

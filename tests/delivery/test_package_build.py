@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from registry.models import Package, Release
@@ -40,3 +42,26 @@ def test_publish_builds_a_signed_package_then_activates_the_release(
     again = publish(variant=variant, profile=profile, alias="canary", by=staff)
     assert again.status == Release.Status.ACTIVE and again.package == package
     assert Package.objects.count() == 1
+
+
+def test_a_rebuild_after_a_signing_key_rotation_updates_the_stored_signature(
+    tiny_model, profile, staff, package_dir, settings, django_capture_on_commit_callbacks
+):
+    from planner.package import verify_package
+    from registry.packages import _build, signing_key_info, usable_package
+
+    variant = tiny_model.variants.get(name__startswith="uniform int8")
+    first = _build(variant)
+    old_key = signing_key_info()["key_id"]
+    settings.SIGNING_KEY_HEX = "22" * 32  # the operator rotates the key
+    assert usable_package(variant) is None  # signed with the old key: rebuilt
+    with django_capture_on_commit_callbacks(execute=True):
+        again = _build(variant)
+    assert again.pk == first.pk and again.digest == first.digest  # the manifest names no key
+    again.refresh_from_db()
+    new = signing_key_info()
+    assert again.key_id == new["key_id"] != old_key
+    assert verify_package(again.storage_path, new["public_key"], again.digest)
+    # The row says what the file on disk (raw Ed25519 bytes) holds: the new key's signature.
+    assert (Path(again.storage_path) / "manifest.sig").read_bytes().hex() == again.signature
+    assert usable_package(variant) == again  # no rebuild at every publish
