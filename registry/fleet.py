@@ -252,7 +252,7 @@ def search_device(search_id: int) -> int | None:
             search_settings(run),
             lambda plan: plan_nbytes(spec, plan),
             on_trial=on_trial,
-            should_stop=lambda: planning.cancel_requested(run.pk),
+            should_stop=lambda: planning.search_should_stop(run.pk),
         )
     except Exception:
         planning.finish_run(run.pk, PlanningRun.Status.FAILED, error=traceback.format_exc())
@@ -260,6 +260,10 @@ def search_device(search_id: int) -> int | None:
     if planning.cancel_requested(run.pk):
         DeviceSearch.objects.filter(pk=search.pk).update(status=DeviceSearch.Status.CANCELLED)
         planning.finish_run(run.pk, PlanningRun.Status.CANCELLED, error="cancelled on request")
+        return None
+    if not PlanningRun.objects.filter(pk=run.pk, status=PlanningRun.Status.RUNNING).exists():
+        # Another device's search failed the run while this one went on: stopped, not done.
+        DeviceSearch.objects.filter(pk=search.pk).update(status=DeviceSearch.Status.CANCELLED)
         return None
     DeviceSearch.objects.filter(pk=search.pk).update(
         status=DeviceSearch.Status.DONE, heartbeat_at=timezone.now()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from devices.models import DeviceProfile
@@ -160,6 +160,15 @@ def cancel_run(run: PlanningRun) -> PlanningRun:
 
 def cancel_requested(run_id: int) -> bool:
     return PlanningRun.objects.filter(pk=run_id, cancel_requested=True).exists()
+
+
+def search_should_stop(run_id: int) -> bool:
+    """Whether a device search of the run should stop: a cancel was asked, or the run is no
+    longer running (another device's search failed it: the rest would search for a result
+    nobody reads)."""
+    return PlanningRun.objects.filter(
+        Q(cancel_requested=True) | ~Q(status=PlanningRun.Status.RUNNING), pk=run_id
+    ).exists()
 
 
 def finish_run(run_id: int, status: str, *, error: str = "", result: dict[str, Any] | None = None) -> None:

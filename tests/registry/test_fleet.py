@@ -131,3 +131,24 @@ def test_cancel_stops_a_running_search(tiny_model, django_capture_on_commit_call
     assert fleet.search_device(searches[0]) is None
     run.refresh_from_db()
     assert run.status == "cancelled" and run.trials_done < 5000
+
+
+def test_a_search_stops_once_another_devices_search_failed_the_run(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch
+):
+    from registry.planning import finish_run
+
+    phone = _profile("phone")
+    run = _queued_run(tiny_model, [phone], 5000, 2, django_capture_on_commit_callbacks)
+    searches, _ = fleet.start_run(run.pk)
+    real_search = fleet.run_device_search
+
+    def sibling_fails_the_run_meanwhile(*args, **kwargs):
+        finish_run(run.pk, PlanningRun.Status.FAILED, error="another device's search raised")
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(fleet, "run_device_search", sibling_fails_the_run_meanwhile)
+    assert fleet.search_device(searches[0]) is None
+    run.refresh_from_db()
+    assert run.status == "failed" and run.trials_done < 5000  # it did not search on to the end
+    assert DeviceSearch.objects.get(pk=searches[0]).status == DeviceSearch.Status.CANCELLED
