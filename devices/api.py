@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.db.models import Count, ProtectedError, RestrictedError
@@ -11,6 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from devices import idempotency
+from devices.api_errors import Conflict, raise_for
 from devices.enrollment import (
     EnrollmentError,
     check_enrollment_key,
@@ -89,13 +90,8 @@ class DeviceProfileViewSet(viewsets.ModelViewSet):
                     # A device enrolled between the check and the delete.
                     refused = _references(profile) or ["rows added meanwhile"]
         if refused:
-            raise _Conflict({"profile": [f"still used by {', '.join(refused)}: remove or move those first"]})
+            raise Conflict({"profile": [f"still used by {', '.join(refused)}: remove or move those first"]})
         return Response(status=status.HTTP_204_NO_CONTENT)
-
-
-class _Conflict(exceptions.APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "conflict"
 
 
 #: A profile's database constraints that validation checks too: one broken at save time was
@@ -149,17 +145,6 @@ def _references(profile: DeviceProfile) -> list[str]:
     return [f"{n} {what}" for n, what in counts if n]
 
 
-def _raise_for(exc: EnrollmentError) -> NoReturn:
-    if exc.status == 401:
-        raise exceptions.AuthenticationFailed(next(iter(exc.errors.values())))
-    errors = {k: [v] for k, v in exc.errors.items()}
-    if exc.status == 409:
-        raise _Conflict(errors)
-    if exc.status == 422:
-        raise idempotency.KeyReused(errors)
-    raise exceptions.ValidationError(errors)
-
-
 class DeviceViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
 ):
@@ -188,7 +173,7 @@ class DeviceViewSet(
         try:
             answer = preregister_device(**serializer.validated_data, by=request.user)
         except EnrollmentError as exc:
-            _raise_for(exc)
+            raise_for(exc.status, exc.errors)
         return Response(answer, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=None, responses=DeviceSerializer)
@@ -220,7 +205,7 @@ class EnrollmentKeyViewSet(
         try:
             key, raw = create_enrollment_key(**serializer.validated_data, created_by=request.user)
         except EnrollmentError as exc:
-            _raise_for(exc)
+            raise_for(exc.status, exc.errors)
         body = {
             "id": key.pk,
             "key": raw,
@@ -290,7 +275,7 @@ class EnrollView(views.APIView):
                     status=status.HTTP_401_UNAUTHORIZED,
                     headers={"WWW-Authenticate": 'Bearer realm="enrollment"'},
                 )
-            _raise_for(exc)
+            raise_for(exc.status, exc.errors)
         if not created:
             return Response(answer, status=status.HTTP_200_OK, headers={idempotency.REPLAYED_HEADER: "true"})
         return Response(answer, status=status.HTTP_201_CREATED)

@@ -20,14 +20,13 @@ import re
 from typing import Any
 
 from drf_spectacular.utils import OpenApiParameter
-from rest_framework import exceptions, status
+from rest_framework import exceptions
 
 __all__ = [
     "HEADER",
     "REPLAYED_HEADER",
     "RULE",
     "IdempotencyKeyError",
-    "KeyReused",
     "body_digest",
     "openapi_parameter",
     "parse_key",
@@ -76,13 +75,6 @@ def reused_message(what: str) -> str:
 
 
 # --------------------------------------------------------------------------- DRF views
-
-
-class KeyReused(exceptions.APIException):
-    """422: the key was already used for another body (the IETF idempotency-key draft's code)."""
-
-    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
-    default_detail = "Idempotency-Key reused"
 
 
 def request_key(request: Any) -> str | None:

@@ -1,19 +1,20 @@
 from __future__ import annotations
 
 import math
-from typing import Any, NoReturn
+from typing import Any
 
 import django_filters
 from django.db.models import Count
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, NotFound, PermissionDenied, Throttled, ValidationError
+from rest_framework.exceptions import NotFound, Throttled, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from devices import hotpath, idempotency
+from devices.api_errors import raise_for
 from devices.authentication import DevicePrincipal, DeviceTokenAuthentication, IsDevice
 from registry.measurements import MeasurementError, record_measurement
 from registry.models import AuditEntry, BaseModel, Package, PlanningRun, Release, Variant
@@ -126,31 +127,6 @@ class PlanningRunViewSet(
         return Response(entry)
 
 
-class _Conflict(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "conflict"
-
-
-class _PreconditionFailed(APIException):
-    status_code = status.HTTP_412_PRECONDITION_FAILED
-    default_detail = "If-Match does not name the current version"
-
-
-class _PreconditionRequired(APIException):
-    status_code = status.HTTP_428_PRECONDITION_REQUIRED
-    default_detail = "If-Match is required"
-
-
-def _release_error(exc: ReleaseError) -> NoReturn:
-    errors = {k: [v] for k, v in exc.errors.items()}
-    if exc.status == 404:
-        raise NotFound(next(iter(exc.errors.values())))
-    for code, kind in ((409, _Conflict), (412, _PreconditionFailed), (428, _PreconditionRequired)):
-        if exc.status == code:
-            raise kind(detail=errors)
-    raise ValidationError(errors)
-
-
 class PackageViewSet(viewsets.ReadOnlyModelViewSet):
     """Built packages (content-addressed by the SHA-256 of their manifest). The files are at
     /api/v1/packages/<digest>/{manifest.json,manifest.sig,model.safetensors}."""
@@ -195,7 +171,7 @@ class ReleaseViewSet(
         try:
             release = publish(profile=profile, by=request.user, **data)
         except ReleaseError as exc:
-            _release_error(exc)
+            raise_for(exc.status, exc.errors)
         return Response(
             ReleaseSerializer(release).data, status=status.HTTP_201_CREATED, headers={"ETag": release.etag}
         )
@@ -223,7 +199,7 @@ class ReleaseViewSet(
                 by=request.user,
             )
         except ReleaseError as exc:
-            _release_error(exc)
+            raise_for(exc.status, exc.errors)
         release = self.get_queryset().get(pk=release.pk)
         return Response(ReleaseSerializer(release).data, headers={"ETag": release.etag})
 
@@ -237,7 +213,7 @@ class ReleaseViewSet(
                 self.get_object(), by=request.user, if_match=request.headers.get("If-Match")
             )
         except ReleaseError as exc:
-            _release_error(exc)
+            raise_for(exc.status, exc.errors)
         queryset = self.get_queryset()
         return Response(
             {
@@ -291,10 +267,7 @@ class MeasurementView(APIView):
         try:
             measurement, created = record_measurement(principal.device, request.data, idempotency_key=key)
         except MeasurementError as exc:
-            if exc.status == 403:
-                raise PermissionDenied(next(iter(exc.errors.values()))) from None
-            errors = {k: [v] for k, v in exc.errors.items()}
-            raise (idempotency.KeyReused(errors) if exc.status == 422 else ValidationError(errors)) from None
+            raise_for(exc.status, exc.errors)
         answer = {"id": measurement.pk, "recalibration": "queued"}
         if not created:  # the first answer again: its re-fit was queued then
             return Response(answer, status=status.HTTP_200_OK, headers={idempotency.REPLAYED_HEADER: "true"})
