@@ -117,9 +117,8 @@ def enroll(
         hardware = _probe(quick=True)
     if hardware:
         body["hardware"] = hardware
-    answer = client.request(
-        "POST", ENROLL_PATH, body=body, headers={IDEMPOTENCY_HEADER: new_idempotency_key()}, ok=(200, 201)
-    ).json()
+    # (`Client.request` gives the POST its Idempotency-Key, the same on all its retries.)
+    answer = client.request("POST", ENROLL_PATH, body=body, ok=(200, 201)).json()
     token = answer.get("token") if isinstance(answer, dict) else None
     if not isinstance(token, str) or not token.startswith("efd_") or not answer.get("device_id"):
         raise AgentError(
