@@ -126,7 +126,9 @@ def onednn_linear_gelu(
     """`F.gelu(F.linear(x, weight, bias))` (exact erf GELU): one oneDNN call with GELU as its
     post-op where oneDNN is this host's fp32 path and exact, saving a pass over the widest
     activation (~5 % of an evaluation); else the product with bias and GELU applied in place
-    on its fresh output (same numbers as the two torch ops).
+    on its fresh output (the two torch ops' numbers: bit-identical on MKL's Intel kernels, the
+    hosts that take this path by default; to fp32 rounding elsewhere, where a GEMM's bias is
+    summed in another order).
 
     Why in place: `F.linear` broadcasts the bias into a new output before the GEMM and
     `F.gelu` writes a second one; at an evaluation batch (2,048 × 1,536 fp32, 12.6 MB) each

@@ -114,17 +114,23 @@ def test_linear_gelu_calls_any_other_module() -> None:
 
 @pytest.mark.parametrize("shape", [(57, 384), (2, 57, 384)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_gelu_off_onednn_matches_the_two_torch_ops_exactly(
+def test_linear_gelu_off_onednn_matches_the_two_torch_ops(
     monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], with_bias: bool
 ) -> None:
     # The MKL path (Intel hosts) applies bias and GELU in place on the product's own output.
+    # MKL's Intel kernels add a GEMM's C after the product, so there it is bit-identical to
+    # F.linear's fused bias; its kernels on other vendors (where this path is only taken when
+    # forced) sum the bias in another order, so there it agrees to fp32 rounding.
     monkeypatch.setattr(linear_mod, "_AVAILABLE", False)
     layer = OneDNNLinear(384, 1536, bias=with_bias)
     x = torch.randn(*shape)
     with torch.inference_mode():
         got = linear_gelu(layer, x)
         want = F.gelu(F.linear(x, layer.weight, layer.bias))
-    assert torch.equal(got, want)
+    if cpu_vendor() == "GenuineIntel" or not with_bias:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_linear_gelu_off_onednn_keeps_the_autograd_graph(monkeypatch: pytest.MonkeyPatch) -> None:
