@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from filelock import FileLock, Timeout
 
 from planner.builtin import Bundle, load_bundle
 from planner.files import replacing
@@ -38,6 +39,8 @@ __all__ = [
 SENSITIVITY_FAMILY: dict[str, Any] = {"group_size": 64, "method": "rtn", "symmetric": True}
 #: Calibration examples used for profiling (a seeded subsample keeps it to minutes on 2 cores).
 SENSITIVITY_CALIBRATION_EXAMPLES = 200
+#: How often a process waiting for another's profiling of the same model calls its on_wait.
+SENSITIVITY_LOCK_POLL_S = 5.0
 
 
 def bundle_for(model: BaseModel) -> Bundle:
@@ -142,10 +145,17 @@ def register_bundle(bundle_name: str) -> BaseModel:
 
 
 def compute_sensitivity(
-    model: BaseModel, on_progress: Callable[[int, int], None] | None = None
+    model: BaseModel,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> SensitivityProfile:
     """Profile every tensor at every precision (rest FP32) on a calibration subsample and
-    store the profile on the model. Cached engine outputs make a repeat cheap."""
+    store the profile on the model. Cached engine outputs make a repeat cheap.
+
+    One process profiles a model at a time (a file lock beside the profile's cache file): a
+    planning run started while the registration's own profiling is under way waits for that
+    profile instead of measuring the same 10–20 minutes again on the other worker process.
+    `on_wait` is called every few seconds while waiting (a run keeps its heartbeat with it)."""
     bundle = bundle_for(model)
     sample = bundle.dataset.subsample("calibration", SENSITIVITY_CALIBRATION_EXAMPLES)
     from planner.evaluate import Evaluator
@@ -155,16 +165,27 @@ def compute_sensitivity(
     # so another database (a benchmark, a second deployment) reuses it instead of re-measuring.
     family = "-".join(f"{k}={v}" for k, v in sorted(SENSITIVITY_FAMILY.items()))
     cache_file = Path(settings.ENGINE_DATA_DIR) / "sensitivity" / f"{evaluator.cache_key}-{family}.json"
-    if cache_file.is_file():
-        stored = json.loads(cache_file.read_text())
-        profile = SensitivityProfile.from_dict(stored["profile"])
-        provenance = stored["provenance"]
-    else:
-        profile = profile_sensitivity(evaluator, progress=on_progress, **SENSITIVITY_FAMILY)
-        provenance = measured_provenance("profiled") + f" in {profile.seconds:.0f} s"
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(cache_file) as tmp:  # another worker may be profiling the same model
-            tmp.write_text(json.dumps({"profile": profile.to_dict(), "provenance": provenance}))
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(cache_file.with_name(cache_file.name + ".lock"))
+    while True:
+        try:
+            lock.acquire(timeout=SENSITIVITY_LOCK_POLL_S)
+            break
+        except Timeout:
+            if on_wait is not None:
+                on_wait()
+    try:
+        if cache_file.is_file():
+            stored = json.loads(cache_file.read_text())
+            profile = SensitivityProfile.from_dict(stored["profile"])
+            provenance = stored["provenance"]
+        else:
+            profile = profile_sensitivity(evaluator, progress=on_progress, **SENSITIVITY_FAMILY)
+            provenance = measured_provenance("profiled") + f" in {profile.seconds:.0f} s"
+            with replacing(cache_file) as tmp:  # readers without the lock see whole files only
+                tmp.write_text(json.dumps({"profile": profile.to_dict(), "provenance": provenance}))
+    finally:
+        lock.release()
     BaseModel.objects.filter(pk=model.pk).update(sensitivity={**profile.to_dict(), "provenance": provenance})
     return profile
 

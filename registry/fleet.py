@@ -178,7 +178,9 @@ def start_run(run_id: int) -> tuple[list[int], bool]:
         if sensitivity_of(model) is None:
             log.info("run %s: profiling sensitivity of %s first", run.pk, model.name)
             # Profiling takes minutes: keep beating so no one takes the run over meanwhile.
-            compute_sensitivity(model, on_progress=lambda done, total: _beat(run.pk))
+            compute_sensitivity(
+                model, on_progress=lambda done, total: _beat(run.pk), on_wait=lambda: _beat(run.pk)
+            )
         for profile in run.device_profiles.all():
             DeviceSearch.objects.get_or_create(run=run, device_profile=profile)
         _storage()  # create Optuna's tables here, before several workers race to
