@@ -77,6 +77,8 @@ log = logging.getLogger(__name__)
 EXIT_LOSS_BOUNDS: tuple[float | None, ...] = (None, 0.5, 1.0)
 HEARTBEAT_EVERY_TRIALS = 10
 PROGRESS_EVERY_TRIALS = 50
+#: How often a confirm stage looks again at evaluations another worker holds.
+CONFIRM_WAIT_POLL_S = 2.0
 
 
 _STORAGES: dict[str, Any] = {}
@@ -352,6 +354,28 @@ def _claim_evaluation(model: BaseModel, plan: Plan, run: PlanningRun) -> RealEva
         return RealEvaluation.objects.get(base_model=model, weights_key=plan.weights_key()) if taken else None
 
 
+def _evaluate_claimed(model: BaseModel, plan: Plan, run: PlanningRun) -> None:
+    """Evaluate `plan` if this worker can claim it (not done, not held by a live claim)."""
+    row = _claim_evaluation(model, plan, run)
+    if row is None:
+        return
+    row.result = _evaluate(model, plan)
+    row.status = RealEvaluation.Status.DONE
+    row.finished_at = timezone.now()
+    row.save(update_fields=["result", "status", "finished_at"])
+    PlanningRun.objects.filter(pk=run.pk).update(
+        real_evaluations=F("real_evaluations") + 1, heartbeat_at=timezone.now()
+    )
+
+
+def _evaluations_running_elsewhere(model: BaseModel, weights_keys: list[str]) -> list[RealEvaluation]:
+    return list(
+        RealEvaluation.objects.filter(
+            base_model=model, weights_key__in=weights_keys, status=RealEvaluation.Status.RUNNING
+        )
+    )
+
+
 def _evaluate(model: BaseModel, plan: Plan) -> dict[str, Any]:
     """Measured figures of `plan` (test split) and of its early-exit variants, thresholds
     chosen on the calibration split."""
@@ -432,22 +456,28 @@ def confirm_run(run_id: int) -> None:
         }
         fronts = {device: estimated_front(study, spec, method) for device, study in studies.items()}
         provenance_of: dict[str, str] = {}
+        chosen_plans: dict[str, Plan] = {}
         for device_id, number, plan in _choose_confirmations(run, fronts):
+            chosen_plans.setdefault(plan.weights_key(), plan)
             provenance_of.setdefault(
                 plan.weights_key(), f"run {run.pk}, trial {number} of device {device_id}"
             )
             if planning.cancel_requested(run.pk):
                 planning.finish_run(run.pk, PlanningRun.Status.CANCELLED, error="cancelled on request")
                 return
-            row = _claim_evaluation(model, plan, run)
-            if row is not None:
-                row.result = _evaluate(model, plan)
-                row.status = RealEvaluation.Status.DONE
-                row.finished_at = timezone.now()
-                row.save(update_fields=["result", "status", "finished_at"])
-                PlanningRun.objects.filter(pk=run.pk).update(
-                    real_evaluations=F("real_evaluations") + 1, heartbeat_at=timezone.now()
-                )
+            _evaluate_claimed(model, plan, run)
+        # A plan another run (or an overlapping copy of this stage) is evaluating would be
+        # missing from this run's result: wait for it, or take it over once its claim is stale.
+        waiting = _evaluations_running_elsewhere(model, list(provenance_of))
+        while waiting:
+            if planning.cancel_requested(run.pk):
+                planning.finish_run(run.pk, PlanningRun.Status.CANCELLED, error="cancelled on request")
+                return
+            _beat(run.pk)
+            time.sleep(CONFIRM_WAIT_POLL_S)
+            for row in waiting:
+                _evaluate_claimed(model, chosen_plans[row.weights_key], run)
+            waiting = _evaluations_running_elsewhere(model, list(provenance_of))
         evaluations = list(
             RealEvaluation.objects.filter(
                 base_model=model, weights_key__in=list(provenance_of), status=RealEvaluation.Status.DONE

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import optuna
 import pytest
+from django.conf import settings
+from django.utils import timezone
 
 from devices.models import DeviceProfile
 from planner.search import estimated_front
@@ -152,3 +156,75 @@ def test_a_search_stops_once_another_devices_search_failed_the_run(
     run.refresh_from_db()
     assert run.status == "failed" and run.trials_done < 5000  # it did not search on to the end
     assert DeviceSearch.objects.get(pk=searches[0]).status == DeviceSearch.Status.CANCELLED
+
+
+def test_confirm_waits_for_a_plan_another_run_is_evaluating(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, engine_settings
+):
+    # It used to skip a plan whose evaluation row another run held and finish DONE without it.
+    engine_settings.EDGEFIT_STALE_SECONDS = 3600  # the other run's claim stays live throughout
+    phone = _profile("phone")
+    run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
+    other = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
+    searches, _ = fleet.start_run(run.pk)
+    for search_id in searches:
+        fleet.search_device(search_id)
+    search = DeviceSearch.objects.get(run=run)
+    study = optuna.load_study(study_name=search.study_name, storage=fleet._storage())
+    front = estimated_front(study, ModelSpec.from_dict(tiny_model.spec), fleet.search_settings(run).method)
+    held_plan = front[-1][1]  # the most accurate: one of the two a budget of two confirms
+    held = RealEvaluation.objects.create(
+        base_model=tiny_model, weights_key=held_plan.weights_key(), plan=held_plan.to_dict(), run=other
+    )
+    polls: list[float] = []
+
+    def the_other_run_finishes(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 2:
+            held.result = fleet._evaluate(tiny_model, held_plan)
+            held.status = RealEvaluation.Status.DONE
+            held.save(update_fields=["result", "status"])
+
+    monkeypatch.setattr(fleet.time, "sleep", the_other_run_finishes)
+    fleet.confirm_run(run.pk)
+
+    run.refresh_from_db()
+    assert run.status == "done", run.error
+    assert len(polls) == 2
+    keys = {c["extra"]["weights_key"] for c in run.result["devices"][str(phone.pk)]["candidates"]}
+    assert held_plan.weights_key() in keys
+    held.refresh_from_db()
+    assert held.run_id == other.pk, "a live claim is waited for, not taken over"
+
+
+def test_confirm_takes_over_an_evaluation_whose_claim_went_stale(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch
+):
+    phone = _profile("phone")
+    run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
+    other = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
+    searches, _ = fleet.start_run(run.pk)
+    for search_id in searches:
+        fleet.search_device(search_id)
+    search = DeviceSearch.objects.get(run=run)
+    study = optuna.load_study(study_name=search.study_name, storage=fleet._storage())
+    front = estimated_front(study, ModelSpec.from_dict(tiny_model.spec), fleet.search_settings(run).method)
+    held_plan = front[-1][1]
+    held = RealEvaluation.objects.create(
+        base_model=tiny_model, weights_key=held_plan.weights_key(), plan=held_plan.to_dict(), run=other
+    )
+
+    def the_claim_goes_stale(seconds: float) -> None:  # its worker died
+        RealEvaluation.objects.filter(pk=held.pk).update(
+            claimed_at=timezone.now() - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS + 1)
+        )
+
+    monkeypatch.setattr(fleet.time, "sleep", the_claim_goes_stale)
+    fleet.confirm_run(run.pk)
+
+    run.refresh_from_db()
+    held.refresh_from_db()
+    assert run.status == "done", run.error
+    assert held.status == RealEvaluation.Status.DONE and held.run_id == run.pk
+    keys = {c["extra"]["weights_key"] for c in run.result["devices"][str(phone.pk)]["candidates"]}
+    assert held_plan.weights_key() in keys
