@@ -384,6 +384,26 @@ def _store_predictions(profile: DeviceProfile) -> int:
     return len(rows)
 
 
+def apply_fits_newer_than(scored_with: dict[int, dict[str, Any] | None]) -> list[int]:
+    """For each device profile whose stored cost parameters differ from those a run just
+    scored with (`scored_with`: profile id → its `cost_params` then), write the profile's
+    predictions and re-rank its finished runs as a re-fit does. Returns the profiles redone.
+
+    Why: a re-fit that commits while a run is confirming re-ranks finished runs only, and the
+    run's own predictions, written when it finishes, would replace the re-fit's with figures
+    from the older parameters.  Under the profile's row lock, as a re-fit writes."""
+    redone = []
+    for profile_id, params in scored_with.items():
+        with transaction.atomic():
+            locked = DeviceProfile.objects.select_for_update().filter(pk=profile_id).first()
+            if locked is None or (locked.cost_params or None) == (params or None):
+                continue
+            _store_predictions(locked)
+            rerank_profile(locked)
+            redone.append(profile_id)
+    return redone
+
+
 # --------------------------------------------------------------------------- re-ranking
 
 

@@ -46,6 +46,7 @@ from planner.search import (
 )
 from planner.specs import ModelSpec, Plan
 from registry import planning
+from registry.calibration import apply_fits_newer_than
 from registry.engine import (
     bundle_for,
     compute_sensitivity,
@@ -484,6 +485,11 @@ def confirm_run(run_id: int) -> None:
             )
         )
         result: dict[str, Any] = {"devices": {}}
+        # Price with the parameters stored now, not those read before the evaluations (minutes
+        # ago: a re-fit may have landed meanwhile); a fit landing after this is applied below.
+        for search in searches:
+            search.device_profile.refresh_from_db(fields=["cost_params"])
+        scored_with = {s.device_profile_id: s.device_profile.cost_params for s in searches}
         for search in searches:
             device = search.device_profile_id
             misses = closest_misses(studies[device], spec, method) if not fronts[device] else []
@@ -493,6 +499,7 @@ def confirm_run(run_id: int) -> None:
         planning.finish_run(run.pk, PlanningRun.Status.DONE, result=result)
         # The dashboard filters and sorts variants by per-device latency in SQL.
         record_run_predictions(PlanningRun.objects.get(pk=run.pk))
+        apply_fits_newer_than(scored_with)
     except Exception:
         planning.finish_run(run.pk, PlanningRun.Status.FAILED, error=traceback.format_exc())
         raise

@@ -228,3 +228,55 @@ def test_confirm_takes_over_an_evaluation_whose_claim_went_stale(
     assert held.status == RealEvaluation.Status.DONE and held.run_id == run.pk
     keys = {c["extra"]["weights_key"] for c in run.result["devices"][str(phone.pk)]["candidates"]}
     assert held_plan.weights_key() in keys
+
+
+@pytest.mark.parametrize("fit_lands", ["during_the_evaluations", "after_the_scoring"])
+def test_a_refit_landing_while_the_run_confirms_prices_its_result_and_predictions(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, fit_lands: str
+):
+    # A re-fit re-ranks finished runs only: a run confirming meanwhile kept the figures of the
+    # parameters read before its evaluations, and its own predictions replaced the re-fit's.
+    from planner.cost import CostParams
+    from registry.models import Prediction
+
+    phone = _profile("phone")
+    run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
+    searches, _ = fleet.start_run(run.pk)
+    for search_id in searches:
+        fleet.search_device(search_id)
+    fitted = CostParams(mem_efficiency=0.05, fixed_overhead_s=3e-3).to_dict()
+
+    def land_the_fit() -> None:
+        DeviceProfile.objects.filter(pk=phone.pk).update(cost_params=fitted)
+
+    if fit_lands == "during_the_evaluations":
+        evaluate = fleet._evaluate
+
+        def evaluate_then_fit(*args, **kwargs):
+            out = evaluate(*args, **kwargs)
+            land_the_fit()
+            return out
+
+        monkeypatch.setattr(fleet, "_evaluate", evaluate_then_fit)
+    else:
+        record = fleet.record_run_predictions
+
+        def record_then_fit(*args, **kwargs):
+            out = record(*args, **kwargs)
+            land_the_fit()
+            return out
+
+        monkeypatch.setattr(fleet, "record_run_predictions", record_then_fit)
+    fleet.confirm_run(run.pk)
+
+    run.refresh_from_db()
+    assert run.status == "done", run.error
+    entry = run.result["devices"][str(phone.pk)]
+    stored = {
+        p.variant_id: p
+        for p in Prediction.objects.filter(device_profile=phone, variant__tags__icontains=f"run:{run.pk}")
+    }
+    assert stored
+    assert all(p.calibrated for p in stored.values())
+    for candidate in entry["front"]:
+        assert candidate["latency_ms"] == pytest.approx(stored[candidate["variant"]].latency_s * 1000)
