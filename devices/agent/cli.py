@@ -32,6 +32,10 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Commands that write the state directory: one of them runs at a time (`AgentState.exclusive`).
+_STATE_CHANGING = frozenset({"enroll", "sync", "bench", "report"})
+
+
 def _common() -> argparse.ArgumentParser:
     # SUPPRESS defaults: an option given before or after the command name both count.
     common = argparse.ArgumentParser(add_help=False)
@@ -109,6 +113,9 @@ def _run(args: argparse.Namespace, ctx: commands.Context) -> dict[str, Any]:
         "report": lambda: commands.report(ctx, force=args.force),
         "status": lambda: commands.status(ctx),
     }
+    if args.command in _STATE_CHANGING:
+        with ctx.state.exclusive(args.command):
+            return handlers[args.command]()
     return handlers[args.command]()
 
 

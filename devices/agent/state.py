@@ -9,6 +9,7 @@ Layout::
     staging/<digest>/   downloads in progress (model.safetensors.part resumes with HTTP Range)
     current             symlink to packages/<digest>: switched atomically (rename over it)
     last_bench.json     the last `bench` result, and the measurement id once reported
+    .lock               held by the state-changing command running (`exclusive`)
 
 Every file is written to a temporary name and renamed, so a crash leaves the old or the new
 version, never half of one.  The directory is 0700, the token and state files 0600.
@@ -19,8 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from devices.agent.errors import EXIT_STATE, AgentError
 
@@ -77,6 +82,33 @@ class AgentState:
     @property
     def current_link(self) -> Path:
         return self.root / "current"
+
+    @contextmanager
+    def exclusive(self, command: str) -> Iterator[None]:
+        """Hold the state directory for one state-changing command (enroll, sync, bench,
+        report), or refuse at once with ``busy`` if another holds it.
+
+        Why: two syncs at once (a timer's and one run by hand) each pruned the other's
+        partial download from staging/ and raced to switch `current`; a sync during a bench
+        could delete the package being measured.  Refusing suits a timer: its next tick
+        syncs.  A directory that does not exist yet has nothing to guard (enroll creates it)."""
+        if not self.root.is_dir():
+            yield
+            return
+        lock = FileLock(self.root / ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise AgentError(
+                "busy",
+                f"another edgefit-agent command is using {self.root}; {command} waits its turn: "
+                "enroll, sync, bench and report run one at a time — try again when it has finished",
+                EXIT_STATE,
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def ensure(self) -> None:
         if not self.root.exists():

@@ -284,3 +284,29 @@ def test_prune_keeps_current_previous_and_the_download_in_progress(tmp_path: Pat
     assert state.prune({"cur", "prev"}, downloading="downloading") == ["old", "staging/stale"]
     assert sorted(p.name for p in state.packages_dir.iterdir()) == ["cur", "prev"]
     assert [p.name for p in state.staging_dir.iterdir()] == ["downloading"]
+
+
+@pytest.mark.parametrize("command", ["sync", "bench", "report"])
+def test_a_second_state_changing_command_is_refused_while_one_runs(
+    enrolled: Agent, server: FakeServer, packages: dict[str, pkg.PackageInfo], command: str
+) -> None:
+    # Two syncs at once each pruned the other's partial download and raced to switch `current`.
+    from filelock import FileLock
+
+    server.publish(packages["a"])
+
+    def files() -> list[Path]:
+        return sorted(
+            p.relative_to(enrolled.state_dir) for p in enrolled.state_dir.rglob("*") if p.name != ".lock"
+        )
+
+    before = files()
+    requests = len(server.requests)
+    with FileLock(enrolled.state_dir / ".lock"):  # another agent process's command
+        code, out, _ = enrolled.run(command)
+    assert code == 3
+    assert out["error"] == "busy" and str(enrolled.state_dir) in out["detail"]
+    assert len(server.requests) == requests, "nothing sent"
+    assert files() == before, "nothing changed"
+    code, out, _ = enrolled.run("sync")  # once it has finished, the next one runs
+    assert (code, out["status"]) == (0, "updated")
