@@ -106,10 +106,10 @@ class PlanningRunViewSet(
             after = max(0, int(request.query_params.get("after", 0)))
         except ValueError:
             raise ValidationError({"after": ["must be a whole number"]}) from None
-        history = (run.progress or {}).get("hypervolume", [])
+        points = run.hypervolume_points.order_by("id")[after:]
         data["progress"] = {
             **(run.progress or {}),
-            "hypervolume": history[after:],
+            "hypervolume": [p.to_dict() for p in points],
             "hypervolume_offset": after,
         }
         return Response(data)

@@ -54,7 +54,7 @@ from registry.engine import (
     record_variant,
     sensitivity_of,
 )
-from registry.models import BaseModel, DeviceSearch, PlanningRun, RealEvaluation
+from registry.models import BaseModel, DeviceSearch, HypervolumePoint, PlanningRun, RealEvaluation
 from registry.predictions import UNSUPPORTED_MEMORY, record_run_predictions
 from registry.studies import optuna_storage_url
 
@@ -298,27 +298,27 @@ def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch, trials
         latency_cap_s=latency_cap,
         memory_cap_bytes=memory_cap,
     )
+    HypervolumePoint.objects.create(
+        run_id=run.pk,
+        device_profile_id=search.device_profile_id,
+        trials=trials,
+        hypervolume=value,
+        source="estimated",
+        at=timezone.now(),
+    )
+    if not front:
+        return
     with transaction.atomic():
         locked = PlanningRun.objects.select_for_update().get(pk=run.pk)
         progress = dict(locked.progress or {})
-        progress.setdefault("hypervolume", []).append(
-            {
-                "at": timezone.now().isoformat(),
-                "device": search.device_profile_id,
-                "trials": trials,
-                "hypervolume": value,
-                "source": "estimated",
-            }
-        )
         best = progress.setdefault("best", {})
-        if front:
-            top = max(front, key=lambda row: row[2].accuracy)
-            best[str(search.device_profile_id)] = {
-                "accuracy": top[2].accuracy,
-                "latency_ms": top[2].latency_s * 1000,
-                "memory_bytes": top[2].memory_bytes,
-                "source": "estimated",
-            }
+        top = max(front, key=lambda row: row[2].accuracy)
+        best[str(search.device_profile_id)] = {
+            "accuracy": top[2].accuracy,
+            "latency_ms": top[2].latency_s * 1000,
+            "memory_bytes": top[2].memory_bytes,
+            "source": "estimated",
+        }
         locked.progress = progress
         locked.save(update_fields=["progress"])
 

@@ -92,7 +92,7 @@ def plan_detail(request: HttpRequest, pk: int) -> HttpResponse:
     profiles = list(run.device_profiles.order_by("name"))
     results = (run.result or {}).get("devices", {})
     devices = [{"profile": p, "result": results.get(str(p.pk))} for p in profiles]
-    history = (run.progress or {}).get("hypervolume", [])
+    history, history_len = _hypervolume_history(run)
     figures = [
         {"id": "hypervolume", "figure": hypervolume_figure(history, {str(p.pk): p.name for p in profiles})}
     ]
@@ -106,9 +106,32 @@ def plan_detail(request: HttpRequest, pk: int) -> HttpResponse:
             "figures": figures,
             "progress_url": reverse("planningrun-progress", args=[run.pk]),
             "figures_url": reverse("dashboard:plan-figures", args=[run.pk]),
-            "history_len": len(history),
+            "history_len": history_len,
         },
     )
+
+
+#: Points per device the hypervolume chart shows at most (a chart 300 px wide shows no more).
+CHART_POINTS_PER_DEVICE = 200
+
+
+def _hypervolume_history(run: PlanningRun) -> tuple[list[dict[str, Any]], int]:
+    """The run's hypervolume points for its chart, at most CHART_POINTS_PER_DEVICE per device
+    (evenly spaced, the first and the latest kept), and how many points the run has in all."""
+    rows = list(
+        run.hypervolume_points.order_by("id").values_list("pk", "device_profile_id", "trials", "hypervolume")
+    )
+    by_device: dict[int, list[tuple[int, int, int, float]]] = {}
+    for row in rows:
+        by_device.setdefault(row[1], []).append(row)
+    kept: list[tuple[int, int, int, float]] = []
+    for points in by_device.values():
+        if len(points) > CHART_POINTS_PER_DEVICE:
+            step = (len(points) - 1) / (CHART_POINTS_PER_DEVICE - 1)
+            points = [points[round(i * step)] for i in range(CHART_POINTS_PER_DEVICE)]
+        kept.extend(points)
+    kept.sort()
+    return [{"device": d, "trials": t, "hypervolume": h} for _, d, t, h in kept], len(rows)
 
 
 @viewer_required
@@ -116,7 +139,7 @@ def plan_figures(request: HttpRequest, pk: int) -> JsonResponse:
     """The per-device figures of a run, for the live page (Plotly.react without a reload)."""
     run = get_object_or_404(PlanningRun, pk=pk)
     profiles = {str(p.pk): p.name for p in run.device_profiles.all()}
-    history = (run.progress or {}).get("hypervolume", [])
+    history, _ = _hypervolume_history(run)
     figures = [{"id": "hypervolume", "figure": hypervolume_figure(history, profiles)}, *_device_figures(run)]
     return JsonResponse({"status": run.status, "figures": figures})
 

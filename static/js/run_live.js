@@ -5,6 +5,8 @@
   var config = JSON.parse(document.getElementById("live-config").textContent);
   if (config.finished) { return; }
   var lastTrials = -1;
+  // Ask only for the hypervolume points not seen yet: the figures endpoint draws the chart.
+  var seenPoints = config.historyLength || 0;
   function render(figures) {
     figures.forEach(function (item) {
       var target = document.getElementById("chart-" + item.id);
@@ -12,9 +14,12 @@
     });
   }
   function poll() {
-    fetch(config.progress, { credentials: "same-origin", headers: { Accept: "application/json" } })
+    fetch(config.progress + "?after=" + seenPoints, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (r) { return r.json(); })
       .then(function (run) {
+        if (run.progress && run.progress.hypervolume) {
+          seenPoints = run.progress.hypervolume_offset + run.progress.hypervolume.length;
+        }
         var percent = run.trials_planned ? Math.round(100 * run.trials_done / run.trials_planned) : 0;
         document.querySelector("#run-progress .bar").style.width = percent + "%";
         document.getElementById("run-progress").setAttribute("aria-valuenow", String(percent));

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from django.utils import timezone
 
 from devices.models import DeviceProfile
-from registry.models import BaseModel, PlanningRun
+from registry.models import BaseModel, HypervolumePoint, PlanningRun
 from tests.devices.factories import profile_payload
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -52,8 +53,9 @@ def test_the_run_page_updates_in_place(
     assert page.inner_text("#trial-count") == "10"
     page.evaluate("window.__sameDocument = true")
 
-    PlanningRun.objects.filter(pk=run.pk).update(
-        trials_done=60, progress={"hypervolume": [{"device": device.pk, "trials": 50, "hypervolume": 0.3}]}
+    PlanningRun.objects.filter(pk=run.pk).update(trials_done=60)
+    HypervolumePoint.objects.create(
+        run=run, device_profile=device, trials=50, hypervolume=0.3, at=timezone.now()
     )
     page.wait_for_function("document.getElementById('trial-count').textContent === '60'", timeout=15_000)
     assert page.evaluate("window.__sameDocument === true"), "the page was not reloaded"

@@ -526,3 +526,31 @@ def test_list_pages_run_as_many_queries_for_more_data(viewer_client, fleet, cata
     _grow(fleet, 4)
     large = _query_counts(viewer_client, urls)
     assert large == small
+
+
+def test_a_long_runs_chart_shows_a_bounded_spread_of_its_history(viewer_client, fleet):
+    # The history lives in rows; the chart draws at most CHART_POINTS_PER_DEVICE per device,
+    # evenly spread, the first and the latest point kept.
+    from django.utils import timezone
+
+    from registry.models import HypervolumePoint
+    from registry.views import CHART_POINTS_PER_DEVICE
+
+    run, phone, board = fleet["run"], fleet["phone"], fleet["board"]
+    at = timezone.now()
+    HypervolumePoint.objects.bulk_create(
+        [
+            HypervolumePoint(run=run, device_profile=phone, trials=50 * i, hypervolume=i / 1000, at=at)
+            for i in range(1, 1001)
+        ]
+        + [HypervolumePoint(run=run, device_profile=board, trials=50, hypervolume=0.5, at=at)]
+    )
+    data = viewer_client.get(f"/plans/{run.pk}/figures/").json()
+    chart = next(f["figure"] for f in data["figures"] if f["id"] == "hypervolume")
+    traces = {t["name"]: t for t in chart["data"]}
+    phone_x = traces[phone.name]["x"]
+    assert len(phone_x) == CHART_POINTS_PER_DEVICE
+    assert phone_x[0] == 50 and phone_x[-1] == 50_000 and phone_x == sorted(phone_x)
+    assert traces[board.name]["x"] == [50]
+    page = viewer_client.get(f"/plans/{run.pk}/")
+    assert b'"historyLength": 1001' in page.content

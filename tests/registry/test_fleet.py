@@ -13,7 +13,7 @@ from devices.models import DeviceProfile
 from planner.search import estimated_front
 from planner.specs import ModelSpec
 from registry import fleet
-from registry.models import DeviceSearch, PlanningRun, RealEvaluation, Variant
+from registry.models import DeviceSearch, HypervolumePoint, PlanningRun, RealEvaluation, Variant
 from registry.planning import create_run
 from tests.devices.factories import profile_payload
 
@@ -70,6 +70,10 @@ def test_a_fleet_run_produces_fronts_recommendations_and_variants(
     assert precisions <= {"fp32", "int8"}, "a board without int4 only gets precisions it runs"
     assert Variant.objects.filter(base_model=tiny_model, tags__icontains=f"run:{run.pk}").exists()
     assert not DeviceSearch.objects.exclude(status="done").exists()
+    # The hypervolume history is appended as rows; the run's JSON keeps the best per device.
+    points = HypervolumePoint.objects.filter(run=run)
+    assert {p.device_profile_id for p in points} == {phone.pk, board.pk}
+    assert "hypervolume" not in run.progress and set(run.progress["best"]) <= {str(phone.pk), str(board.pk)}
 
 
 def test_evaluations_are_shared_and_never_repeated(tiny_model, django_capture_on_commit_callbacks):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from django.utils import timezone
 
 from devices.models import DeviceProfile
 from planner.search import SearchSettings, make_sampler
-from registry.models import BaseModel, PlanningRun
+from registry.models import BaseModel, HypervolumePoint, PlanningRun
 from registry.planning import MAX_ID, MAX_SEED
 from tests.devices.factories import profile_payload
 
@@ -134,12 +135,20 @@ def test_cancelling_a_queued_run_finishes_it(api_as, staff, model, device):
 
 def test_progress_returns_only_new_hypervolume_points(api_as, staff, model, device):
     run = api_as(staff).post(URL, body(model, device), format="json").json()
-    PlanningRun.objects.filter(pk=run["id"]).update(
-        progress={"hypervolume": [{"trials": 10, "hypervolume": 0.1}, {"trials": 20, "hypervolume": 0.2}]}
-    )
+    at = timezone.now()
+    for trials, value in ((10, 0.1), (20, 0.2)):
+        HypervolumePoint.objects.create(
+            run_id=run["id"], device_profile=device, trials=trials, hypervolume=value, at=at
+        )
     data = api_as(staff).get(f"{URL}{run['id']}/progress/", {"after": 1}).json()
-    assert data["progress"]["hypervolume"] == [{"trials": 20, "hypervolume": 0.2}]
+    assert data["progress"]["hypervolume"] == [
+        {"at": at.isoformat(), "device": device.pk, "trials": 20, "hypervolume": 0.2, "source": "estimated"}
+    ]
+    assert data["progress"]["hypervolume_offset"] == 1
     assert api_as(staff).get(f"{URL}{run['id']}/progress/", {"after": "x"}).status_code == 400
+    # The list of runs carries counters and the best per device, never the history.
+    listed = api_as(staff).get(URL).json()["results"][0]
+    assert "hypervolume" not in listed["progress"]
 
 
 def test_the_dashboard_lists_runs_and_starts_one(
