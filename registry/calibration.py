@@ -33,7 +33,7 @@ from devices.models import DeviceProfile
 from registry.exits import exit_fractions, variant_exit_fraction
 from registry.measurements import clear_recalibration_flag, recalibration_covered, recalibration_due
 from registry.models import Measurement, PlanningRun, Prediction, Variant
-from registry.predictions import UNSUPPORTED_MEMORY, error_pct
+from registry.predictions import UNSUPPORTED_MEMORY, cost_params_digest, error_pct
 
 if TYPE_CHECKING:
     from planner.cost import CostParams, CostPrediction, Observation
@@ -313,7 +313,7 @@ def recalibrate_profile(profile_id: int) -> dict[str, Any] | None:
     # later report queued) cannot interleave their writes, and one that read older
     # measurements than the fit now stored leaves it alone.
     with transaction.atomic():
-        locked = DeviceProfile.objects.select_for_update().filter(pk=profile.pk).first()
+        locked = DeviceProfile.objects.select_for_update(no_key=True).filter(pk=profile.pk).first()
         if locked is None:
             return None
         stored_through = _measured_through(locked.calibration)
@@ -395,7 +395,7 @@ def apply_fits_newer_than(scored_with: dict[int, dict[str, Any] | None]) -> list
     redone = []
     for profile_id, params in scored_with.items():
         with transaction.atomic():
-            locked = DeviceProfile.objects.select_for_update().filter(pk=profile_id).first()
+            locked = DeviceProfile.objects.select_for_update(no_key=True).filter(pk=profile_id).first()
             if locked is None or (locked.cost_params or None) == (params or None):
                 continue
             _store_predictions(locked)
@@ -411,9 +411,12 @@ def rerank_profile(profile: DeviceProfile) -> int:
     """Re-score the confirmed candidates of every finished run covering `profile` with its
     calibrated cost model and store the new front and recommendation. Returns runs updated."""
     updated = 0
-    for run_id in PlanningRun.objects.filter(
-        status=PlanningRun.Status.DONE, device_profiles=profile
-    ).values_list("pk", flat=True):
+    # In id order: two re-rankings of different profiles lock their shared runs in one order.
+    for run_id in (
+        PlanningRun.objects.filter(status=PlanningRun.Status.DONE, device_profiles=profile)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    ):
         with transaction.atomic():
             run = PlanningRun.objects.select_for_update().select_related("base_model").get(pk=run_id)
             entry = (run.result or {}).get("devices", {}).get(str(profile.pk))
@@ -486,6 +489,8 @@ def _reranked(run: PlanningRun, profile: DeviceProfile, entry: dict[str, Any]) -
 
     return {
         **entry,
+        "cost_params_fitted": profile.calibrated,
+        "cost_params_digest": cost_params_digest(profile.cost_params),
         "front": [as_json(c) for c in front],
         "candidates": [as_json(c) for c in candidates],
         "recommendation": {**rec.to_dict(), "variant": known.get(rec.chosen.key) if rec.chosen else None},

@@ -7,8 +7,11 @@ packer produces (planner.quant.plan_nbytes equals bytes written); provenance say
 from __future__ import annotations
 
 import json
+import logging
 import platform
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from planner.quant import plan_nbytes
 from planner.sensitivity import SensitivityProfile, profile_sensitivity
 from planner.specs import ModelSpec, Plan, TensorScheme
 from registry.models import BaseModel, Variant
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SENSITIVITY_CALIBRATION_EXAMPLES",
@@ -41,6 +46,8 @@ SENSITIVITY_FAMILY: dict[str, Any] = {"group_size": 64, "method": "rtn", "symmet
 SENSITIVITY_CALIBRATION_EXAMPLES = 200
 #: How often a process waiting for another's profiling of the same model calls its on_wait.
 SENSITIVITY_LOCK_POLL_S = 5.0
+#: How long it waits at most (profiling the demo model takes 5–20 minutes on 2 cores).
+SENSITIVITY_LOCK_MAX_WAIT_S = 3600.0
 
 
 def bundle_for(model: BaseModel) -> Bundle:
@@ -165,29 +172,60 @@ def compute_sensitivity(
     # so another database (a benchmark, a second deployment) reuses it instead of re-measuring.
     family = "-".join(f"{k}={v}" for k, v in sorted(SENSITIVITY_FAMILY.items()))
     cache_file = Path(settings.ENGINE_DATA_DIR) / "sensitivity" / f"{evaluator.cache_key}-{family}.json"
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    stored = _read_profile(cache_file)  # written by an atomic rename: no lock needed to read
+    if stored is None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with _profiling_lock(cache_file, on_wait):
+            stored = _read_profile(cache_file)  # the process this one waited for wrote it
+            if stored is None:
+                profile = profile_sensitivity(evaluator, progress=on_progress, **SENSITIVITY_FAMILY)
+                provenance = measured_provenance("profiled") + f" in {profile.seconds:.0f} s"
+                stored = (profile, provenance)
+                with replacing(cache_file) as tmp:
+                    tmp.write_text(json.dumps({"profile": profile.to_dict(), "provenance": provenance}))
+    profile, provenance = stored
+    BaseModel.objects.filter(pk=model.pk).update(sensitivity={**profile.to_dict(), "provenance": provenance})
+    return profile
+
+
+def _read_profile(cache_file: Path) -> tuple[SensitivityProfile, str] | None:
+    if not cache_file.is_file():
+        return None
+    stored = json.loads(cache_file.read_text())
+    return SensitivityProfile.from_dict(stored["profile"]), str(stored["provenance"])
+
+
+@contextmanager
+def _profiling_lock(cache_file: Path, on_wait: Callable[[], None] | None) -> Iterator[None]:
+    """Hold the lock beside `cache_file` while profiling; `on_wait` every few seconds while
+    another process holds it (it may raise to give up, e.g. on a cancelled run).  A data
+    directory where the lock cannot be made (read-only, another user's) profiles unlocked, as
+    before the lock; a holder that never finishes is given up on after
+    SENSITIVITY_LOCK_MAX_WAIT_S."""
     lock = FileLock(cache_file.with_name(cache_file.name + ".lock"))
+    waited_since = time.monotonic()
     while True:
         try:
             lock.acquire(timeout=SENSITIVITY_LOCK_POLL_S)
+            held = True
             break
         except Timeout:
+            if time.monotonic() - waited_since > SENSITIVITY_LOCK_MAX_WAIT_S:
+                raise RuntimeError(
+                    f"another process has been profiling {cache_file.name} for over "
+                    f"{SENSITIVITY_LOCK_MAX_WAIT_S:.0f} s (its lock: {lock.lock_file})"
+                ) from None
             if on_wait is not None:
                 on_wait()
+        except OSError as exc:
+            log.warning("profiling without the lock: %s cannot be locked (%s)", lock.lock_file, exc)
+            held = False
+            break
     try:
-        if cache_file.is_file():
-            stored = json.loads(cache_file.read_text())
-            profile = SensitivityProfile.from_dict(stored["profile"])
-            provenance = stored["provenance"]
-        else:
-            profile = profile_sensitivity(evaluator, progress=on_progress, **SENSITIVITY_FAMILY)
-            provenance = measured_provenance("profiled") + f" in {profile.seconds:.0f} s"
-            with replacing(cache_file) as tmp:  # readers without the lock see whole files only
-                tmp.write_text(json.dumps({"profile": profile.to_dict(), "provenance": provenance}))
+        yield
     finally:
-        lock.release()
-    BaseModel.objects.filter(pk=model.pk).update(sensitivity={**profile.to_dict(), "provenance": provenance})
-    return profile
+        if held:
+            lock.release()
 
 
 def sensitivity_of(model: BaseModel) -> SensitivityProfile | None:

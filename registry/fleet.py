@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -55,7 +56,7 @@ from registry.engine import (
     sensitivity_of,
 )
 from registry.models import BaseModel, DeviceSearch, HypervolumePoint, PlanningRun, RealEvaluation
-from registry.predictions import UNSUPPORTED_MEMORY, record_run_predictions
+from registry.predictions import UNSUPPORTED_MEMORY, cost_params_digest, record_run_predictions
 from registry.studies import optuna_storage_url
 
 __all__ = [
@@ -80,6 +81,7 @@ HEARTBEAT_EVERY_TRIALS = 10
 PROGRESS_EVERY_TRIALS = 50
 #: How often a confirm stage looks again at evaluations another worker holds.
 CONFIRM_WAIT_POLL_S = 2.0
+_sleep = time.sleep  # the confirm stage's wait (tests replace it)
 
 
 _STORAGES: dict[str, Any] = {}
@@ -167,6 +169,10 @@ def _beat(run_id: int) -> None:
 # --------------------------------------------------------------------------- stage 1
 
 
+class _CancelledWhileWaiting(Exception):
+    """The run was cancelled while it waited for another process's sensitivity profiling."""
+
+
 def start_run(run_id: int) -> tuple[list[int], bool]:
     """Claim the run and prepare its device searches. Returns the DeviceSearch ids still to
     run, and whether the run is ready for its confirm stage instead."""
@@ -180,13 +186,22 @@ def start_run(run_id: int) -> tuple[list[int], bool]:
             raise ValueError("spec-only models are planned without accuracy search (not supported here)")
         if sensitivity_of(model) is None:
             log.info("run %s: profiling sensitivity of %s first", run.pk, model.name)
+
+            def waiting_for_another_profiler() -> None:
+                if planning.cancel_requested(run.pk):
+                    raise _CancelledWhileWaiting
+                _beat(run.pk)
+
             # Profiling takes minutes: keep beating so no one takes the run over meanwhile.
             compute_sensitivity(
-                model, on_progress=lambda done, total: _beat(run.pk), on_wait=lambda: _beat(run.pk)
+                model, on_progress=lambda done, total: _beat(run.pk), on_wait=waiting_for_another_profiler
             )
         for profile in run.device_profiles.all():
             DeviceSearch.objects.get_or_create(run=run, device_profile=profile)
         _storage()  # create Optuna's tables here, before several workers race to
+    except _CancelledWhileWaiting:
+        planning.finish_run(run.pk, PlanningRun.Status.CANCELLED, error="cancelled on request")
+        return [], False
     except Exception:
         planning.finish_run(run.pk, PlanningRun.Status.FAILED, error=traceback.format_exc())
         raise
@@ -345,22 +360,43 @@ def _claim_evaluation(model: BaseModel, plan: Plan, run: PlanningRun) -> RealEva
                 base_model=model, weights_key=plan.weights_key(), plan=plan.to_dict(), run=run
             )
     except IntegrityError:
-        stale = timezone.now() - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
-        taken = RealEvaluation.objects.filter(
-            base_model=model,
-            weights_key=plan.weights_key(),
-            status=RealEvaluation.Status.RUNNING,
-            claimed_at__lt=stale,
-        ).update(claimed_at=timezone.now(), run=run)
-        return RealEvaluation.objects.get(base_model=model, weights_key=plan.weights_key()) if taken else None
+        return _take_over(model, plan.weights_key(), run)
 
 
-def _evaluate_claimed(model: BaseModel, plan: Plan, run: PlanningRun) -> None:
-    """Evaluate `plan` if this worker can claim it (not done, not held by a live claim)."""
-    row = _claim_evaluation(model, plan, run)
-    if row is None:
-        return
-    row.result = _evaluate(model, plan)
+def _take_over(model: BaseModel, weights_key: str, run: PlanningRun) -> RealEvaluation | None:
+    """Claim an unfinished evaluation whose holder is gone: its run is no longer running (it
+    failed, was cancelled or deleted) or its claim went stale (a live holder renews the claim
+    after every pass: `_run_claimed`).  None if it is done or held by a live worker."""
+    stale = timezone.now() - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+    taken = (
+        RealEvaluation.objects.filter(
+            base_model=model, weights_key=weights_key, status=RealEvaluation.Status.RUNNING
+        )
+        .filter(Q(claimed_at__lt=stale) | Q(run__isnull=True) | ~Q(run__status=PlanningRun.Status.RUNNING))
+        .update(claimed_at=timezone.now(), run=run)
+    )
+    return RealEvaluation.objects.get(base_model=model, weights_key=weights_key) if taken else None
+
+
+def _run_claimed(model: BaseModel, plan: Plan, run: PlanningRun, row: RealEvaluation) -> None:
+    """Evaluate the claimed `row`, renewing the claim and the run's heartbeat after every pass
+    (an evaluation takes several: a slow one is not taken for abandoned); a failure releases
+    the claim, so a run waiting for it need not wait for it to go stale."""
+
+    def renew() -> None:
+        now = timezone.now()
+        RealEvaluation.objects.filter(pk=row.pk, run=run).update(claimed_at=now)
+        PlanningRun.objects.filter(pk=run.pk).update(heartbeat_at=now)
+
+    try:
+        result = _evaluate(model, plan, on_pass=renew)
+    except BaseException:
+        try:
+            RealEvaluation.objects.filter(pk=row.pk, run=run, status=RealEvaluation.Status.RUNNING).delete()
+        except Exception:  # the database may be why it failed: keep the first error
+            log.exception("run %s: could not release its claim on evaluation %s", run.pk, row.pk)
+        raise
+    row.result = result
     row.status = RealEvaluation.Status.DONE
     row.finished_at = timezone.now()
     row.save(update_fields=["result", "status", "finished_at"])
@@ -377,9 +413,19 @@ def _evaluations_running_elsewhere(model: BaseModel, weights_keys: list[str]) ->
     )
 
 
-def _evaluate(model: BaseModel, plan: Plan) -> dict[str, Any]:
+def _confirm_should_stop(run: PlanningRun) -> bool:
+    """A cancel was asked (the run is finished as cancelled here), or the run is no longer
+    running (an overlapping copy of this stage finished it, or something failed it)."""
+    if not planning.search_should_stop(run.pk):
+        return False
+    if planning.cancel_requested(run.pk):
+        planning.finish_run(run.pk, PlanningRun.Status.CANCELLED, error="cancelled on request")
+    return True
+
+
+def _evaluate(model: BaseModel, plan: Plan, on_pass: Callable[[], None] | None = None) -> dict[str, Any]:
     """Measured figures of `plan` (test split) and of its early-exit variants, thresholds
-    chosen on the calibration split."""
+    chosen on the calibration split.  `on_pass` is called after each variant's evaluation."""
     evaluator = bundle_for(model).evaluator
     options = []
     for bound in EXIT_LOSS_BOUNDS:
@@ -401,6 +447,8 @@ def _evaluate(model: BaseModel, plan: Plan) -> dict[str, Any]:
                 "seconds": result.seconds,
             }
         )
+        if on_pass is not None:
+            on_pass()
     return {"options": options, "provenance": measured_provenance()}
 
 
@@ -463,21 +511,23 @@ def confirm_run(run_id: int) -> None:
             provenance_of.setdefault(
                 plan.weights_key(), f"run {run.pk}, trial {number} of device {device_id}"
             )
-            if planning.cancel_requested(run.pk):
-                planning.finish_run(run.pk, PlanningRun.Status.CANCELLED, error="cancelled on request")
+            if _confirm_should_stop(run):
                 return
-            _evaluate_claimed(model, plan, run)
+            row = _claim_evaluation(model, plan, run)
+            if row is not None:
+                _run_claimed(model, plan, run, row)
         # A plan another run (or an overlapping copy of this stage) is evaluating would be
-        # missing from this run's result: wait for it, or take it over once its claim is stale.
+        # missing from this run's result: wait for it, or take it over once its holder is gone.
         waiting = _evaluations_running_elsewhere(model, list(provenance_of))
         while waiting:
-            if planning.cancel_requested(run.pk):
-                planning.finish_run(run.pk, PlanningRun.Status.CANCELLED, error="cancelled on request")
+            if _confirm_should_stop(run):
                 return
             _beat(run.pk)
-            time.sleep(CONFIRM_WAIT_POLL_S)
+            _sleep(CONFIRM_WAIT_POLL_S)
             for row in waiting:
-                _evaluate_claimed(model, chosen_plans[row.weights_key], run)
+                taken = _take_over(model, row.weights_key, run)
+                if taken is not None:
+                    _run_claimed(model, chosen_plans[row.weights_key], run, taken)
             waiting = _evaluations_running_elsewhere(model, list(provenance_of))
         evaluations = list(
             RealEvaluation.objects.filter(
@@ -584,8 +634,10 @@ def _device_result(
     return {
         "device_profile": profile.pk,
         "device": profile.name,
-        # Latencies were priced with the profile's fitted cost model (vs. the defaults).
+        # Latencies were priced with the profile's fitted cost model (vs. the defaults), and
+        # which parameters those were (`record_run_predictions` skips a device re-fitted since).
         "cost_params_fitted": profile.calibrated,
+        "cost_params_digest": cost_params_digest(profile.cost_params),
         "front": [_candidate_json(c, variants) for c in front],
         "candidates": [_candidate_json(c, variants) for c in candidates],
         "estimated_front": [

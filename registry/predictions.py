@@ -10,10 +10,13 @@ must not overwrite a calibrated figure.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from django.db import transaction
 
+from devices.models import DeviceProfile
 from registry.models import PlanningRun, Prediction, Variant
 
 __all__ = ["UNSUPPORTED_MEMORY", "error_pct", "record_run_predictions"]
@@ -36,15 +39,44 @@ def _cost_model_version() -> str:
     return COST_MODEL_VERSION
 
 
+def cost_params_digest(cost_params: dict[str, Any] | None) -> str:
+    """Short fingerprint of a profile's stored cost parameters ("" for the defaults): a run's
+    result records the one it was priced with."""
+    if not cost_params:
+        return ""
+    return hashlib.sha256(json.dumps(cost_params, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def record_run_predictions(run: PlanningRun) -> int:
     """Upsert batch-1 Prediction rows for every (stored variant, device) pair the finished run
-    scored. Returns the number of rows written. Idempotent."""
+    scored. Returns the number of rows written. Idempotent.
+
+    A device whose cost parameters changed since the run priced it (its entry's
+    `cost_params_digest`, checked under the profile's row lock) is left out: a re-fit has
+    written newer predictions for it, and the run's figures are older (the run is re-ranked
+    with the new parameters by `calibration.apply_fits_newer_than`)."""
     if run.status != PlanningRun.Status.DONE:
         return 0
+    with transaction.atomic():
+        return _record_run_predictions(run)
+
+
+def _record_run_predictions(run: PlanningRun) -> int:
     devices: dict[str, Any] = (run.result or {}).get("devices", {})
+    current = dict(
+        DeviceProfile.objects.select_for_update(no_key=True)
+        .filter(pk__in=[int(d) for d in devices])
+        .order_by("pk")
+        .values_list("pk", "cost_params")
+    )
     scored: dict[tuple[str, int], dict[str, Any]] = {}
     fitted: dict[int, bool] = {}
     for device_id, entry in devices.items():
+        priced_with = entry.get("cost_params_digest")
+        if int(device_id) not in current:
+            continue
+        if priced_with is not None and priced_with != cost_params_digest(current[int(device_id)]):
+            continue
         fitted[int(device_id)] = bool(entry.get("cost_params_fitted", False))
         for candidate in entry.get("candidates", []):
             if candidate.get("memory_bytes", 0) >= UNSUPPORTED_MEMORY:
@@ -79,11 +111,10 @@ def record_run_predictions(run: PlanningRun) -> int:
         # A prediction from fitted parameters is not replaced by one from the defaults.
         if key in variant_of and (fitted[device_id] or (variant_of[key], device_id) not in calibrated)
     ]
-    with transaction.atomic():
-        Prediction.objects.bulk_create(
-            rows,
-            update_conflicts=True,
-            unique_fields=["variant", "device_profile", "batch_size"],
-            update_fields=["latency_s", "memory_bytes", "cost_model_version", "calibrated", "predicted_at"],
-        )
+    Prediction.objects.bulk_create(
+        rows,
+        update_conflicts=True,
+        unique_fields=["variant", "device_profile", "batch_size"],
+        update_fields=["latency_s", "memory_bytes", "cost_model_version", "calibrated", "predicted_at"],
+    )
     return len(rows)

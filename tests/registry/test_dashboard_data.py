@@ -142,6 +142,37 @@ def test_a_run_priced_with_fitted_parameters_records_calibrated_predictions(flee
     assert not board_row.calibrated
 
 
+def test_a_run_priced_before_a_refit_leaves_the_refits_predictions_alone(fleet):
+    # The run's figures come from the parameters it was priced with; a re-fit landed since
+    # (or a backfill re-records an old run) must not put them back over the re-fit's.
+    from planner.cost import CostParams
+    from registry.predictions import cost_params_digest, record_run_predictions
+
+    run, phone = fleet["run"], fleet["phone"]
+    older = CostParams(mem_efficiency=0.5).to_dict()
+    newer = CostParams(mem_efficiency=0.2).to_dict()
+    entry = run.result["devices"][str(phone.pk)]
+    entry["cost_params_fitted"] = True
+    entry["cost_params_digest"] = cost_params_digest(older)
+    run.save(update_fields=["result"])
+    type(phone).objects.filter(pk=phone.pk).update(cost_params=newer)
+    Prediction.objects.filter(variant=fleet["full"], device_profile=phone).update(
+        calibrated=True, latency_s=0.033
+    )
+
+    record_run_predictions(run)
+    kept = Prediction.objects.get(variant=fleet["full"], device_profile=phone)
+    assert kept.calibrated and kept.latency_s == pytest.approx(0.033)
+    board_row = Prediction.objects.get(variant=fleet["full"], device_profile=fleet["board"])
+    assert board_row.latency_s == pytest.approx(0.120)  # no digest recorded: recorded as before
+
+    type(phone).objects.filter(pk=phone.pk).update(cost_params=older)  # priced with these: recorded
+    record_run_predictions(run)
+    assert Prediction.objects.get(variant=fleet["full"], device_profile=phone).latency_s == pytest.approx(
+        0.040
+    )
+
+
 def test_malformed_query_values_fall_back_to_defaults_with_notices():
     params = dash.Params(QueryDict("policy=best&loss=abc&slo=-1&budget=1e999"))
     policy = dash.policy_from_params(params)

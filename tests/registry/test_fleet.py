@@ -6,7 +6,6 @@ from datetime import timedelta
 
 import optuna
 import pytest
-from django.conf import settings
 from django.utils import timezone
 
 from devices.models import DeviceProfile
@@ -162,51 +161,13 @@ def test_a_search_stops_once_another_devices_search_failed_the_run(
     assert DeviceSearch.objects.get(pk=searches[0]).status == DeviceSearch.Status.CANCELLED
 
 
-def test_confirm_waits_for_a_plan_another_run_is_evaluating(
-    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, engine_settings
-):
-    # It used to skip a plan whose evaluation row another run held and finish DONE without it.
-    engine_settings.EDGEFIT_STALE_SECONDS = 3600  # the other run's claim stays live throughout
+def _confirm_with_a_plan_held_by_another_run(tiny_model, capture, other_status: str = "running"):
+    """A run at its confirm stage, and the evaluation of the most accurate plan of its front
+    (one of the two a budget of two confirms) claimed just now by another run."""
     phone = _profile("phone")
-    run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
-    other = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
-    searches, _ = fleet.start_run(run.pk)
-    for search_id in searches:
-        fleet.search_device(search_id)
-    search = DeviceSearch.objects.get(run=run)
-    study = optuna.load_study(study_name=search.study_name, storage=fleet._storage())
-    front = estimated_front(study, ModelSpec.from_dict(tiny_model.spec), fleet.search_settings(run).method)
-    held_plan = front[-1][1]  # the most accurate: one of the two a budget of two confirms
-    held = RealEvaluation.objects.create(
-        base_model=tiny_model, weights_key=held_plan.weights_key(), plan=held_plan.to_dict(), run=other
-    )
-    polls: list[float] = []
-
-    def the_other_run_finishes(seconds: float) -> None:
-        polls.append(seconds)
-        if len(polls) == 2:
-            held.result = fleet._evaluate(tiny_model, held_plan)
-            held.status = RealEvaluation.Status.DONE
-            held.save(update_fields=["result", "status"])
-
-    monkeypatch.setattr(fleet.time, "sleep", the_other_run_finishes)
-    fleet.confirm_run(run.pk)
-
-    run.refresh_from_db()
-    assert run.status == "done", run.error
-    assert len(polls) == 2
-    keys = {c["extra"]["weights_key"] for c in run.result["devices"][str(phone.pk)]["candidates"]}
-    assert held_plan.weights_key() in keys
-    held.refresh_from_db()
-    assert held.run_id == other.pk, "a live claim is waited for, not taken over"
-
-
-def test_confirm_takes_over_an_evaluation_whose_claim_went_stale(
-    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch
-):
-    phone = _profile("phone")
-    run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
-    other = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
+    run = _queued_run(tiny_model, [phone], 30, 2, capture)
+    other = _queued_run(tiny_model, [phone], 30, 2, capture)
+    PlanningRun.objects.filter(pk=other.pk).update(status=other_status)
     searches, _ = fleet.start_run(run.pk)
     for search_id in searches:
         fleet.search_device(search_id)
@@ -217,21 +178,169 @@ def test_confirm_takes_over_an_evaluation_whose_claim_went_stale(
     held = RealEvaluation.objects.create(
         base_model=tiny_model, weights_key=held_plan.weights_key(), plan=held_plan.to_dict(), run=other
     )
+    return run, other, phone, held_plan, held
 
-    def the_claim_goes_stale(seconds: float) -> None:  # its worker died
-        RealEvaluation.objects.filter(pk=held.pk).update(
-            claimed_at=timezone.now() - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS + 1)
-        )
 
-    monkeypatch.setattr(fleet.time, "sleep", the_claim_goes_stale)
+def _candidate_keys(run: PlanningRun, device: DeviceProfile) -> set[str]:
+    return {c["extra"]["weights_key"] for c in run.result["devices"][str(device.pk)]["candidates"]}
+
+
+def test_confirm_waits_for_a_plan_another_run_is_evaluating(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, engine_settings
+):
+    # It used to skip a plan whose evaluation row another run held and finish DONE without it.
+    engine_settings.EDGEFIT_STALE_SECONDS = 3600  # the other run's claim stays live throughout
+    run, other, phone, held_plan, held = _confirm_with_a_plan_held_by_another_run(
+        tiny_model, django_capture_on_commit_callbacks
+    )
+    polls: list[float] = []
+
+    def the_other_run_finishes(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 2:
+            held.result = fleet._evaluate(tiny_model, held_plan)
+            held.status = RealEvaluation.Status.DONE
+            held.save(update_fields=["result", "status"])
+
+    monkeypatch.setattr(fleet, "_sleep", the_other_run_finishes)
+    fleet.confirm_run(run.pk)
+
+    run.refresh_from_db()
+    assert run.status == "done", run.error
+    assert len(polls) == 2
+    assert held_plan.weights_key() in _candidate_keys(run, phone)
+    held.refresh_from_db()
+    assert held.run_id == other.pk, "a live claim is waited for, not taken over"
+
+
+def test_confirm_takes_over_an_evaluation_whose_claim_went_stale(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, engine_settings
+):
+    engine_settings.EDGEFIT_STALE_SECONDS = 3600
+    run, _other, phone, held_plan, held = _confirm_with_a_plan_held_by_another_run(
+        tiny_model, django_capture_on_commit_callbacks
+    )
+    polls: list[float] = []
+
+    def the_claim_goes_stale(seconds: float) -> None:  # its worker died: no renewal since
+        polls.append(seconds)
+        RealEvaluation.objects.filter(pk=held.pk).update(claimed_at=timezone.now() - timedelta(hours=2))
+
+    monkeypatch.setattr(fleet, "_sleep", the_claim_goes_stale)
     fleet.confirm_run(run.pk)
 
     run.refresh_from_db()
     held.refresh_from_db()
     assert run.status == "done", run.error
+    assert len(polls) == 1
     assert held.status == RealEvaluation.Status.DONE and held.run_id == run.pk
-    keys = {c["extra"]["weights_key"] for c in run.result["devices"][str(phone.pk)]["candidates"]}
-    assert held_plan.weights_key() in keys
+    assert held_plan.weights_key() in _candidate_keys(run, phone)
+
+
+@pytest.mark.parametrize("other_status", ["failed", "cancelled"])
+def test_confirm_takes_over_at_once_an_evaluation_whose_run_ended(
+    tiny_model,
+    django_capture_on_commit_callbacks,
+    monkeypatch: pytest.MonkeyPatch,
+    engine_settings,
+    other_status,
+):
+    # The holder's run failed or was cancelled mid-evaluation: nobody will finish that row.
+    engine_settings.EDGEFIT_STALE_SECONDS = 3600
+    run, _other, _phone, _held_plan, held = _confirm_with_a_plan_held_by_another_run(
+        tiny_model, django_capture_on_commit_callbacks, other_status
+    )
+    polls: list[float] = []
+    monkeypatch.setattr(fleet, "_sleep", polls.append)
+    fleet.confirm_run(run.pk)
+
+    run.refresh_from_db()
+    held.refresh_from_db()
+    assert run.status == "done", run.error
+    assert polls == [], "no wait for a claim nobody holds"
+    assert held.status == RealEvaluation.Status.DONE and held.run_id == run.pk
+
+
+def test_a_slow_evaluation_renews_its_claim_and_the_runs_heartbeat_after_every_pass(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch
+):
+    phone = _profile("phone")
+    run = _queued_run(tiny_model, [phone], 30, 1, django_capture_on_commit_callbacks)
+    searches, _ = fleet.start_run(run.pk)
+    for search_id in searches:
+        fleet.search_device(search_id)
+    renewals: list[tuple[object, object]] = []
+    evaluate = fleet._evaluate
+
+    def observed(model, plan, on_pass=None):
+        def renew_and_look() -> None:
+            assert on_pass is not None
+            long_ago = timezone.now() - timedelta(hours=1)
+            RealEvaluation.objects.update(claimed_at=long_ago)
+            PlanningRun.objects.filter(pk=run.pk).update(heartbeat_at=long_ago)
+            on_pass()
+            row = RealEvaluation.objects.get()
+            renewals.append((row.claimed_at, PlanningRun.objects.get(pk=run.pk).heartbeat_at))
+
+        return evaluate(model, plan, on_pass=renew_and_look)
+
+    monkeypatch.setattr(fleet, "_evaluate", observed)
+    fleet.confirm_run(run.pk)
+    assert len(renewals) >= 2, "one renewal per pass (the plan, then its exit variants)"
+    recent = timezone.now() - timedelta(minutes=1)
+    assert all(claimed > recent and beat > recent for claimed, beat in renewals)
+
+
+def test_a_failed_evaluation_releases_its_claim(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch
+):
+    phone = _profile("phone")
+    run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
+    searches, _ = fleet.start_run(run.pk)
+    for search_id in searches:
+        fleet.search_device(search_id)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(fleet, "_evaluate", broken)
+    with pytest.raises(RuntimeError):
+        fleet.confirm_run(run.pk)
+    run.refresh_from_db()
+    assert run.status == "failed" and "out of memory" in run.error
+    assert not RealEvaluation.objects.filter(status=RealEvaluation.Status.RUNNING).exists()
+
+
+@pytest.mark.parametrize("ended", ["cancel_requested", "finished_by_another_copy"])
+def test_a_confirm_waiting_for_another_run_stops_when_its_own_run_ends(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, engine_settings, ended
+):
+    engine_settings.EDGEFIT_STALE_SECONDS = 3600
+    run, other, _phone, _held_plan, held = _confirm_with_a_plan_held_by_another_run(
+        tiny_model, django_capture_on_commit_callbacks
+    )
+    polls: list[float] = []
+
+    def the_run_ends(seconds: float) -> None:
+        polls.append(seconds)
+        if ended == "cancel_requested":
+            PlanningRun.objects.filter(pk=run.pk).update(cancel_requested=True)
+        else:
+            PlanningRun.objects.filter(pk=run.pk).update(
+                status="done", result={"devices": {"by": "other copy"}}
+            )
+
+    monkeypatch.setattr(fleet, "_sleep", the_run_ends)
+    fleet.confirm_run(run.pk)
+
+    run.refresh_from_db()
+    assert len(polls) == 1
+    if ended == "cancel_requested":
+        assert run.status == "cancelled"
+    else:
+        assert run.status == "done" and run.result == {"devices": {"by": "other copy"}}
+    held.refresh_from_db()
+    assert held.status == RealEvaluation.Status.RUNNING and held.run_id == other.pk
 
 
 @pytest.mark.parametrize("fit_lands", ["during_the_evaluations", "after_the_scoring"])
