@@ -5,7 +5,8 @@ object to stdout: ``{"ok": true, "command": …, …}`` on success, ``{"ok": fal
 "error": code, "detail": message, …}`` on failure (a refused package adds ``reason``,
 ``digest`` and ``current``).  Exit codes: 0 ok, 1 unexpected error, 2 bad arguments,
 3 local state (not enrolled, no package, nothing to report), 4 server / network, 5 credentials
-rejected (401/403), 6 package refused.
+rejected (401/403), 6 package refused, 75 busy (another agent command holds the state directory:
+nothing was done, try again later).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-#: Commands that write the state directory: one of them runs at a time (`AgentState.exclusive`).
-_STATE_CHANGING = frozenset({"enroll", "sync", "bench", "report"})
+#: Commands that write the state directory (or, `profile`, load the CPU a bench times): one of
+#: them runs at a time (`AgentState.exclusive`).
+_STATE_CHANGING = frozenset({"enroll", "profile", "sync", "bench", "report"})
 
 
 def _common() -> argparse.ArgumentParser:

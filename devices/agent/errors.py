@@ -6,6 +6,7 @@ from typing import Any
 
 __all__ = [
     "EXIT_AUTH",
+    "EXIT_BUSY",
     "EXIT_ERROR",
     "EXIT_OK",
     "EXIT_REFUSED",
@@ -28,6 +29,9 @@ EXIT_SERVER = 4
 EXIT_AUTH = 5
 #: A package failed verification and was refused; the previous package stays current.
 EXIT_REFUSED = 6
+#: Another agent command holds the state directory; nothing was done — try again later
+#: (sysexits' EX_TEMPFAIL, so a timer can tolerate it without hiding the other failures).
+EXIT_BUSY = 75
 
 
 class AgentError(Exception):

@@ -27,7 +27,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from devices.agent.errors import EXIT_STATE, AgentError
+from devices.agent.errors import EXIT_BUSY, EXIT_STATE, AgentError
 
 __all__ = ["DEFAULT_STATE_DIR", "AgentState"]
 
@@ -85,25 +85,27 @@ class AgentState:
 
     @contextmanager
     def exclusive(self, command: str) -> Iterator[None]:
-        """Hold the state directory for one state-changing command (enroll, sync, bench,
-        report), or refuse at once with ``busy`` if another holds it.
+        """Hold the state directory for one state-changing command (enroll, profile, sync,
+        bench, report), or refuse at once with ``busy`` (exit 75) if another holds it.
 
         Why: two syncs at once (a timer's and one run by hand) each pruned the other's
         partial download from staging/ and raced to switch `current`; a sync during a bench
         could delete the package being measured.  Refusing suits a timer: its next tick
-        syncs.  A directory that does not exist yet has nothing to guard (enroll creates it)."""
-        if not self.root.is_dir():
-            yield
-            return
-        lock = FileLock(self.root / ".lock")
+        syncs.  (`profile` too: it saturates the CPU a bench is timing.)  The directory is
+        made first if need be (0700): two first enrollments at once each registered a device."""
+        if not self.root.exists():
+            self.root.mkdir(parents=True, mode=0o700, exist_ok=True)
+            os.chmod(self.root, 0o700)
+        lock = FileLock(self.root / ".lock", mode=0o600)
         try:
             lock.acquire(timeout=0)
         except Timeout:
             raise AgentError(
                 "busy",
                 f"another edgefit-agent command is using {self.root}; {command} waits its turn: "
-                "enroll, sync, bench and report run one at a time — try again when it has finished",
-                EXIT_STATE,
+                "enroll, profile, sync, bench and report run one at a time — try again when it "
+                "has finished",
+                EXIT_BUSY,
             ) from None
         try:
             yield

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from planner import package as pkg
-from tests.agent.conftest import OTHER_KEY, Agent, FakeServer, Served
+from tests.agent.conftest import ENROLL_KEY, OTHER_KEY, Agent, FakeServer, Served
 
 
 def _flip(data: bytes, at: int) -> bytes:
@@ -286,7 +286,7 @@ def test_prune_keeps_current_previous_and_the_download_in_progress(tmp_path: Pat
     assert [p.name for p in state.staging_dir.iterdir()] == ["downloading"]
 
 
-@pytest.mark.parametrize("command", ["sync", "bench", "report"])
+@pytest.mark.parametrize("command", ["sync", "bench", "report", "profile", "enroll"])
 def test_a_second_state_changing_command_is_refused_while_one_runs(
     enrolled: Agent, server: FakeServer, packages: dict[str, pkg.PackageInfo], command: str
 ) -> None:
@@ -302,11 +302,37 @@ def test_a_second_state_changing_command_is_refused_while_one_runs(
 
     before = files()
     requests = len(server.requests)
+    args = [command]
+    if command == "enroll":
+        args += ["--server", server.url, "--key", ENROLL_KEY, "--name", "again", "--force"]
     with FileLock(enrolled.state_dir / ".lock"):  # another agent process's command
-        code, out, _ = enrolled.run(command)
-    assert code == 3
+        code, out, _ = enrolled.run(*args)
+    assert code == 75  # EX_TEMPFAIL: not 3, which also means "not enrolled" / "no package"
     assert out["error"] == "busy" and str(enrolled.state_dir) in out["detail"]
     assert len(server.requests) == requests, "nothing sent"
     assert files() == before, "nothing changed"
     code, out, _ = enrolled.run("sync")  # once it has finished, the next one runs
     assert (code, out["status"]) == (0, "updated")
+
+
+def test_two_first_enrollments_at_once_register_one_device(agent: Agent, server: FakeServer) -> None:
+    # The state directory did not exist yet: the first enroll makes it (0700) and takes the lock.
+    from filelock import FileLock
+
+    assert not agent.state_dir.exists()
+    agent.state_dir.mkdir(mode=0o700)
+    with FileLock(agent.state_dir / ".lock"):
+        code, out, _ = agent.run("enroll", "--server", server.url, "--key", ENROLL_KEY, "--name", "b")
+    assert (code, out["error"]) == (75, "busy") and server.enrollments == []
+    code, _, _ = agent.run("enroll", "--server", server.url, "--key", ENROLL_KEY, "--name", "b")
+    assert code == 0 and len(server.enrollments) == 1
+
+
+def test_a_missing_state_directory_is_made_private_before_it_is_locked(
+    agent: Agent, server: FakeServer
+) -> None:
+    assert not agent.state_dir.exists()
+    code, _, _ = agent.run("enroll", "--server", server.url, "--key", ENROLL_KEY, "--name", "b")
+    assert code == 0
+    assert (agent.state_dir.stat().st_mode & 0o777) == 0o700
+    assert ((agent.state_dir / ".lock").stat().st_mode & 0o777) == 0o600
