@@ -241,6 +241,7 @@ class Store:
         self._client: Any = None
         self._client_pid = 0
         self._pid = 0  # the process whose listener runs (0: none yet)
+        self._thread: threading.Thread | None = None
         self._read_at = 0.0  # monotonic time of the last marker read
         self._durable_at = -math.inf  # … and of the last look for missed invalidations
         #: The newest missed invalidation the cache's marker could not be replaced for (0:
@@ -470,6 +471,7 @@ class Store:
                 target=self._listen, args=(client,), name="edgefit-delivery-invalidation", daemon=True
             )
             thread.start()
+            self._thread = thread
 
     def _listen(self, client: Any) -> None:
         channel = cache.make_key(CHANNEL)
@@ -527,6 +529,16 @@ class Store:
 
 
 _store: Store | None = None
+
+
+def stop_listener(timeout_s: float = 5.0) -> None:
+    """Stop this process's invalidation listener and wait for it to end (its look for missed
+    invalidations included).  For the end of a test session: a look in flight holds a
+    connection to the test database, which then cannot be dropped."""
+    global _store
+    current, _store = _store, None  # the listener's loop ends when it is no longer the store
+    if current is not None and current._thread is not None:
+        current._thread.join(timeout_s)
 
 
 def store() -> Store:

@@ -112,7 +112,7 @@ def catalog(db: None) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _close_optuna_connections(request: pytest.FixtureRequest) -> Iterator[None]:
+def _close_connections_to_the_test_database(request: pytest.FixtureRequest) -> Iterator[None]:
     # Optuna's storage keeps pooled SQLAlchemy connections to the test database; set up after
     # the database, this is torn down before it, so dropping it finds no other session.
     if not request.config.pluginmanager.hasplugin("django"):
@@ -120,9 +120,13 @@ def _close_optuna_connections(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     request.getfixturevalue("django_db_setup")
     yield
+    from devices.hotpath import stop_listener
     from registry.studies import dispose_engines
 
     dispose_engines()
+    # The delivery listener thread (Redis runs) looks in the database twice a second: one look
+    # in flight at the end kept the test database from being dropped ("1 other session").
+    stop_listener()
 
 
 @pytest.fixture(autouse=True)

@@ -51,3 +51,9 @@ def browser_page(chromium_path: str, live_server: object) -> Iterator[object]:
         finally:
             context.close()
             browser.close()
+            # ORM calls the test made while Playwright's loop ran opened a connection of their
+            # own context (Django's connections are context-local): left open, it kept the test
+            # database from being dropped at the end of the session ("1 other session").
+            from django.db import connections
+
+            connections.close_all()

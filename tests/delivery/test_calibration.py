@@ -199,7 +199,9 @@ def test_the_fit_is_written_under_the_profiles_row_lock(profile, package, publis
     with CaptureQueriesContext(connection) as captured:
         assert recalibrate_profile(profile.pk) is not None
     sql = [q["sql"] for q in captured.captured_queries]
-    locked = next(i for i, q in enumerate(sql) if "devices_deviceprofile" in q and q.rstrip().endswith("UPDATE"))
+    locked = next(
+        i for i, q in enumerate(sql) if "devices_deviceprofile" in q and q.rstrip().endswith("UPDATE")
+    )
     written = [i for i, q in enumerate(sql) if q.startswith("UPDATE") and "devices_deviceprofile" in q]
     predictions = [i for i, q in enumerate(sql) if "registry_prediction" in q and q.startswith("INSERT")]
     assert written and predictions and locked < min(predictions) and locked < min(written)
