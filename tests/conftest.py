@@ -124,8 +124,8 @@ def _close_connections_to_the_test_database(request: pytest.FixtureRequest) -> I
     from registry.studies import dispose_engines
 
     dispose_engines()
-    # The delivery listener thread (Redis runs) looks in the database twice a second: one look
-    # in flight at the end kept the test database from being dropped ("1 other session").
+    # The delivery listener thread (Redis runs) looks in the database twice a second: a look
+    # in flight at the end would keep the test database from being dropped.
     stop_listener()
 
 
