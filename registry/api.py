@@ -18,7 +18,7 @@ from devices.api_errors import raise_for
 from devices.authentication import DevicePrincipal, DeviceTokenAuthentication, IsDevice
 from registry.measurements import MeasurementError, record_measurement
 from registry.models import AuditEntry, BaseModel, Package, PlanningRun, Release, Variant
-from registry.planning import RunInputError, cancel_run, create_run
+from registry.planning import MAX_ID, RunInputError, cancel_run, create_run
 from registry.releases import ReleaseError, publish, rollback, set_rollout
 from registry.serializers import (
     AuditEntrySerializer,
@@ -106,6 +106,8 @@ class PlanningRunViewSet(
             after = max(0, int(request.query_params.get("after", 0)))
         except ValueError:
             raise ValidationError({"after": ["must be a whole number"]}) from None
+        if after > MAX_ID:  # it becomes a SQL OFFSET (a bigint)
+            raise ValidationError({"after": [f"must be at most {MAX_ID}"]})
         points = run.hypervolume_points.order_by("id")[after:]
         data["progress"] = {
             **(run.progress or {}),

@@ -6,6 +6,7 @@ packer produces (planner.quant.plan_nbytes equals bytes written); provenance say
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -174,15 +175,19 @@ def compute_sensitivity(
     cache_file = Path(settings.ENGINE_DATA_DIR) / "sensitivity" / f"{evaluator.cache_key}-{family}.json"
     stored = _read_profile(cache_file)  # written by an atomic rename: no lock needed to read
     if stored is None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # a read-only data dir: profiled unlocked, not cached
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
         with _profiling_lock(cache_file, on_wait):
             stored = _read_profile(cache_file)  # the process this one waited for wrote it
             if stored is None:
                 profile = profile_sensitivity(evaluator, progress=on_progress, **SENSITIVITY_FAMILY)
                 provenance = measured_provenance("profiled") + f" in {profile.seconds:.0f} s"
                 stored = (profile, provenance)
-                with replacing(cache_file) as tmp:
-                    tmp.write_text(json.dumps({"profile": profile.to_dict(), "provenance": provenance}))
+                try:
+                    with replacing(cache_file) as tmp:
+                        tmp.write_text(json.dumps({"profile": profile.to_dict(), "provenance": provenance}))
+                except OSError as exc:  # e.g. a read-only data dir: the model row still gets it
+                    log.warning("sensitivity profile not cached in %s: %s", cache_file, exc)
     profile, provenance = stored
     BaseModel.objects.filter(pk=model.pk).update(sensitivity={**profile.to_dict(), "provenance": provenance})
     return profile

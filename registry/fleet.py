@@ -224,10 +224,15 @@ def _lease(search_id: int) -> DeviceSearch | None:
     """Take a queued search, or one whose worker stopped beating."""
     now = timezone.now()
     stale = now - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+    # Every condition on the search's own row (the run's status through a subquery, not a
+    # join): PostgreSQL re-checks a plain UPDATE's conditions on a row another transaction
+    # changed meanwhile, but a join filter becomes `id IN (subquery)` and is not re-checked —
+    # two workers could lease one search.
+    running = PlanningRun.objects.filter(status=PlanningRun.Status.RUNNING).values("pk")
     taken = DeviceSearch.objects.filter(
         Q(status=DeviceSearch.Status.QUEUED) | Q(status=DeviceSearch.Status.RUNNING, heartbeat_at__lt=stale),
         pk=search_id,
-        run__status=PlanningRun.Status.RUNNING,
+        run_id__in=running,
     ).update(status=DeviceSearch.Status.RUNNING, heartbeat_at=now, attempts=F("attempts") + 1)
     return (
         DeviceSearch.objects.select_related("run__base_model", "device_profile").get(pk=search_id)
@@ -313,18 +318,20 @@ def _record_estimated_hypervolume(run: PlanningRun, search: DeviceSearch, trials
         latency_cap_s=latency_cap,
         memory_cap_bytes=memory_cap,
     )
-    HypervolumePoint.objects.create(
-        run_id=run.pk,
-        device_profile_id=search.device_profile_id,
-        trials=trials,
-        hypervolume=value,
-        source="estimated",
-        at=timezone.now(),
-    )
-    if not front:
-        return
     with transaction.atomic():
         locked = PlanningRun.objects.select_for_update().get(pk=run.pk)
+        # Inserted under the run's row lock: the run's points commit in id order, so a reader
+        # asking for the points after the N-th (`?after=N`) never skips one committed late.
+        HypervolumePoint.objects.create(
+            run_id=run.pk,
+            device_profile_id=search.device_profile_id,
+            trials=trials,
+            hypervolume=value,
+            source="estimated",
+            at=timezone.now(),
+        )
+        if not front:
+            return
         progress = dict(locked.progress or {})
         best = progress.setdefault("best", {})
         top = max(front, key=lambda row: row[2].accuracy)
@@ -367,50 +374,66 @@ def _take_over(model: BaseModel, weights_key: str, run: PlanningRun) -> RealEval
     """Claim an unfinished evaluation whose holder is gone: its run is no longer running (it
     failed, was cancelled or deleted) or its claim went stale (a live holder renews the claim
     after every pass: `_run_claimed`).  None if it is done or held by a live worker."""
-    stale = timezone.now() - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.EDGEFIT_STALE_SECONDS)
+    ended = PlanningRun.objects.exclude(status=PlanningRun.Status.RUNNING).values("pk")
+    # No join in the filter (see `_lease`): two takers of one stale row, or a taker racing the
+    # holder's finish, must not both win.
     taken = (
         RealEvaluation.objects.filter(
             base_model=model, weights_key=weights_key, status=RealEvaluation.Status.RUNNING
         )
-        .filter(Q(claimed_at__lt=stale) | Q(run__isnull=True) | ~Q(run__status=PlanningRun.Status.RUNNING))
-        .update(claimed_at=timezone.now(), run=run)
+        .filter(Q(claimed_at__lt=stale) | Q(run__isnull=True) | Q(run_id__in=ended))
+        .update(claimed_at=now, run=run)
     )
     return RealEvaluation.objects.get(base_model=model, weights_key=weights_key) if taken else None
 
 
+class _ClaimLost(Exception):
+    """Another worker took this evaluation over (this one was found gone): it finishes it."""
+
+
 def _run_claimed(model: BaseModel, plan: Plan, run: PlanningRun, row: RealEvaluation) -> None:
     """Evaluate the claimed `row`, renewing the claim and the run's heartbeat after every pass
-    (an evaluation takes several: a slow one is not taken for abandoned); a failure releases
-    the claim, so a run waiting for it need not wait for it to go stale."""
+    (an evaluation takes several: a slow one is not taken for abandoned).  The claim's
+    `claimed_at` is its fencing token: a renewal or the finish that finds another value there
+    (the row was taken over) stops without writing or counting anything.  A failure leaves the
+    row to be taken over at once: its run is failed by then."""
+    token = row.claimed_at
 
     def renew() -> None:
+        nonlocal token
         now = timezone.now()
-        RealEvaluation.objects.filter(pk=row.pk, run=run).update(claimed_at=now)
+        if not RealEvaluation.objects.filter(pk=row.pk, claimed_at=token).update(claimed_at=now):
+            raise _ClaimLost
+        token = now
         PlanningRun.objects.filter(pk=run.pk).update(heartbeat_at=now)
 
     try:
         result = _evaluate(model, plan, on_pass=renew)
-    except BaseException:
-        try:
-            RealEvaluation.objects.filter(pk=row.pk, run=run, status=RealEvaluation.Status.RUNNING).delete()
-        except Exception:  # the database may be why it failed: keep the first error
-            log.exception("run %s: could not release its claim on evaluation %s", run.pk, row.pk)
-        raise
-    row.result = result
-    row.status = RealEvaluation.Status.DONE
-    row.finished_at = timezone.now()
-    row.save(update_fields=["result", "status", "finished_at"])
-    PlanningRun.objects.filter(pk=run.pk).update(
-        real_evaluations=F("real_evaluations") + 1, heartbeat_at=timezone.now()
-    )
-
-
-def _evaluations_running_elsewhere(model: BaseModel, weights_keys: list[str]) -> list[RealEvaluation]:
-    return list(
-        RealEvaluation.objects.filter(
-            base_model=model, weights_key__in=weights_keys, status=RealEvaluation.Status.RUNNING
+    except _ClaimLost:
+        log.info("run %s: evaluation %s was taken over; its new holder finishes it", run.pk, row.pk)
+        return
+    finished = RealEvaluation.objects.filter(
+        pk=row.pk, claimed_at=token, status=RealEvaluation.Status.RUNNING
+    ).update(result=result, status=RealEvaluation.Status.DONE, finished_at=timezone.now())
+    if finished:
+        PlanningRun.objects.filter(pk=run.pk).update(
+            real_evaluations=F("real_evaluations") + 1, heartbeat_at=timezone.now()
         )
-    )
+
+
+def _not_done(model: BaseModel, weights_keys: list[str]) -> dict[str, RealEvaluation | None]:
+    """The chosen plans without a finished evaluation: their row (held elsewhere), or None."""
+    rows = {
+        r.weights_key: r
+        for r in RealEvaluation.objects.filter(base_model=model, weights_key__in=weights_keys)
+    }
+    return {
+        key: rows.get(key)
+        for key in weights_keys
+        if key not in rows or rows[key].status != RealEvaluation.Status.DONE
+    }
 
 
 def _confirm_should_stop(run: PlanningRun) -> bool:
@@ -518,17 +541,22 @@ def confirm_run(run_id: int) -> None:
                 _run_claimed(model, plan, run, row)
         # A plan another run (or an overlapping copy of this stage) is evaluating would be
         # missing from this run's result: wait for it, or take it over once its holder is gone.
-        waiting = _evaluations_running_elsewhere(model, list(provenance_of))
+        waiting = _not_done(model, list(chosen_plans))
         while waiting:
             if _confirm_should_stop(run):
                 return
             _beat(run.pk)
             _sleep(CONFIRM_WAIT_POLL_S)
-            for row in waiting:
-                taken = _take_over(model, row.weights_key, run)
+            for key, row in waiting.items():
+                # A row that vanished is claimed anew; a running one taken over if its holder is gone.
+                taken = (
+                    _claim_evaluation(model, chosen_plans[key], run)
+                    if row is None
+                    else _take_over(model, key, run)
+                )
                 if taken is not None:
-                    _run_claimed(model, chosen_plans[row.weights_key], run, taken)
-            waiting = _evaluations_running_elsewhere(model, list(provenance_of))
+                    _run_claimed(model, chosen_plans[key], run, taken)
+            waiting = _not_done(model, list(chosen_plans))
         evaluations = list(
             RealEvaluation.objects.filter(
                 base_model=model, weights_key__in=list(provenance_of), status=RealEvaluation.Status.DONE

@@ -13,7 +13,9 @@ def move_history_to_rows(apps, schema_editor):
     HypervolumePoint = apps.get_model("registry", "HypervolumePoint")
     DeviceProfile = apps.get_model("devices", "DeviceProfile")
     profiles = set(DeviceProfile.objects.values_list("pk", flat=True))
-    for run in PlanningRun.objects.exclude(progress={}).iterator():
+    # Only the fields read (a run's result may be megabytes), a chunk at a time.
+    runs = PlanningRun.objects.exclude(progress={}).only("pk", "progress", "started_at", "created_at")
+    for run in runs.iterator(chunk_size=200):
         progress = dict(run.progress or {})
         history = progress.pop("hypervolume", None)
         if not isinstance(history, list):
@@ -28,7 +30,11 @@ def move_history_to_rows(apps, schema_editor):
                 continue
             if device not in profiles:
                 continue
-            at = parse_datetime(str(point.get("at") or "")) or run.started_at or run.created_at or timezone.now()
+            try:
+                at = parse_datetime(str(point.get("at") or ""))
+            except ValueError:  # well formed but no such date
+                at = None
+            at = at or run.started_at or run.created_at or timezone.now()
             rows.append(
                 HypervolumePoint(
                     run=run,
@@ -47,7 +53,7 @@ def move_history_to_rows(apps, schema_editor):
 def move_rows_to_history(apps, schema_editor):
     PlanningRun = apps.get_model("registry", "PlanningRun")
     HypervolumePoint = apps.get_model("registry", "HypervolumePoint")
-    for run in PlanningRun.objects.iterator():
+    for run in PlanningRun.objects.only("pk", "progress").iterator(chunk_size=200):
         points = HypervolumePoint.objects.filter(run=run).order_by("id")
         if not points.exists():
             continue

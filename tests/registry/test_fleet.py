@@ -275,12 +275,11 @@ def test_a_slow_evaluation_renews_its_claim_and_the_runs_heartbeat_after_every_p
     def observed(model, plan, on_pass=None):
         def renew_and_look() -> None:
             assert on_pass is not None
-            long_ago = timezone.now() - timedelta(hours=1)
-            RealEvaluation.objects.update(claimed_at=long_ago)
-            PlanningRun.objects.filter(pk=run.pk).update(heartbeat_at=long_ago)
+            PlanningRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+            before = RealEvaluation.objects.get().claimed_at
             on_pass()
             row = RealEvaluation.objects.get()
-            renewals.append((row.claimed_at, PlanningRun.objects.get(pk=run.pk).heartbeat_at))
+            renewals.append((before, row.claimed_at, PlanningRun.objects.get(pk=run.pk).heartbeat_at))
 
         return evaluate(model, plan, on_pass=renew_and_look)
 
@@ -288,14 +287,19 @@ def test_a_slow_evaluation_renews_its_claim_and_the_runs_heartbeat_after_every_p
     fleet.confirm_run(run.pk)
     assert len(renewals) >= 2, "one renewal per pass (the plan, then its exit variants)"
     recent = timezone.now() - timedelta(minutes=1)
-    assert all(claimed > recent and beat > recent for claimed, beat in renewals)
+    assert all(after > before and beat > recent for before, after, beat in renewals)
+    run.refresh_from_db()
+    assert run.status == "done" and run.real_evaluations == 1
 
 
-def test_a_failed_evaluation_releases_its_claim(
-    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch
+def test_a_failed_evaluations_row_is_free_for_another_run_at_once(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, engine_settings
 ):
+    engine_settings.EDGEFIT_STALE_SECONDS = 3600
     phone = _profile("phone")
     run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
+    other = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
+    PlanningRun.objects.filter(pk=other.pk).update(status="running")
     searches, _ = fleet.start_run(run.pk)
     for search_id in searches:
         fleet.search_device(search_id)
@@ -308,7 +312,68 @@ def test_a_failed_evaluation_releases_its_claim(
         fleet.confirm_run(run.pk)
     run.refresh_from_db()
     assert run.status == "failed" and "out of memory" in run.error
-    assert not RealEvaluation.objects.filter(status=RealEvaluation.Status.RUNNING).exists()
+    [row] = RealEvaluation.objects.all()
+    # Its run failed: the claim is nobody's, whatever its age.
+    assert fleet._take_over(tiny_model, row.weights_key, other) is not None
+
+
+def test_a_worker_whose_evaluation_was_taken_over_writes_and_counts_nothing(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, engine_settings
+):
+    # Its claim is its fencing token: once another run took the row over (this one looked
+    # gone), the first worker's renewal finds it changed and stops; the new holder finishes.
+    engine_settings.EDGEFIT_STALE_SECONDS = 3600
+    phone = _profile("phone")
+    run = _queued_run(tiny_model, [phone], 30, 1, django_capture_on_commit_callbacks)
+    other = _queued_run(tiny_model, [phone], 30, 1, django_capture_on_commit_callbacks)
+    PlanningRun.objects.filter(pk=other.pk).update(status="running")
+    searches, _ = fleet.start_run(run.pk)
+    for search_id in searches:
+        fleet.search_device(search_id)
+    evaluate = fleet._evaluate
+    taken: list[int] = []
+
+    def taken_over_after_the_first_pass(model, plan, on_pass=None):
+        def then_renew() -> None:
+            if not taken:
+                row = RealEvaluation.objects.get()
+                RealEvaluation.objects.filter(pk=row.pk).update(claimed_at=timezone.now(), run=other)
+                taken.append(row.pk)
+            assert on_pass is not None
+            on_pass()
+
+        return evaluate(model, plan, on_pass=then_renew)
+
+    def the_new_holder_finishes(seconds: float) -> None:
+        RealEvaluation.objects.filter(pk=taken[0]).update(
+            status="done", result={"options": [], "by": "other"}
+        )
+
+    monkeypatch.setattr(fleet, "_evaluate", taken_over_after_the_first_pass)
+    monkeypatch.setattr(fleet, "_sleep", the_new_holder_finishes)
+    fleet.confirm_run(run.pk)
+
+    run.refresh_from_db()
+    row = RealEvaluation.objects.get(pk=taken[0])
+    assert run.status == "done", run.error
+    assert row.run_id == other.pk and row.result == {"options": [], "by": "other"}
+    assert run.real_evaluations == 0
+
+
+def test_a_waiter_claims_a_plan_whose_row_vanished(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, engine_settings
+):
+    engine_settings.EDGEFIT_STALE_SECONDS = 3600
+    run, _other, phone, held_plan, held = _confirm_with_a_plan_held_by_another_run(
+        tiny_model, django_capture_on_commit_callbacks
+    )
+    monkeypatch.setattr(fleet, "_sleep", lambda seconds: RealEvaluation.objects.filter(pk=held.pk).delete())
+    fleet.confirm_run(run.pk)
+
+    run.refresh_from_db()
+    assert run.status == "done", run.error
+    assert held_plan.weights_key() in _candidate_keys(run, phone)
+    assert RealEvaluation.objects.get(weights_key=held_plan.weights_key()).run_id == run.pk
 
 
 @pytest.mark.parametrize("ended", ["cancel_requested", "finished_by_another_copy"])

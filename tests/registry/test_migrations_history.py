@@ -42,6 +42,7 @@ def test_the_json_history_becomes_rows_in_order_and_leaves_the_json():
                 "source": "estimated",
             },
             {"device": phone.pk, "trials": 100, "hypervolume": 0.3},  # an older point without "at"
+            {"at": "2026-02-30T10:00:00+00:00", "device": board.pk, "trials": 100, "hypervolume": 0.35},
             {"device": 999_999, "trials": 150, "hypervolume": 0.4},  # its profile was deleted
             {"device": phone.pk, "trials": "many"},  # unreadable: dropped
         ]
@@ -55,6 +56,7 @@ def test_the_json_history_becomes_rows_in_order_and_leaves_the_json():
             (phone.pk, 50, 0.1),
             (board.pk, 50, 0.2),
             (phone.pk, 100, 0.3),
+            (board.pk, 100, 0.35),  # no such date: the run's start stands in
         ]
         assert points[1].at.isoformat() == "2026-12-01T10:00:05+00:00"
         assert PlanningRun.objects.get(pk=run.pk).progress == {"best": {str(phone.pk): {"accuracy": 0.8}}}

@@ -146,6 +146,8 @@ def test_progress_returns_only_new_hypervolume_points(api_as, staff, model, devi
     ]
     assert data["progress"]["hypervolume_offset"] == 1
     assert api_as(staff).get(f"{URL}{run['id']}/progress/", {"after": "x"}).status_code == 400
+    too_far = api_as(staff).get(f"{URL}{run['id']}/progress/", {"after": str(2**63)})
+    assert too_far.status_code == 400 and "after" in too_far.json()["errors"]  # was a 500 (a SQL OFFSET)
     # The list of runs carries counters and the best per device, never the history.
     listed = api_as(staff).get(URL).json()["results"][0]
     assert "hypervolume" not in listed["progress"]

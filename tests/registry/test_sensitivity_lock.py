@@ -87,6 +87,18 @@ def test_a_data_dir_where_no_lock_can_be_made_profiles_unlocked(
     try:
         assert engine.compute_sensitivity(tiny_model).to_dict() == profile[0].to_dict()
         assert cache_file.is_file()
+        # Nor can the profile be cached there (read-only): the model row gets it all the same.
+        cache_file.unlink()
+        BaseModel.objects.filter(pk=tiny_model.pk).update(sensitivity={})
+
+        def read_only(*args, **kwargs):
+            raise OSError(30, "Read-only file system")
+
+        monkeypatch.setattr(engine, "replacing", read_only)
+        assert engine.compute_sensitivity(tiny_model).to_dict() == profile[0].to_dict()
+        assert not cache_file.is_file()
+        tiny_model.refresh_from_db()
+        assert tiny_model.sensitivity
     finally:
         cache_file.write_bytes(stored)
 
