@@ -7,8 +7,12 @@ Stages (each a Celery task in `workers`, each safe to run twice):
      the project database, heartbeat while it runs.  The last device to finish moves the run to
      the confirm stage.
   3. `confirm_run`: real evaluations of the candidates on the devices' estimated fronts (each
-     plan once per model, claimed through a unique row), exit thresholds from the engine's free
-     threshold curve, per-device measured fronts, recommendations, Pareto variants stored.
+     plan once per model, claimed through a unique row whose `claimed_at` its holder renews
+     after every pass; a plan another run holds is waited for, and taken over once that claim
+     goes stale or its run ends), exit thresholds from the engine's free threshold curve,
+     per-device measured fronts priced with the profiles' parameters stored at that moment (a
+     re-fit landing later is applied when the run is done), recommendations, Pareto variants
+     stored.
 
 A worker killed at any point leaves a stale heartbeat; `stale_work` finds it and the caller
 re-enqueues the stage, which resumes from what the database and the Optuna study hold.  It also
