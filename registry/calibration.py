@@ -384,24 +384,21 @@ def _store_predictions(profile: DeviceProfile) -> int:
     return len(rows)
 
 
-def apply_fits_newer_than(scored_with: dict[int, dict[str, Any] | None]) -> list[int]:
-    """For each device profile whose stored cost parameters differ from those a run just
-    scored with (`scored_with`: profile id → its `cost_params` then), write the profile's
-    predictions and re-rank its finished runs as a re-fit does. Returns the profiles redone.
+def lock_profiles(profile_ids: list[int]) -> dict[int, DeviceProfile]:
+    """The profiles, row-locked (FOR NO KEY UPDATE: reports and predictions naming them are
+    not blocked) in id order, as a re-fit locks one; call inside a transaction."""
+    locked = DeviceProfile.objects.select_for_update(no_key=True).filter(pk__in=profile_ids)
+    return {p.pk: p for p in locked.order_by("pk")}
 
-    Why: a re-fit that commits while a run is confirming re-ranks finished runs only, and the
-    run's own predictions, written when it finishes, would replace the re-fit's with figures
-    from the older parameters.  Under the profile's row lock, as a re-fit writes."""
-    redone = []
-    for profile_id, params in scored_with.items():
-        with transaction.atomic():
-            locked = DeviceProfile.objects.select_for_update(no_key=True).filter(pk=profile_id).first()
-            if locked is None or (locked.cost_params or None) == (params or None):
-                continue
-            _store_predictions(locked)
-            rerank_profile(locked)
-            redone.append(profile_id)
-    return redone
+
+def reprice_profile(profile: DeviceProfile) -> None:
+    """Write the profile's predictions and re-rank its finished runs with its stored cost
+    parameters, as a re-fit does (the caller holds the profile's row lock).
+
+    For a planning run finishing after a re-fit landed during its confirm stage: the re-fit
+    re-ranked finished runs only, and the run was priced with the parameters before it."""
+    _store_predictions(profile)
+    rerank_profile(profile)
 
 
 # --------------------------------------------------------------------------- re-ranking

@@ -51,7 +51,7 @@ from planner.search import (
 )
 from planner.specs import ModelSpec, Plan
 from registry import planning
-from registry.calibration import apply_fits_newer_than
+from registry.calibration import lock_profiles, reprice_profile
 from registry.engine import (
     bundle_for,
     compute_sensitivity,
@@ -578,10 +578,19 @@ def confirm_run(run_id: int) -> None:
             result["devices"][str(device)] = _device_result(
                 run, search.device_profile, spec, evaluations, fronts[device], provenance_of, misses
             )
-        planning.finish_run(run.pk, PlanningRun.Status.DONE, result=result)
-        # The dashboard filters and sorts variants by per-device latency in SQL.
-        record_run_predictions(PlanningRun.objects.get(pk=run.pk))
-        apply_fits_newer_than(scored_with)
+        # All or nothing, the profiles locked first as a re-fit locks them (then the run): a
+        # re-fit that landed since the scoring above (its parameters differ from those scored
+        # with) is applied to this run here; one landing later waits for this commit and
+        # re-ranks the run itself.  A worker dying before the commit leaves the run at its
+        # confirm stage, which `stale_work` sends again (the evaluations are reused).
+        with transaction.atomic():
+            profiles = lock_profiles(list(scored_with))
+            planning.finish_run(run.pk, PlanningRun.Status.DONE, result=result)
+            for profile in profiles.values():
+                if (profile.cost_params or None) != (scored_with[profile.pk] or None):
+                    reprice_profile(profile)
+            # The dashboard filters and sorts variants by per-device latency in SQL.
+            record_run_predictions(PlanningRun.objects.get(pk=run.pk))
     except Exception:
         planning.finish_run(run.pk, PlanningRun.Status.FAILED, error=traceback.format_exc())
         raise

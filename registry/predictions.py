@@ -53,8 +53,8 @@ def record_run_predictions(run: PlanningRun) -> int:
 
     A device whose cost parameters changed since the run priced it (its entry's
     `cost_params_digest`, checked under the profile's row lock) is left out: a re-fit has
-    written newer predictions for it, and the run's figures are older (the run is re-ranked
-    with the new parameters by `calibration.apply_fits_newer_than`)."""
+    written newer predictions for it, and the run's figures are older (`fleet.confirm_run`
+    re-prices such a run before recording; a backfill of an old run leaves them alone)."""
     if run.status != PlanningRun.Status.DONE:
         return 0
     with transaction.atomic():

@@ -436,15 +436,14 @@ def test_a_refit_landing_while_the_run_confirms_prices_its_result_and_prediction
             return out
 
         monkeypatch.setattr(fleet, "_evaluate", evaluate_then_fit)
-    else:
-        record = fleet.record_run_predictions
+    else:  # after the scoring, before the finishing transaction locks the profiles
+        lock = fleet.lock_profiles
 
-        def record_then_fit(*args, **kwargs):
-            out = record(*args, **kwargs)
+        def fit_then_lock(*args, **kwargs):
             land_the_fit()
-            return out
+            return lock(*args, **kwargs)
 
-        monkeypatch.setattr(fleet, "record_run_predictions", record_then_fit)
+        monkeypatch.setattr(fleet, "lock_profiles", fit_then_lock)
     fleet.confirm_run(run.pk)
 
     run.refresh_from_db()
@@ -458,3 +457,32 @@ def test_a_refit_landing_while_the_run_confirms_prices_its_result_and_prediction
     assert all(p.calibrated for p in stored.values())
     for candidate in entry["front"]:
         assert candidate["latency_ms"] == pytest.approx(stored[candidate["variant"]].latency_s * 1000)
+
+
+def test_a_worker_dying_while_the_run_finishes_leaves_it_to_be_confirmed_again(
+    tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch
+):
+    # Finishing is one transaction (status, re-pricing, predictions): a worker killed inside it
+    # leaves the run at its confirm stage, which the sweep sends again; nothing half-written.
+    from registry.models import Prediction
+
+    phone = _profile("phone")
+    run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
+    searches, _ = fleet.start_run(run.pk)
+    for search_id in searches:
+        fleet.search_device(search_id)
+
+    def killed(*args, **kwargs):
+        raise SystemExit("worker killed")  # not an Exception: no FAILED is written either
+
+    with monkeypatch.context() as patched:
+        patched.setattr(fleet, "record_run_predictions", killed)
+        with pytest.raises(SystemExit):
+            fleet.confirm_run(run.pk)
+    run.refresh_from_db()
+    assert (run.status, run.stage, run.result) == ("running", "confirm", {})
+    assert not Prediction.objects.filter(device_profile=phone).exists()
+
+    fleet.confirm_run(run.pk)  # sent again: the evaluations are reused
+    run.refresh_from_db()
+    assert run.status == "done" and Prediction.objects.filter(device_profile=phone).exists()
