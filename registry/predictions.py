@@ -19,7 +19,7 @@ from django.db import transaction
 from devices.models import DeviceProfile
 from registry.models import PlanningRun, Prediction, Variant
 
-__all__ = ["UNSUPPORTED_MEMORY", "error_pct", "record_run_predictions"]
+__all__ = ["UNSUPPORTED_MEMORY", "cost_params_digest", "error_pct", "record_run_predictions"]
 
 #: The memory a run gives a candidate that uses precisions the device cannot run: larger than
 #: any budget, so no policy picks it. Readers treat anything this large as "unsupported".
