@@ -36,6 +36,13 @@ def _queued_run(model, devices, trials: int, budget: int, capture) -> PlanningRu
         )
 
 
+def _search_all_devices(run: PlanningRun) -> None:
+    """Stages 1 and 2: the run is then at its confirm stage."""
+    searches, _ = fleet.start_run(run.pk)
+    for search_id in searches:
+        fleet.search_device(search_id)
+
+
 def _run_all_stages(run_id: int) -> None:
     searches, _ = fleet.start_run(run_id)
     finished = [fleet.search_device(s) for s in searches]
@@ -90,9 +97,7 @@ def test_evaluations_are_shared_and_never_repeated(tiny_model, django_capture_on
 def test_a_budget_of_two_confirms_both_ends_of_the_front(tiny_model, django_capture_on_commit_callbacks):
     phone = _profile("phone")
     run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
-    searches, _ = fleet.start_run(run.pk)
-    for search_id in searches:
-        fleet.search_device(search_id)
+    _search_all_devices(run)
     search = DeviceSearch.objects.get(run=run)
     study = optuna.load_study(study_name=search.study_name, storage=fleet._storage())
     front = estimated_front(study, ModelSpec.from_dict(tiny_model.spec), fleet.search_settings(run).method)
@@ -168,9 +173,7 @@ def _confirm_with_a_plan_held_by_another_run(tiny_model, capture, other_status: 
     run = _queued_run(tiny_model, [phone], 30, 2, capture)
     other = _queued_run(tiny_model, [phone], 30, 2, capture)
     PlanningRun.objects.filter(pk=other.pk).update(status=other_status)
-    searches, _ = fleet.start_run(run.pk)
-    for search_id in searches:
-        fleet.search_device(search_id)
+    _search_all_devices(run)
     search = DeviceSearch.objects.get(run=run)
     study = optuna.load_study(study_name=search.study_name, storage=fleet._storage())
     front = estimated_front(study, ModelSpec.from_dict(tiny_model.spec), fleet.search_settings(run).method)
@@ -266,9 +269,7 @@ def test_a_slow_evaluation_renews_its_claim_and_the_runs_heartbeat_after_every_p
 ):
     phone = _profile("phone")
     run = _queued_run(tiny_model, [phone], 30, 1, django_capture_on_commit_callbacks)
-    searches, _ = fleet.start_run(run.pk)
-    for search_id in searches:
-        fleet.search_device(search_id)
+    _search_all_devices(run)
     renewals: list[tuple[object, object]] = []
     evaluate = fleet._evaluate
 
@@ -300,9 +301,7 @@ def test_a_failed_evaluations_row_is_free_for_another_run_at_once(
     run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
     other = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
     PlanningRun.objects.filter(pk=other.pk).update(status="running")
-    searches, _ = fleet.start_run(run.pk)
-    for search_id in searches:
-        fleet.search_device(search_id)
+    _search_all_devices(run)
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
@@ -327,9 +326,7 @@ def test_a_worker_whose_evaluation_was_taken_over_writes_and_counts_nothing(
     run = _queued_run(tiny_model, [phone], 30, 1, django_capture_on_commit_callbacks)
     other = _queued_run(tiny_model, [phone], 30, 1, django_capture_on_commit_callbacks)
     PlanningRun.objects.filter(pk=other.pk).update(status="running")
-    searches, _ = fleet.start_run(run.pk)
-    for search_id in searches:
-        fleet.search_device(search_id)
+    _search_all_devices(run)
     evaluate = fleet._evaluate
     taken: list[int] = []
 
@@ -419,9 +416,7 @@ def test_a_refit_landing_while_the_run_confirms_prices_its_result_and_prediction
 
     phone = _profile("phone")
     run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
-    searches, _ = fleet.start_run(run.pk)
-    for search_id in searches:
-        fleet.search_device(search_id)
+    _search_all_devices(run)
     fitted = CostParams(mem_efficiency=0.05, fixed_overhead_s=3e-3).to_dict()
 
     def land_the_fit() -> None:
@@ -468,9 +463,7 @@ def test_a_worker_dying_while_the_run_finishes_leaves_it_to_be_confirmed_again(
 
     phone = _profile("phone")
     run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
-    searches, _ = fleet.start_run(run.pk)
-    for search_id in searches:
-        fleet.search_device(search_id)
+    _search_all_devices(run)
 
     def killed(*args, **kwargs):
         raise SystemExit("worker killed")  # not an Exception: no FAILED is written either
