@@ -33,7 +33,7 @@ from devices.models import DeviceProfile
 from registry.exits import exit_fractions, variant_exit_fraction
 from registry.measurements import clear_recalibration_flag, recalibration_covered, recalibration_due
 from registry.models import Measurement, PlanningRun, Prediction, Variant
-from registry.predictions import UNSUPPORTED_MEMORY, cost_params_digest, error_pct
+from registry.predictions import UNSUPPORTED_MEMORY, cost_params_digest, error_pct, lock_profiles
 
 if TYPE_CHECKING:
     from planner.cost import CostParams, CostPrediction, Observation
@@ -313,7 +313,7 @@ def recalibrate_profile(profile_id: int) -> dict[str, Any] | None:
     # later report queued) cannot interleave their writes, and one that read older
     # measurements than the fit now stored leaves it alone.
     with transaction.atomic():
-        locked = DeviceProfile.objects.select_for_update(no_key=True).filter(pk=profile.pk).first()
+        locked = lock_profiles([profile.pk]).get(profile.pk)
         if locked is None:
             return None
         stored_through = _measured_through(locked.calibration)
@@ -382,13 +382,6 @@ def _store_predictions(profile: DeviceProfile) -> int:
             update_fields=["latency_s", "memory_bytes", "cost_model_version", "calibrated", "predicted_at"],
         )
     return len(rows)
-
-
-def lock_profiles(profile_ids: list[int]) -> dict[int, DeviceProfile]:
-    """The profiles, row-locked (FOR NO KEY UPDATE: reports and predictions naming them are
-    not blocked) in id order, as a re-fit locks one; call inside a transaction."""
-    locked = DeviceProfile.objects.select_for_update(no_key=True).filter(pk__in=profile_ids)
-    return {p.pk: p for p in locked.order_by("pk")}
 
 
 def reprice_profile(profile: DeviceProfile) -> None:

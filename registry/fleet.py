@@ -51,7 +51,7 @@ from planner.search import (
 )
 from planner.specs import ModelSpec, Plan
 from registry import planning
-from registry.calibration import lock_profiles, reprice_profile
+from registry.calibration import reprice_profile
 from registry.engine import (
     bundle_for,
     compute_sensitivity,
@@ -60,7 +60,7 @@ from registry.engine import (
     sensitivity_of,
 )
 from registry.models import BaseModel, DeviceSearch, HypervolumePoint, PlanningRun, RealEvaluation
-from registry.predictions import UNSUPPORTED_MEMORY, cost_params_digest, record_run_predictions
+from registry.predictions import UNSUPPORTED_MEMORY, cost_params_digest, lock_profiles, record_run_predictions
 from registry.studies import optuna_storage_url
 
 __all__ = [
@@ -443,11 +443,14 @@ def _not_done(model: BaseModel, weights_keys: list[str]) -> dict[str, RealEvalua
 def _confirm_should_stop(run: PlanningRun) -> bool:
     """A cancel was asked (the run is finished as cancelled here), or the run is no longer
     running (an overlapping copy of this stage finished it, or something failed it)."""
-    if not planning.search_should_stop(run.pk):
-        return False
-    if planning.cancel_requested(run.pk):
+    state = PlanningRun.objects.filter(pk=run.pk).values_list("status", "cancel_requested").first()
+    if state is None:
+        return True
+    status, cancel = state
+    if cancel:
         planning.finish_run(run.pk, PlanningRun.Status.CANCELLED, error="cancelled on request")
-    return True
+        return True
+    return status != PlanningRun.Status.RUNNING
 
 
 def _evaluate(model: BaseModel, plan: Plan, on_pass: Callable[[], None] | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from django.db import transaction
 from devices.models import DeviceProfile
 from registry.models import PlanningRun, Prediction, Variant
 
-__all__ = ["UNSUPPORTED_MEMORY", "cost_params_digest", "error_pct", "record_run_predictions"]
+__all__ = ["UNSUPPORTED_MEMORY", "cost_params_digest", "error_pct", "lock_profiles", "record_run_predictions"]
 
 #: The memory a run gives a candidate that uses precisions the device cannot run: larger than
 #: any budget, so no policy picks it. Readers treat anything this large as "unsupported".
@@ -47,6 +47,14 @@ def cost_params_digest(cost_params: dict[str, Any] | None) -> str:
     return hashlib.sha256(json.dumps(cost_params, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def lock_profiles(profile_ids: list[int]) -> dict[int, DeviceProfile]:
+    """The profiles, row-locked (FOR NO KEY UPDATE: reports and predictions naming them are
+    not blocked) in id order, the one order every writer of a profile's predictions takes them
+    in; call inside a transaction."""
+    locked = DeviceProfile.objects.select_for_update(no_key=True).filter(pk__in=profile_ids)
+    return {p.pk: p for p in locked.order_by("pk")}
+
+
 def record_run_predictions(run: PlanningRun) -> int:
     """Upsert batch-1 Prediction rows for every (stored variant, device) pair the finished run
     scored. Returns the number of rows written. Idempotent.
@@ -63,12 +71,7 @@ def record_run_predictions(run: PlanningRun) -> int:
 
 def _record_run_predictions(run: PlanningRun) -> int:
     devices: dict[str, Any] = (run.result or {}).get("devices", {})
-    current = dict(
-        DeviceProfile.objects.select_for_update(no_key=True)
-        .filter(pk__in=[int(d) for d in devices])
-        .order_by("pk")
-        .values_list("pk", "cost_params")
-    )
+    current = {pk: p.cost_params for pk, p in lock_profiles([int(d) for d in devices]).items()}
     scored: dict[tuple[str, int], dict[str, Any]] = {}
     fitted: dict[int, bool] = {}
     for device_id, entry in devices.items():

@@ -93,9 +93,7 @@ class AgentState:
         could delete the package being measured.  Refusing suits a timer: its next tick
         syncs.  (`profile` too: it saturates the CPU a bench is timing.)  The directory is
         made first if need be (0700): two first enrollments at once each registered a device."""
-        if not self.root.exists():
-            self.root.mkdir(parents=True, mode=0o700, exist_ok=True)
-            os.chmod(self.root, 0o700)
+        self._make_root()
         lock = FileLock(self.root / ".lock", mode=0o600)
         try:
             lock.acquire(timeout=0)
@@ -112,10 +110,13 @@ class AgentState:
         finally:
             lock.release()
 
-    def ensure(self) -> None:
+    def _make_root(self) -> None:
         if not self.root.exists():
-            self.root.mkdir(parents=True, mode=0o700)
+            self.root.mkdir(parents=True, mode=0o700, exist_ok=True)
             os.chmod(self.root, 0o700)  # whatever the umask; an existing directory is left as it is
+
+    def ensure(self) -> None:
+        self._make_root()
         self.packages_dir.mkdir(exist_ok=True)
         self.staging_dir.mkdir(exist_ok=True)
 

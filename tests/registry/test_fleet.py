@@ -166,14 +166,20 @@ def test_a_search_stops_once_another_devices_search_failed_the_run(
     assert DeviceSearch.objects.get(pk=searches[0]).status == DeviceSearch.Status.CANCELLED
 
 
+def _at_confirm_beside_another_run(tiny_model, capture, budget: int = 2, other_status: str = "running"):
+    """A run at its confirm stage (one phone) and another run of the model in `other_status`."""
+    phone = _profile("phone")
+    run = _queued_run(tiny_model, [phone], 30, budget, capture)
+    other = _queued_run(tiny_model, [phone], 30, budget, capture)
+    PlanningRun.objects.filter(pk=other.pk).update(status=other_status)
+    _search_all_devices(run)
+    return run, other, phone
+
+
 def _confirm_with_a_plan_held_by_another_run(tiny_model, capture, other_status: str = "running"):
     """A run at its confirm stage, and the evaluation of the most accurate plan of its front
     (one of the two a budget of two confirms) claimed just now by another run."""
-    phone = _profile("phone")
-    run = _queued_run(tiny_model, [phone], 30, 2, capture)
-    other = _queued_run(tiny_model, [phone], 30, 2, capture)
-    PlanningRun.objects.filter(pk=other.pk).update(status=other_status)
-    _search_all_devices(run)
+    run, other, phone = _at_confirm_beside_another_run(tiny_model, capture, other_status=other_status)
     search = DeviceSearch.objects.get(run=run)
     study = optuna.load_study(study_name=search.study_name, storage=fleet._storage())
     front = estimated_front(study, ModelSpec.from_dict(tiny_model.spec), fleet.search_settings(run).method)
@@ -297,11 +303,7 @@ def test_a_failed_evaluations_row_is_free_for_another_run_at_once(
     tiny_model, django_capture_on_commit_callbacks, monkeypatch: pytest.MonkeyPatch, engine_settings
 ):
     engine_settings.EDGEFIT_STALE_SECONDS = 3600
-    phone = _profile("phone")
-    run = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
-    other = _queued_run(tiny_model, [phone], 30, 2, django_capture_on_commit_callbacks)
-    PlanningRun.objects.filter(pk=other.pk).update(status="running")
-    _search_all_devices(run)
+    run, other, _ = _at_confirm_beside_another_run(tiny_model, django_capture_on_commit_callbacks, 2)
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
@@ -322,11 +324,7 @@ def test_a_worker_whose_evaluation_was_taken_over_writes_and_counts_nothing(
     # Its claim is its fencing token: once another run took the row over (this one looked
     # gone), the first worker's renewal finds it changed and stops; the new holder finishes.
     engine_settings.EDGEFIT_STALE_SECONDS = 3600
-    phone = _profile("phone")
-    run = _queued_run(tiny_model, [phone], 30, 1, django_capture_on_commit_callbacks)
-    other = _queued_run(tiny_model, [phone], 30, 1, django_capture_on_commit_callbacks)
-    PlanningRun.objects.filter(pk=other.pk).update(status="running")
-    _search_all_devices(run)
+    run, other, _ = _at_confirm_beside_another_run(tiny_model, django_capture_on_commit_callbacks, 1)
     evaluate = fleet._evaluate
     taken: list[int] = []
 
